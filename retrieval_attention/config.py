@@ -1,0 +1,66 @@
+"""One configuration object for retrieval decoding, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+METHODS = ("full", "retrieval", "streaming")
+
+
+@dataclass
+class RetrievalConfig:
+    """Settings of retrieval attention (defaults are the method's published ones).
+
+    method          ``full`` (plain transformers cache), ``retrieval`` (this method) or ``streaming``
+                    (sink + window only, no retrieval)
+    n_sink          initial tokens kept on the model's device
+    window          most recent tokens kept on the model's device
+    top_k           keys retrieved per query head per step from the CPU store
+    index           registered index name (``roar``, ``flat``, ``ivf``, ``hnsw``)
+    index_params    constructor parameters of the index (e.g. ``{"M": 32}``)
+    search_params   per-search budget (e.g. ``{"ef": 128}``); empty = the index's default
+    offload_device  where the retrievable KV lives (``cpu``)
+    prefill_chunk   query-chunk size of exact prefill attention (bounds the score matrix)
+    dense_layers    layer indices kept exact (full attention) whatever the method
+    max_train_queries  prefill queries per query head used to train the index (evenly subsampled)
+    """
+
+    method: str = "retrieval"
+    n_sink: int = 128
+    window: int = 512
+    top_k: int = 100
+    index: str = "roar"
+    index_params: dict[str, Any] = field(default_factory=dict)
+    search_params: dict[str, Any] = field(default_factory=dict)
+    offload_device: str = "cpu"
+    prefill_chunk: int = 2048
+    dense_layers: tuple[int, ...] = (0, 1)
+    max_train_queries: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name in ("n_sink", "window", "top_k", "prefill_chunk", "max_train_queries"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        from .index import available_indexes
+
+        if self.index not in available_indexes():
+            raise ValueError(f"unknown index {self.index!r}; available: {', '.join(available_indexes())}")
+        if self.offload_device != "cpu":
+            raise ValueError(f"offload_device must be 'cpu' (got {self.offload_device!r})")
+        self.dense_layers = tuple(int(i) for i in (self.dense_layers or ()))
+        if any(i < 0 for i in self.dense_layers):
+            raise ValueError(f"dense_layers must be non-negative layer indices, got {self.dense_layers}")
+
+    @property
+    def n_static(self) -> int:
+        """Tokens kept on the device (sink + window)."""
+        return self.n_sink + self.window
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dense_layers"] = list(self.dense_layers)
+        return d

@@ -1,0 +1,200 @@
+"""The index interface: one base class, a registry by name.
+
+An index covers **one layer of one sequence**: the CPU-resident post-RoPE keys of every KV head of that
+layer. Query heads map to KV heads as in grouped-query attention: query head ``h`` searches the keys of
+KV head ``h // (n_query_heads // n_kv_heads)``. A single-head index is the special case
+``n_kv_heads = n_query_heads = 1``.
+
+Shapes and dtypes (numpy arrays, C-contiguous, float32 unless stated):
+
+* keys           ``[n_kv_heads, n_keys, head_dim]``
+* train_queries  ``[n_query_heads, n_train, head_dim]`` (prefill queries; optional, used by ``roar``)
+* queries        ``[n_query_heads, n_queries, head_dim]``
+* search returns ``ids [n_query_heads, n_queries, k] int64`` (positions in insertion order; ``-1`` pads
+  when the index holds fewer than ``k`` keys), ``scores [n_query_heads, n_queries, k] float32`` (the raw
+  inner products ``q . key``, ``-inf`` where ``ids == -1``, sorted descending) and
+  ``n_scanned [n_query_heads, n_queries] int64`` (inner products computed for that query).
+
+Key ids are stable: the keys given to ``build`` get ids ``0..n-1`` and each later ``add`` continues the
+numbering, so the caller can keep values in a parallel array.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+INDEX_REGISTRY: dict[str, type["KVIndex"]] = {}
+
+
+class IndexError_(ValueError):
+    """Bad input to an index (shape, dtype, non-finite values, empty index, bad budget)."""
+
+
+def register_index(name: str):
+    """Class decorator: make an index constructible by ``make_index(name, **params)``."""
+
+    def deco(cls):
+        if name in INDEX_REGISTRY and INDEX_REGISTRY[name] is not cls:
+            raise ValueError(f"index name {name!r} is already registered by {INDEX_REGISTRY[name].__name__}")
+        cls.name = name
+        INDEX_REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available_indexes() -> list[str]:
+    return sorted(INDEX_REGISTRY)
+
+
+def make_index(name: str, **params) -> "KVIndex":
+    """Instantiate a registered index by name, e.g. ``make_index("roar", M=32)``."""
+    if name not in INDEX_REGISTRY:
+        raise ValueError(f"unknown index {name!r}; available: {', '.join(available_indexes())}")
+    return INDEX_REGISTRY[name](**params)
+
+
+def as_f32_3d(x, what: str, head_dim: int | None = None) -> np.ndarray:
+    """Validate and convert a ``[heads, n, head_dim]`` array (numpy or torch) to C-contiguous float32."""
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().to("cpu").float().numpy()
+    x = np.asarray(x)
+    if x.ndim != 3:
+        raise IndexError_(f"{what} must have shape [heads, n, head_dim], got shape {tuple(x.shape)}")
+    if not (np.issubdtype(x.dtype, np.floating)):
+        raise IndexError_(f"{what} must be a floating-point array, got dtype {x.dtype}")
+    if head_dim is not None and x.shape[2] != head_dim:
+        raise IndexError_(f"{what} has head_dim {x.shape[2]}, but the index was built with head_dim {head_dim}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).any(axis=-1).sum())
+        raise IndexError_(f"{what} contains NaN or inf in {bad} vector(s); check the model's dtype/overflow")
+    return x
+
+
+class KVIndex(ABC):
+    """Maximum-inner-product top-k over the keys of all KV heads of one layer.
+
+    Subclasses implement ``_build`` and ``_search``; the base class validates inputs, keeps the GQA
+    mapping and provides ``save``/``load`` via ``state()``/``from_state()``.
+    """
+
+    name: ClassVar[str] = "base"
+    #: budget parameter names accepted by ``search`` (e.g. ``("ef",)``), for benchmarks and docs
+    budget_params: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **params: Any) -> None:
+        self.params = dict(params)
+        self.n_kv_heads = 0
+        self.n_query_heads = 0
+        self.head_dim = 0
+        self.n_keys = 0
+
+    # ---- public API -------------------------------------------------------------------------------
+    def build(self, keys, train_queries=None) -> "KVIndex":
+        keys = as_f32_3d(keys, "keys")
+        if keys.shape[1] == 0:
+            raise IndexError_("cannot build an index over 0 keys")
+        tq = None
+        if train_queries is not None:
+            tq = as_f32_3d(train_queries, "train_queries", keys.shape[2])
+            if tq.shape[0] % keys.shape[0] != 0:
+                raise IndexError_(
+                    f"train_queries has {tq.shape[0]} query heads, not a multiple of the {keys.shape[0]} KV heads"
+                )
+        self.n_kv_heads, self.n_keys, self.head_dim = keys.shape
+        self.n_query_heads = tq.shape[0] if tq is not None else self.n_kv_heads
+        self._build(keys, tq)
+        return self
+
+    def search(self, queries, k: int, **budget):
+        """Top-``k`` keys by inner product for each query; see the module docstring for shapes."""
+        if self.n_keys == 0:
+            raise IndexError_("search on an empty index: call build() first")
+        q = as_f32_3d(queries, "queries", self.head_dim)
+        if q.shape[0] % self.n_kv_heads != 0:
+            raise IndexError_(f"queries have {q.shape[0]} heads, not a multiple of the {self.n_kv_heads} KV heads")
+        if not isinstance(k, (int, np.integer)) or k <= 0:
+            raise IndexError_(f"k must be a positive integer, got {k!r}")
+        unknown = set(budget) - set(self.budget_params)
+        if unknown:
+            raise IndexError_(
+                f"{self.name} does not take budget parameter(s) {sorted(unknown)}; it takes {list(self.budget_params)}"
+            )
+        return self._search(q, int(k), **budget)
+
+    def add(self, new_keys) -> None:
+        """Append keys ``[n_kv_heads, n_new, head_dim]``; they get the next ids and must be retrievable."""
+        if self.n_keys == 0:
+            raise IndexError_("add() before build(): build the index first")
+        x = as_f32_3d(new_keys, "new_keys", self.head_dim)
+        if x.shape[0] != self.n_kv_heads:
+            raise IndexError_(f"new_keys has {x.shape[0]} heads, the index has {self.n_kv_heads} KV heads")
+        if x.shape[1] == 0:
+            return
+        self._add(x)
+        self.n_keys += x.shape[1]
+
+    def __len__(self) -> int:
+        return self.n_keys
+
+    @property
+    def group_size(self) -> int:
+        return max(1, self.n_query_heads // max(1, self.n_kv_heads))
+
+    # ---- to implement -----------------------------------------------------------------------------
+    @abstractmethod
+    def _build(self, keys: np.ndarray, train_queries: np.ndarray | None) -> None: ...
+
+    @abstractmethod
+    def _search(self, queries: np.ndarray, k: int, **budget): ...
+
+    @abstractmethod
+    def _add(self, new_keys: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def memory_bytes(self) -> int:
+        """Bytes held by the index (keys copies + graph/lists), for reporting."""
+
+    @abstractmethod
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays that fully describe the built index (for ``save``)."""
+
+    @abstractmethod
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Inverse of ``state`` (called on a fresh instance with the same params)."""
+
+    # ---- persistence ------------------------------------------------------------------------------
+    FORMAT_VERSION: ClassVar[int] = 1
+
+    def save(self, path: str | os.PathLike) -> None:
+        meta = {
+            "format_version": self.FORMAT_VERSION,
+            "index": self.name,
+            "params": self.params,
+            "shape": [self.n_kv_heads, self.n_query_heads, self.head_dim, self.n_keys],
+        }
+        arrays = self.state()
+        np.savez(path, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> "KVIndex":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(bytes(z["__meta__"]).decode())
+                arrays = {k: z[k] for k in z.files if k != "__meta__"}
+        except Exception as e:  # corrupt / truncated / not an npz
+            raise IndexError_(f"cannot read index file {path}: {e}") from e
+        if meta.get("format_version") != KVIndex.FORMAT_VERSION:
+            raise IndexError_(
+                f"index file {path} has format version {meta.get('format_version')}, expected {KVIndex.FORMAT_VERSION}"
+            )
+        idx = make_index(meta["index"], **meta["params"])
+        idx.n_kv_heads, idx.n_query_heads, idx.head_dim, idx.n_keys = meta["shape"]
+        idx.load_state(arrays)
+        return idx
