@@ -1,0 +1,325 @@
+"""The transformers ``Cache`` of retrieval attention.
+
+Each full-attention layer that is not kept dense gets a :class:`RetrievalLayer`:
+
+* **prefill** (first forward): behaves like a ``DynamicLayer`` — all keys/values on the device, exact attention.
+  When the prompt is longer than ``n_sink + window``, the attention function calls :meth:`RetrievalLayer.offload_prefill`
+  right after the layer's exact attention: the static tokens (first ``n_sink`` real tokens of each sequence and the
+  last ``window`` positions) stay on the device, the others move to a per-sequence :class:`CPUStore` whose index is
+  built from the prompt's post-RoPE queries.
+* **decode**: new tokens join the window; the oldest window tokens leave it and are added to the CPU store and its
+  index (method ``retrieval``) or dropped (method ``streaming``).
+
+Sliding-window layers (Gemma-3) and ``dense_layers`` keep the stock transformers layers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from .config import RetrievalConfig
+from .index import KVIndex, make_index
+
+
+@dataclass
+class LayerStats:
+    index_build_s: float = 0.0
+    search_s: float = 0.0
+    cpu_attention_s: float = 0.0
+    n_searches: int = 0
+    n_scanned: int = 0
+    n_cpu_keys_at_search: int = 0
+
+
+class CPUStore:
+    """Offloaded keys/values of one sequence in one layer, with the index over its keys.
+
+    values ``[Hkv, capacity, D]`` torch tensor in the model dtype (pinned when CUDA is used), grown by doubling;
+    keys live inside the index (float32, ids = row numbers of ``values``).
+    """
+
+    def __init__(self, config: RetrievalConfig, pin: bool):
+        self.config = config
+        self.pin = pin
+        self.index: KVIndex | None = None
+        self.values: torch.Tensor | None = None
+        self.keys_dtype_bytes = 0
+        self.n = 0
+
+    def _grow_values(self, v: torch.Tensor) -> None:
+        m = v.shape[1]
+        if self.values is None:
+            cap = max(m, 1)
+            self.values = torch.empty((v.shape[0], cap, v.shape[2]), dtype=v.dtype, pin_memory=self.pin)
+        elif self.n + m > self.values.shape[1]:
+            cap = max(self.n + m, 2 * self.values.shape[1])
+            grown = torch.empty((v.shape[0], cap, v.shape[2]), dtype=v.dtype, pin_memory=self.pin)
+            grown[:, : self.n] = self.values[:, : self.n]
+            self.values = grown
+        self.values[:, self.n : self.n + m] = v
+
+    def build(self, keys: torch.Tensor, values: torch.Tensor, train_queries: torch.Tensor | None) -> float:
+        """keys/values ``[Hkv, n, D]`` (any device), train_queries ``[Hq, m, D]``; returns build seconds."""
+        t0 = time.perf_counter()
+        k32 = keys.detach().float().cpu().numpy()
+        if train_queries is None or train_queries.shape[1] == 0:
+            # no prompt queries (e.g. first eviction of a short sequence): the keys stand in for them
+            train_queries = keys.detach().float().cpu()
+        tq = train_queries.detach().float().cpu().numpy()
+        if tq.shape[0] != k32.shape[0] and tq.shape[0] % k32.shape[0] != 0:
+            raise ValueError(f"train queries have {tq.shape[0]} heads for {k32.shape[0]} KV heads")
+        self.index = make_index(self.config.index, **self.config.index_params).build(k32, tq)
+        self._grow_values(values.detach().cpu())
+        self.n = keys.shape[1]
+        self.keys_dtype_bytes = keys.element_size()
+        return time.perf_counter() - t0
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, n_query_heads: int) -> None:
+        """Append ``[Hkv, m, D]`` keys/values (tokens leaving the window)."""
+        if keys.shape[1] == 0:
+            return
+        if self.index is None:
+            group = n_query_heads // keys.shape[0]
+            self.build(keys, values, keys.detach().float().cpu().repeat_interleave(group, dim=0))
+            return
+        self.index.add(keys.detach().float().cpu().numpy())
+        self._grow_values(values.detach().cpu())
+        self.n += keys.shape[1]
+
+    def nbytes(self) -> int:
+        v = 0 if self.values is None else self.n * self.values.shape[0] * self.values.shape[2] * self.values.element_size()
+        return v + (self.index.memory_bytes() if self.index is not None else 0)
+
+
+class RetrievalLayer(DynamicLayer):
+    """Cache layer of one retrieval-attention layer (see the module docstring)."""
+
+    def __init__(self, layer_idx: int, config: RetrievalConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.layer_idx = layer_idx
+        self.config = config
+        self.retrieve = config.method == "retrieval"
+        self.offloaded = False
+        self.total = 0  # tokens seen (padded positions), drives positions and masks
+        self.stats = LayerStats()
+        # set when offloaded:
+        self.sink_k = self.sink_v = None  # [B, Hkv, n_sink, D] on device
+        self.sink_valid = None  # [B, n_sink] bool
+        self.win_k = self.win_v = None  # [B, Hkv, W, D] on device
+        self.win_valid = None  # [B, W] bool
+        self.win_start = 0  # padded position of window column 0
+        self.sink_end = None  # [B] padded position where each sequence's sink ends
+        self.stores: list[CPUStore] = []
+        self.n_query_heads = 0
+        self.on_offloaded = None  # callback(layer) after offload_prefill (progress reporting)
+
+    # ---- transformers API -------------------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        from .integration import set_active_layer
+
+        set_active_layer(self)
+        L = key_states.shape[-2]
+        if not self.offloaded:
+            self.total += L
+            return super().update(key_states, value_states, *args, **kwargs)
+        self._evict(max(0, self.win_k.shape[2] + L - self.config.window))
+        self.win_k = torch.cat([self.win_k, key_states], dim=2)
+        self.win_v = torch.cat([self.win_v, value_states], dim=2)
+        new_valid = torch.ones((key_states.shape[0], L), dtype=torch.bool, device=self.win_valid.device)
+        self.win_valid = torch.cat([self.win_valid, new_valid], dim=1)
+        self.total += L
+        return self.static_kv()
+
+    def get_seq_length(self) -> int:
+        return self.total
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.total + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        cb = self.on_offloaded
+        self.__init__(self.layer_idx, self.config)
+        self.on_offloaded = cb
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.offloaded:
+            raise NotImplementedError("cropping a retrieval-attention cache after offload is not supported")
+        super().crop(tokens_to_remove)
+        self.total = self.get_seq_length_dense()
+
+    def get_seq_length_dense(self) -> int:
+        return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.offloaded:
+            raise NotImplementedError("beam search / num_return_sequences > 1 is not supported after offload")
+        super().batch_repeat_interleave(repeats)
+
+    def reorder_cache(self, beam_idx) -> None:
+        if self.offloaded:
+            raise NotImplementedError("beam search is not supported by the retrieval-attention cache")
+        super().reorder_cache(beam_idx)
+
+    # ---- retrieval-attention state ----------------------------------------------------------------
+    def static_kv(self):
+        """Static keys/values on the device: ``[B, Hkv, n_sink + W, D]`` each (sink first, then window)."""
+        return torch.cat([self.sink_k, self.win_k], dim=2), torch.cat([self.sink_v, self.win_v], dim=2)
+
+    def static_valid(self) -> torch.Tensor:
+        """``[B, n_sink + W]`` bool: which static slots hold a real token of that sequence."""
+        return torch.cat([self.sink_valid, self.win_valid], dim=1)
+
+    def should_offload(self) -> bool:
+        return not self.offloaded and self.total > self.config.n_static
+
+    def offload_prefill(self, queries: torch.Tensor, pad: torch.Tensor) -> None:
+        """Split the prefilled KV into static (device) and CPU parts and build the indexes.
+
+        queries ``[B, Hq, T, D]`` post-RoPE prompt queries; ``pad [B]`` left-padding length of each sequence.
+        """
+        cfg = self.config
+        K, V = self.keys, self.values  # [B, Hkv, T, D]
+        B, Hkv, T, D = K.shape
+        dev = K.device
+        self.n_query_heads = queries.shape[1]
+        pos = torch.arange(cfg.n_sink, device=dev)
+        sink_pos = pad.to(dev).view(B, 1) + pos.view(1, -1)  # [B, n_sink]
+        self.sink_end = pad.to(dev) + cfg.n_sink
+        win_start = max(T - cfg.window, 0)
+        # sink of sequence b: its first n_sink real tokens [pad_b, pad_b + n_sink), minus any that are in the window
+        self.sink_valid = sink_pos < win_start
+        gather = sink_pos.clamp_max(T - 1).view(B, 1, cfg.n_sink, 1).expand(B, Hkv, cfg.n_sink, D)
+        self.sink_k = torch.gather(K, 2, gather).contiguous()
+        self.sink_v = torch.gather(V, 2, gather).contiguous()
+        self.win_start = win_start
+        self.win_k = K[:, :, win_start:].contiguous()
+        self.win_v = V[:, :, win_start:].contiguous()
+        wpos = torch.arange(win_start, T, device=dev).view(1, -1)
+        self.win_valid = wpos >= pad.to(dev).view(B, 1)  # left padding is never attended
+        pin = torch.cuda.is_available() and dev.type == "cuda"
+        self.stores = []
+        for b in range(B):
+            lo, hi = int(self.sink_end[b]), win_start
+            store = CPUStore(cfg, pin)
+            if self.retrieve and hi > lo:
+                tq = queries[b, :, int(pad[b]) :]
+                tq = _subsample(tq, cfg.max_train_queries)
+                self.stats.index_build_s += store.build(K[b, :, lo:hi], V[b, :, lo:hi], tq)
+            self.stores.append(store)
+        self.keys = self.values = None  # the dense copy is gone: CPU store + static parts hold everything
+        self.offloaded = True
+        if self.on_offloaded is not None:
+            self.on_offloaded(self)
+
+    def _evict(self, n: int) -> None:
+        """Move the ``n`` oldest window columns out of the window (to the CPU stores when retrieving)."""
+        if n <= 0:
+            return
+        if self.retrieve:
+            k_old = self.win_k[:, :, :n]
+            v_old = self.win_v[:, :, :n]
+            valid = self.win_valid[:, :n].cpu()
+            for b, store in enumerate(self.stores):
+                sel = valid[b].nonzero().flatten()
+                if sel.numel():
+                    store.add(k_old[b][:, sel.to(k_old.device)], v_old[b][:, sel.to(v_old.device)], self.n_query_heads)
+        self.win_k = self.win_k[:, :, n:]
+        self.win_v = self.win_v[:, :, n:]
+        self.win_valid = self.win_valid[:, n:]
+        self.win_start += n
+
+    # ---- accounting -------------------------------------------------------------------------------
+    def device_bytes(self) -> int:
+        if not self.offloaded:
+            return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.win_k, self.win_v))
+
+    def cpu_bytes(self) -> int:
+        return sum(s.nbytes() for s in self.stores)
+
+
+def _subsample(x: torch.Tensor, m: int) -> torch.Tensor:
+    """Evenly subsample ``x [H, T, D]`` to at most ``m`` rows along T (always keeping the last)."""
+    T = x.shape[1]
+    if T <= m:
+        return x
+    idx = torch.linspace(0, T - 1, m, device=x.device).round().long()
+    return x[:, idx]
+
+
+class RetrievalCache(DynamicCache):
+    """A ``DynamicCache`` whose eligible full-attention layers are :class:`RetrievalLayer` objects.
+
+    Pass it to ``model.generate(past_key_values=cache)`` (or a forward call) while the model uses the
+    ``retrieval_attention`` attention implementation (see :func:`retrieval_attention.integration.enable`).
+    """
+
+    def __init__(self, model_config, config: RetrievalConfig):
+        if config.method == "full":
+            raise ValueError("method 'full' uses the plain transformers cache; build a RetrievalCache for retrieval/streaming")
+        super().__init__(config=model_config)
+        self.config = config
+        text_cfg = model_config.get_text_config(decoder=True)
+        n_layers = text_cfg.num_hidden_layers
+        bad = [i for i in config.dense_layers if i >= n_layers]
+        if bad:
+            raise ValueError(f"dense_layers {bad} out of range: the model has {n_layers} layers")
+        if not self.layers:
+            self.layers = [DynamicLayer() for _ in range(n_layers)]
+            self.layer_class_to_replicate = None
+        for i, layer in enumerate(self.layers):
+            if type(layer) is DynamicLayer and i not in config.dense_layers:
+                self.layers[i] = RetrievalLayer(i, config)
+        self._bar = None
+
+    def set_progress(self, on: bool) -> None:
+        """Show a progress bar over layers during prefill + offload + index build."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if not on:
+            return
+        from tqdm.auto import tqdm
+
+        desc = "prefill + index build" if self.config.method == "retrieval" else "prefill + offload"
+        self._bar = tqdm(total=len(self.retrieval_layers), desc=desc, unit="layer", leave=False)
+
+        def tick(layer):
+            if self._bar is not None:
+                self._bar.update(1)
+                self._bar.set_postfix(index_s=f"{sum(l.stats.index_build_s for l in self.retrieval_layers):.1f}")
+
+        for layer in self.retrieval_layers:
+            layer.on_offloaded = tick
+
+    @property
+    def retrieval_layers(self) -> list[RetrievalLayer]:
+        return [layer for layer in self.layers if isinstance(layer, RetrievalLayer)]
+
+    def stats(self) -> dict:
+        rl = self.retrieval_layers
+        dev = sum(l.device_bytes() for l in rl)
+        for layer in self.layers:
+            if not isinstance(layer, RetrievalLayer) and getattr(layer, "keys", None) is not None:
+                dev += 2 * layer.keys.numel() * layer.keys.element_size()
+        return {
+            "retrieval_layers": len(rl),
+            "offloaded_layers": sum(l.offloaded for l in rl),
+            "index_build_s": sum(l.stats.index_build_s for l in rl),
+            "search_s": sum(l.stats.search_s for l in rl),
+            "cpu_attention_s": sum(l.stats.cpu_attention_s for l in rl),
+            "n_searches": sum(l.stats.n_searches for l in rl),
+            "scanned_fraction": (
+                sum(l.stats.n_scanned for l in rl) / max(1, sum(l.stats.n_cpu_keys_at_search for l in rl))
+            ),
+            "kv_device_bytes": dev,
+            "kv_cpu_bytes": sum(l.cpu_bytes() for l in rl),
+        }

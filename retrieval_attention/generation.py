@@ -1,0 +1,224 @@
+"""High-level generation: prompt -> text with ``full``, ``retrieval`` or ``streaming`` attention.
+
+Everything runs through the normal ``model.generate()``; this module only builds the cache, switches the
+attention implementation, applies the chat template and measures.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import RetrievalConfig
+from .integration import enable, make_cache
+
+
+class PromptTooLong(ValueError):
+    """The prompt (plus the tokens to generate) exceeds the model's position range."""
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    stats: dict = field(default_factory=dict)
+
+
+def cache_kwarg(model) -> str:
+    """Name of the cache argument of ``model.forward``/``generate``: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def encode_prompt(tokenizer, prompt, chat: bool = True) -> list[int]:
+    """Token ids of ``prompt`` (a string or a list of chat messages), through the chat template by default."""
+    if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], int):
+        return list(prompt)
+    if chat and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not isinstance(prompt, str):
+        prompt = "\n".join(m["content"] for m in prompt)
+    return tokenizer(prompt)["input_ids"]
+
+
+def max_positions(model) -> int | None:
+    cfg = model.config.get_text_config(decoder=True)
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def check_length(model, n_prompt: int, max_new_tokens: int, allow_extrapolation: bool) -> None:
+    limit = max_positions(model)
+    if limit and n_prompt + max_new_tokens > limit and not allow_extrapolation:
+        raise PromptTooLong(
+            f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's {limit} positions; "
+            "shorten the prompt, or pass allow_extrapolation=True (--allow-extrapolation) to run beyond them anyway"
+        )
+
+
+class _Timer:
+    """A streamer that timestamps the first generated token (= end of prefill) and forwards tokens."""
+
+    def __init__(self, inner=None):
+        self.inner = inner
+        self.calls = 0
+        self.t_first = None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2 and self.t_first is None:
+            self.t_first = time.perf_counter()
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self):
+        if self.inner is not None:
+            self.inner.end()
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    input_ids: torch.Tensor,
+    config: RetrievalConfig | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 64,
+    streamer=None,
+    progress: bool = False,
+    **gen_kwargs,
+):
+    """``model.generate`` with the cache and attention of ``config``. Returns ``(sequences, stats)``."""
+    config = config or RetrievalConfig(method="full", index="flat")
+    cache = make_cache(model, config)
+    if progress and hasattr(cache, "set_progress"):
+        cache.set_progress(True)
+    timer = _Timer(streamer)
+    gen_kwargs.setdefault("do_sample", False)
+    if not gen_kwargs["do_sample"]:
+        gen_kwargs.setdefault("temperature", None)
+        gen_kwargs.setdefault("top_p", None)
+        gen_kwargs.setdefault("top_k", None)
+    pad_id = gen_kwargs.pop("pad_token_id", None)
+    if pad_id is None:
+        pad_id = model.generation_config.pad_token_id
+        if pad_id is None:
+            eos = model.generation_config.eos_token_id
+            pad_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+    t0 = time.perf_counter()
+    ctx = enable(model) if config.method != "full" else _nullcontext()
+    with ctx:
+        seqs = model.generate(
+            input_ids.to(model.device),
+            attention_mask=None if attention_mask is None else attention_mask.to(model.device),
+            max_new_tokens=max_new_tokens,
+            streamer=timer,
+            pad_token_id=pad_id,
+            **{cache_kwarg(model): cache},
+            **gen_kwargs,
+        )
+    t_end = time.perf_counter()
+    if hasattr(cache, "set_progress"):
+        cache.set_progress(False)
+    n_new = seqs.shape[1] - input_ids.shape[1]
+    t_first = timer.t_first or t_end
+    stats = {
+        "method": config.method,
+        "index": config.index if config.method == "retrieval" else None,
+        "prompt_tokens": int(input_ids.shape[1]),
+        "new_tokens": int(n_new),
+        "prefill_s": t_first - t0,
+        "decode_tokens_per_s": (n_new - 1) / (t_end - t_first) if n_new > 1 and t_end > t_first else float("nan"),
+    }
+    if hasattr(cache, "stats"):
+        stats.update(cache.stats())
+    else:
+        stats.update(index_build_s=0.0, kv_device_bytes=_dense_bytes(cache), kv_cpu_bytes=0)
+    return seqs, stats
+
+
+def _dense_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        k = getattr(layer, "keys", None)
+        if k is not None:
+            total += 2 * k.numel() * k.element_size()
+    return total
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt,
+    config: RetrievalConfig | None = None,
+    *,
+    max_new_tokens: int = 64,
+    chat: bool = True,
+    allow_extrapolation: bool = False,
+    streamer=None,
+    progress: bool = False,
+    **gen_kwargs,
+) -> GenerationOutput:
+    """Generate an answer to ``prompt`` (string, chat messages or token ids). Greedy unless ``do_sample=True``."""
+    ids = encode_prompt(tokenizer, prompt, chat)
+    check_length(model, len(ids), max_new_tokens, allow_extrapolation)
+    seqs, stats = generate_ids(
+        model,
+        torch.tensor([ids]),
+        config,
+        max_new_tokens=max_new_tokens,
+        streamer=streamer,
+        progress=progress,
+        **gen_kwargs,
+    )
+    new = seqs[0, len(ids) :].tolist()
+    return GenerationOutput(tokenizer.decode(new, skip_special_tokens=True), new, len(ids), stats)
+
+
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: list,
+    config: RetrievalConfig | None = None,
+    *,
+    max_new_tokens: int = 64,
+    chat: bool = True,
+    allow_extrapolation: bool = False,
+    **gen_kwargs,
+) -> list[GenerationOutput]:
+    """Generate for several prompts at once (left padding; each sequence has its own CPU store and index)."""
+    enc = [encode_prompt(tokenizer, p, chat) for p in prompts]
+    for e in enc:
+        check_length(model, len(e), max_new_tokens, allow_extrapolation)
+    T = max(len(e) for e in enc)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(enc), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(enc), T), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, T - len(e) :] = torch.tensor(e)
+        mask[i, T - len(e) :] = 1
+    seqs, stats = generate_ids(model, ids, config, attention_mask=mask, max_new_tokens=max_new_tokens, **gen_kwargs)
+    outs = []
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    for i, e in enumerate(enc):
+        new = seqs[i, T:].tolist()
+        for j, t in enumerate(new):  # cut at the first end-of-sequence token (padding after it)
+            if t in eos:
+                new = new[: j + 1]
+                break
+        outs.append(GenerationOutput(tokenizer.decode(new, skip_special_tokens=True), new, len(e), dict(stats)))
+    return outs

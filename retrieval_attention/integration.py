@@ -1,0 +1,188 @@
+"""transformers integration: the ``retrieval_attention`` attention function (registered with
+``AttentionInterface``) and helpers to switch a model to it and build its cache.
+
+The cache layer and the attention function meet through a thread-local: ``RetrievalLayer.update`` marks
+itself active, and the attention call that immediately follows in the same layer picks it up. Layers
+without a :class:`~retrieval_attention.cache.RetrievalLayer` (sliding-window, dense, or a plain cache) run
+stock SDPA, so the implementation is safe to leave enabled.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .attention.cpu import retrieved_attention
+from .attention.device import attention_with_lse
+from .attention.merge import merge_partial
+from .config import RetrievalConfig
+
+ATTN_IMPLEMENTATION = "retrieval_attention"
+_ACTIVE = threading.local()
+
+
+def set_active_layer(layer) -> None:
+    _ACTIVE.layer = layer
+
+
+def _pop_active_layer(layer_idx):
+    layer = getattr(_ACTIVE, "layer", None)
+    _ACTIVE.layer = None
+    if layer is not None and layer.layer_idx == layer_idx:
+        return layer
+    return None
+
+
+def padding_from_mask(attention_mask, batch: int, device) -> torch.Tensor:
+    """Left-padding length of each sequence ``[B]`` from a 4D SDPA mask (None = no padding)."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    last = attention_mask[:, 0, -1, :]  # the last query is always a real token under left padding
+    ok = last if last.dtype == torch.bool else last == 0
+    return torch.argmax(ok.to(torch.int8), dim=-1).long()
+
+
+def chunked_causal_attention(module, query, key, value, attention_mask, scaling, chunk, **kwargs):
+    """Exact SDPA, ``chunk`` queries at a time so no [T, T] score matrix is materialised.
+
+    query ``[B, Hq, Tq, D]``, key/value ``[B, Hkv, Tk, D]`` (the last Tq keys belong to the queries).
+    Returns ``[B, Tq, Hq, D]`` like every transformers attention function.
+    """
+    Tq, Tk = query.shape[2], key.shape[2]
+    kwargs.pop("is_causal", None)
+    if Tq <= chunk:
+        if attention_mask is None and Tq > 1 and Tk > Tq:
+            attention_mask = _causal_block(0, Tq, Tk - Tq, Tk, query.device)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)[0]
+    outs = []
+    offset = Tk - Tq
+    for q0 in range(0, Tq, chunk):
+        q1 = min(q0 + chunk, Tq)
+        kend = offset + q1
+        if attention_mask is None:
+            m = _causal_block(q0, q1, offset, kend, query.device)
+        else:
+            m = attention_mask[:, :, q0:q1, :kend]
+        o, _ = sdpa_attention_forward(
+            module, query[:, :, q0:q1], key[:, :, :kend], value[:, :, :kend], m, scaling=scaling, is_causal=False, **kwargs
+        )
+        outs.append(o)
+    return torch.cat(outs, dim=1)
+
+
+def _causal_block(q0, q1, offset, kend, device):
+    qpos = torch.arange(q0, q1, device=device).view(-1, 1) + offset
+    kpos = torch.arange(kend, device=device).view(1, -1)
+    return (kpos <= qpos).view(1, 1, q1 - q0, kend)
+
+
+def retrieval_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention function for ``AttentionInterface`` (shapes as transformers: q ``[B,Hq,L,D]``, k/v ``[B,Hkv,S,D]``)."""
+    layer = _pop_active_layer(getattr(module, "layer_idx", None))
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("attention logit soft-capping is not supported by retrieval attention")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if not layer.offloaded:
+        out = chunked_causal_attention(module, query, key, value, attention_mask, scaling, layer.config.prefill_chunk, **kwargs)
+        if layer.should_offload():
+            layer.offload_prefill(query, padding_from_mask(attention_mask, query.shape[0], query.device))
+        return out, None
+    return decode_attention(layer, query, scaling).transpose(1, 2).contiguous(), None
+
+
+def decode_attention(layer, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Static-token attention on the device merged with retrieved-token attention on the CPU.
+
+    query ``[B, Hq, L, D]`` (L new tokens, already appended to the window). Returns ``[B, Hq, L, D]`` in query's dtype.
+    """
+    cfg = layer.config
+    B, Hq, L, D = query.shape
+    dev = query.device
+    # 1. queries to the CPU first (the only thing the CPU part waits for), then queue the device part
+    cuda = dev.type == "cuda"
+    if layer.retrieve:
+        q_host = torch.empty((B, Hq, L, D), dtype=torch.float32, pin_memory=cuda)
+        q_host.copy_(query.detach().float(), non_blocking=cuda)
+        if cuda:
+            copied = torch.cuda.Event()
+            copied.record()
+    k_s, v_s = layer.static_kv()
+    S = k_s.shape[2]
+    valid = layer.static_valid()  # [B, S]
+    # causal among the L new tokens, which are the last L window columns
+    col = torch.arange(S, device=dev).view(1, S)
+    row = torch.arange(L, device=dev).view(L, 1)
+    causal = col <= (S - L + row)  # [L, S]
+    mask = valid.view(B, 1, 1, S) & causal.view(1, 1, L, S)
+    out_d, lse_d = attention_with_lse(query, k_s, v_s, scaling, mask)
+    if not layer.retrieve:
+        return out_d.to(query.dtype)
+    # 2. CPU retrieval + attention for each sequence while the device works
+    if cuda:
+        copied.synchronize()
+    out_c = torch.zeros((B, Hq, L, D), dtype=torch.float32)
+    lse_c = torch.full((B, Hq, L), float("-inf"), dtype=torch.float32)
+    group = Hq // k_s.shape[1]
+    for b, store in enumerate(layer.stores):
+        if store.index is None or store.n == 0:
+            continue
+        t0 = time.perf_counter()
+        ids, scores, n_scanned = store.index.search(q_host[b].numpy(), cfg.top_k, **cfg.search_params)
+        t1 = time.perf_counter()
+        o, s = retrieved_attention(scores, ids, store.values[:, : store.n], group, scaling)
+        out_c[b], lse_c[b] = o, s
+        st = layer.stats
+        st.search_s += t1 - t0
+        st.cpu_attention_s += time.perf_counter() - t1
+        st.n_searches += int(np.prod(ids.shape[:2]))
+        st.n_scanned += int(n_scanned.sum())
+        st.n_cpu_keys_at_search += int(np.prod(ids.shape[:2])) * store.n
+    # 3. exact merge (fp32, max-subtracted)
+    out, _ = merge_partial(out_d, lse_d, out_c.to(dev, non_blocking=cuda), lse_c.to(dev, non_blocking=cuda))
+    return out.to(query.dtype)
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Register ``retrieval_attention`` with transformers' attention and mask interfaces (idempotent)."""
+    global _REGISTERED
+    if not _REGISTERED:
+        AttentionInterface.register(ATTN_IMPLEMENTATION, retrieval_attention_forward)
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+        _REGISTERED = True
+
+
+@contextmanager
+def enable(model):
+    """Switch ``model`` to the ``retrieval_attention`` implementation; restores the previous one on exit."""
+    register()
+    prev = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(prev)
+
+
+def make_cache(model, config: RetrievalConfig | None):
+    """The cache for ``config.method``: ``None``-equivalent plain ``DynamicCache`` for ``full``, else a RetrievalCache."""
+    from transformers import DynamicCache
+
+    from .cache import RetrievalCache
+    from .models import check_supported
+
+    check_supported(model.config)
+    if config is None or config.method == "full":
+        return DynamicCache(config=model.config)
+    return RetrievalCache(model.config, config)
