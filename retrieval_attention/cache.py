@@ -91,9 +91,110 @@ class CPUStore:
         self._grow_values(values.detach().cpu())
         self.n += keys.shape[1]
 
+    def search(self, queries: np.ndarray, k: int, **budget):
+        """Top-k over the store: queries ``[Hq, L, D]`` float32 -> ids, scores ``[Hq, L, k]``, n_scanned ``[Hq, L]``."""
+        return self.index.search(queries, k, **budget)
+
+    def gather_values(self, ids: np.ndarray, group: int) -> torch.Tensor:
+        """Values of retrieved ids ``[Hq, L, k]`` (-1 padding reads row 0) -> ``[Hq, L, k, D]``."""
+        Hq, L, k = ids.shape
+        idx = torch.from_numpy(np.ascontiguousarray(ids)).clamp_min(0).reshape(-1)
+        kv_head = (torch.arange(Hq) // group).repeat_interleave(L * k)
+        return self.values[kv_head, idx].view(Hq, L, k, -1)
+
+    def fork(self) -> "ForkedStore":
+        return ForkedStore(self)
+
     def nbytes(self) -> int:
         v = 0 if self.values is None else self.n * self.values.shape[0] * self.values.shape[2] * self.values.element_size()
         return v + (self.index.memory_bytes() if self.index is not None else 0)
+
+
+class ForkedStore:
+    """A private continuation of a shared :class:`CPUStore` (persistent contexts).
+
+    The base store (keys, values, index) is only read; keys added to the fork go to a local tail that is
+    scanned exactly and merged into the results, so the base can serve many forks at once.
+    Ids ``< base.n`` address the base, larger ids the local tail.
+    """
+
+    def __init__(self, base: CPUStore):
+        self.base = base
+        self.base_n = base.n
+        self.config = base.config
+        self.local_k: np.ndarray | None = None  # [Hkv, cap, D] float32
+        self.local_v: torch.Tensor | None = None  # [Hkv, cap, D]
+        self.m = 0
+
+    @property
+    def n(self) -> int:
+        return self.base_n + self.m
+
+    @property
+    def index(self):  # truthy when anything is searchable
+        return self if self.n > 0 else None
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, n_query_heads: int) -> None:
+        m = keys.shape[1]
+        if m == 0:
+            return
+        k = keys.detach().float().cpu().numpy()
+        v = values.detach().cpu()
+        if self.local_k is None or self.m + m > self.local_k.shape[1]:
+            cap = max(self.m + m, 2 * (0 if self.local_k is None else self.local_k.shape[1]), 16)
+            nk = np.empty((k.shape[0], cap, k.shape[2]), dtype=np.float32)
+            nv = torch.empty((v.shape[0], cap, v.shape[2]), dtype=v.dtype)
+            if self.m:
+                nk[:, : self.m] = self.local_k[:, : self.m]
+                nv[:, : self.m] = self.local_v[:, : self.m]
+            self.local_k, self.local_v = nk, nv
+        self.local_k[:, self.m : self.m + m] = k
+        self.local_v[:, self.m : self.m + m] = v
+        self.m += m
+
+    def search(self, queries: np.ndarray, k: int, **budget):
+        from .index.flat import exact_topk
+
+        Hq, L, _ = queries.shape
+        parts = []
+        n_scanned = np.zeros((Hq, L), dtype=np.int64)
+        if self.base_n and self.base.index is not None:
+            ids, sc, ns = self.base.search(queries, k, **budget)
+            parts.append((ids, sc))
+            n_scanned += ns
+        if self.m:
+            group = Hq // self.local_k.shape[0]
+            ids, sc = exact_topk(np.ascontiguousarray(self.local_k[:, : self.m]), queries, k, group)
+            parts.append((np.where(ids >= 0, ids + self.base_n, -1), sc))
+            n_scanned += self.m
+        if len(parts) == 1:
+            return parts[0][0], parts[0][1], n_scanned
+        ids = np.concatenate([p[0] for p in parts], -1)
+        sc = np.concatenate([p[1] for p in parts], -1)
+        order = np.argsort(-sc, axis=-1, kind="stable")[..., :k]
+        return np.take_along_axis(ids, order, -1), np.take_along_axis(sc, order, -1), n_scanned
+
+    def gather_values(self, ids: np.ndarray, group: int) -> torch.Tensor:
+        Hq, L, k = ids.shape
+        flat = torch.from_numpy(np.ascontiguousarray(ids)).clamp_min(0).reshape(-1)
+        kv_head = (torch.arange(Hq) // group).repeat_interleave(L * k)
+        in_base = flat < self.base_n
+        D = (self.base.values if self.base.values is not None else self.local_v).shape[-1]
+        dtype = (self.base.values if self.base.values is not None else self.local_v).dtype
+        out = torch.empty((flat.numel(), D), dtype=dtype)
+        if in_base.any():
+            out[in_base] = self.base.values[kv_head[in_base], flat[in_base]]
+        if (~in_base).any():
+            out[~in_base] = self.local_v[kv_head[~in_base], flat[~in_base] - self.base_n].to(dtype)
+        return out.view(Hq, L, k, D)
+
+    def fork(self) -> "ForkedStore":
+        raise NotImplementedError("fork the context's cache, not a fork of it")
+
+    def nbytes(self) -> int:
+        if self.local_k is None:
+            return 0
+        return self.m * self.local_k.shape[0] * self.local_k.shape[2] * (4 + self.local_v.element_size())
 
 
 class RetrievalLayer(DynamicLayer):
@@ -236,6 +337,16 @@ class RetrievalLayer(DynamicLayer):
         self.win_valid = self.win_valid[:, n:]
         self.win_start += n
 
+    def fork(self) -> "RetrievalLayer":
+        """A continuation that shares this layer's tensors and CPU stores read-only."""
+        import copy
+
+        twin = copy.copy(self)
+        twin.stats = LayerStats()
+        twin.on_offloaded = None
+        twin.stores = [s.fork() for s in self.stores]
+        return twin
+
     # ---- accounting -------------------------------------------------------------------------------
     def device_bytes(self) -> int:
         if not self.offloaded:
@@ -299,6 +410,21 @@ class RetrievalCache(DynamicCache):
 
         for layer in self.retrieval_layers:
             layer.on_offloaded = tick
+
+    def fork(self) -> "RetrievalCache":
+        """A cache that continues after this one's tokens without changing it (persistent contexts).
+
+        Device tensors are shared (the cache replaces tensors, never writes into them) and the CPU stores
+        and indexes are shared read-only; each fork keeps its own window and an exact-scanned tail.
+        """
+        import copy
+
+        if any(isinstance(s, ForkedStore) for l in self.retrieval_layers for s in l.stores):
+            raise ValueError("cannot fork a forked cache; fork the original context's cache")
+        twin = copy.copy(self)
+        twin._bar = None
+        twin.layers = [l.fork() if isinstance(l, RetrievalLayer) else copy.copy(l) for l in self.layers]
+        return twin
 
     @property
     def retrieval_layers(self) -> list[RetrievalLayer]:

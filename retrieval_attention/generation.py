@@ -91,11 +91,16 @@ def generate_ids(
     max_new_tokens: int = 64,
     streamer=None,
     progress: bool = False,
+    cache=None,
     **gen_kwargs,
 ):
-    """``model.generate`` with the cache and attention of ``config``. Returns ``(sequences, stats)``."""
+    """``model.generate`` with the cache and attention of ``config``. Returns ``(sequences, stats)``.
+
+    ``cache``: continue from an existing cache (e.g. a persistent context's fork) instead of a new one.
+    """
     config = config or RetrievalConfig(method="full", index="flat")
-    cache = make_cache(model, config)
+    if cache is None:
+        cache = make_cache(model, config)
     if progress and hasattr(cache, "set_progress"):
         cache.set_progress(True)
     timer = _Timer(streamer)

@@ -136,9 +136,9 @@ def decode_attention(layer, query: torch.Tensor, scaling: float) -> torch.Tensor
         if store.index is None or store.n == 0:
             continue
         t0 = time.perf_counter()
-        ids, scores, n_scanned = store.index.search(q_host[b].numpy(), cfg.top_k, **cfg.search_params)
+        ids, scores, n_scanned = store.search(q_host[b].numpy(), cfg.top_k, **cfg.search_params)
         t1 = time.perf_counter()
-        o, s = retrieved_attention(scores, ids, store.values[:, : store.n], group, scaling)
+        o, s = retrieved_attention(scores, ids, store.gather_values(ids, group), scaling)
         out_c[b], lse_c[b] = o, s
         st = layer.stats
         st.search_s += t1 - t0

@@ -85,7 +85,8 @@ def test_retrieved_attention_matches_reference(seed):
     kvh = np.arange(Hkv * G) // G
     scores = np.einsum("hld,hlkd->hlk", q, keys[kvh[:, None, None], np.maximum(ids, 0)])
     scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
-    out, lse = retrieved_attention(scores, ids, vals, G, 0.5)
+    v_sel = vals[torch.from_numpy(kvh)[:, None, None], torch.from_numpy(np.maximum(ids, 0))]
+    out, lse = retrieved_attention(scores, ids, v_sel, 0.5)
     for h in range(Hkv * G):
         for l in range(L):
             sel = ids[h, l][ids[h, l] >= 0]

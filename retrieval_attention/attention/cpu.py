@@ -6,19 +6,15 @@ import numpy as np
 import torch
 
 
-def retrieved_attention(scores: np.ndarray, ids: np.ndarray, values: torch.Tensor, group: int, scaling: float):
+def retrieved_attention(scores: np.ndarray, ids: np.ndarray, values: torch.Tensor, scaling: float):
     """Softmax attention over retrieved keys.
 
     ``scores [Hq, L, k]`` raw inner products q.key from the index (``-inf`` padding), ``ids [Hq, L, k]``
-    (``-1`` padding), ``values [Hkv, N, D]`` (the CPU value store). Query head h reads KV head h // group.
+    (``-1`` padding), ``values [Hq, L, k, D]`` the values of the retrieved ids (any float dtype).
     Returns ``out [Hq, L, D] float32`` and ``lse [Hq, L] float32`` (``-inf`` where nothing was retrieved).
     """
-    Hq, L, k = ids.shape
-    D = values.shape[-1]
     s = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32)) * scaling
-    idx = torch.from_numpy(np.ascontiguousarray(ids)).clamp_min(0)
-    kv_head = (torch.arange(Hq) // group).view(Hq, 1, 1).expand(Hq, L, k)
-    v = values[kv_head.reshape(-1), idx.reshape(-1)].view(Hq, L, k, D).float()
+    v = values.float()
     s = s.masked_fill(torch.from_numpy(ids < 0), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     finite = torch.isfinite(lse)
