@@ -28,7 +28,6 @@ from .index import KVIndex, make_index
 
 @dataclass
 class LayerStats:
-    index_build_s: float = 0.0
     search_s: float = 0.0
     cpu_attention_s: float = 0.0
     n_searches: int = 0
@@ -46,10 +45,29 @@ class CPUStore:
     def __init__(self, config: RetrievalConfig, pin: bool):
         self.config = config
         self.pin = pin
-        self.index: KVIndex | None = None
+        self._index: KVIndex | None = None
+        self._pending = None  # Future of a background build (CUDA: overlaps the next layers' prefill)
         self.values: torch.Tensor | None = None
         self.keys_dtype_bytes = 0
         self.n = 0
+        self.build_s = 0.0
+
+    @property
+    def index(self) -> KVIndex | None:
+        if self._pending is not None:
+            self._index, self.build_s = self._pending.result()
+            self._pending = None
+        return self._index
+
+    def wait(self) -> float:
+        """Wait for a background build; returns the build seconds."""
+        _ = self.index
+        return self.build_s
+
+    @index.setter
+    def index(self, value) -> None:
+        self._pending = None
+        self._index = value
 
     def _grow_values(self, v: torch.Tensor) -> None:
         m = v.shape[1]
@@ -63,21 +81,34 @@ class CPUStore:
             self.values = grown
         self.values[:, self.n : self.n + m] = v
 
-    def build(self, keys: torch.Tensor, values: torch.Tensor, train_queries: torch.Tensor | None) -> float:
-        """keys/values ``[Hkv, n, D]`` (any device), train_queries ``[Hq, m, D]``; returns build seconds."""
-        t0 = time.perf_counter()
+    def build(self, keys: torch.Tensor, values: torch.Tensor, train_queries: torch.Tensor | None,
+              background: bool = False) -> float:
+        """keys/values ``[Hkv, n, D]`` (any device), train_queries ``[Hq, m, D]``.
+
+        Returns the build seconds, or 0 when ``background`` (the build then runs in a worker thread and
+        :attr:`index` waits for it on first use; ``build_s`` holds its time afterwards).
+        """
         k32 = keys.detach().float().cpu().numpy()
         if train_queries is None or train_queries.shape[1] == 0:
             # no prompt queries (e.g. first eviction of a short sequence): the keys stand in for them
             train_queries = keys.detach().float().cpu()
         tq = train_queries.detach().float().cpu().numpy()
-        if tq.shape[0] != k32.shape[0] and tq.shape[0] % k32.shape[0] != 0:
+        if tq.shape[0] % k32.shape[0] != 0:
             raise ValueError(f"train queries have {tq.shape[0]} heads for {k32.shape[0]} KV heads")
-        self.index = make_index(self.config.index, **self.config.index_params).build(k32, tq)
         self._grow_values(values.detach().cpu())
         self.n = keys.shape[1]
         self.keys_dtype_bytes = keys.element_size()
-        return time.perf_counter() - t0
+
+        def job():
+            t0 = time.perf_counter()
+            idx = make_index(self.config.index, **self.config.index_params).build(k32, tq)
+            return idx, time.perf_counter() - t0
+
+        if background:
+            self._pending = _build_executor().submit(job)
+            return 0.0
+        self._index, self.build_s = job()
+        return self.build_s
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, n_query_heads: int) -> None:
         """Append ``[Hkv, m, D]`` keys/values (tokens leaving the window)."""
@@ -108,6 +139,19 @@ class CPUStore:
     def nbytes(self) -> int:
         v = 0 if self.values is None else self.n * self.values.shape[0] * self.values.shape[2] * self.values.element_size()
         return v + (self.index.memory_bytes() if self.index is not None else 0)
+
+
+_EXECUTOR = None
+
+
+def _build_executor():
+    """One background worker for index builds (each build is itself multi-threaded)."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ra-index-build")
+    return _EXECUTOR
 
 
 class ForkedStore:
@@ -313,7 +357,8 @@ class RetrievalLayer(DynamicLayer):
             if self.retrieve and hi > lo:
                 tq = queries[b, :, int(pad[b]) :]
                 tq = _subsample(tq, cfg.max_train_queries)
-                self.stats.index_build_s += store.build(K[b, :, lo:hi], V[b, :, lo:hi], tq)
+                # on CUDA the build overlaps the next layers' prefill; on CPU it would compete for the cores
+                store.build(K[b, :, lo:hi], V[b, :, lo:hi], tq, background=pin)
             self.stores.append(store)
         self.keys = self.values = None  # the dense copy is gone: CPU store + static parts hold everything
         self.offloaded = True
@@ -406,7 +451,7 @@ class RetrievalCache(DynamicCache):
         def tick(layer):
             if self._bar is not None:
                 self._bar.update(1)
-                self._bar.set_postfix(index_s=f"{sum(l.stats.index_build_s for l in self.retrieval_layers):.1f}")
+                self._bar.set_postfix(index_s=f"{sum(s.build_s for l in self.retrieval_layers for s in l.stores):.1f}")
 
         for layer in self.retrieval_layers:
             layer.on_offloaded = tick
@@ -439,7 +484,7 @@ class RetrievalCache(DynamicCache):
         return {
             "retrieval_layers": len(rl),
             "offloaded_layers": sum(l.offloaded for l in rl),
-            "index_build_s": sum(l.stats.index_build_s for l in rl),
+            "index_build_s": sum(s.wait() for l in rl for s in l.stores if isinstance(s, CPUStore)),
             "search_s": sum(l.stats.search_s for l in rl),
             "cpu_attention_s": sum(l.stats.cpu_attention_s for l in rl),
             "n_searches": sum(l.stats.n_searches for l in rl),

