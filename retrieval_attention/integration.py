@@ -50,14 +50,16 @@ def padding_from_mask(attention_mask, batch: int, device) -> torch.Tensor:
 
 
 def chunked_causal_attention(module, query, key, value, attention_mask, scaling, chunk, **kwargs):
-    """Exact SDPA, ``chunk`` queries at a time so no [T, T] score matrix is materialised.
+    """Exact causal SDPA that never materialises a [T, T] score matrix.
 
     query ``[B, Hq, Tq, D]``, key/value ``[B, Hkv, Tk, D]`` (the last Tq keys belong to the queries).
-    Returns ``[B, Tq, Hq, D]`` like every transformers attention function.
+    Without a mask (no padding) and Tq == Tk, one ``is_causal`` SDPA call runs a fused flash kernel (CPU and
+    CUDA), which is memory-efficient by construction. With an explicit mask SDPA falls back to kernels that
+    build the scores, so queries go ``chunk`` at a time. Returns ``[B, Tq, Hq, D]`` like transformers.
     """
     Tq, Tk = query.shape[2], key.shape[2]
     kwargs.pop("is_causal", None)
-    if Tq <= chunk:
+    if Tq <= chunk or (attention_mask is None and Tq == Tk):
         if attention_mask is None and Tq > 1 and Tk > Tq:
             attention_mask = _causal_block(0, Tq, Tk - Tq, Tk, query.device)
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)[0]

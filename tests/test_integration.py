@@ -81,7 +81,7 @@ def test_batch_matches_one_at_a_time():
     model = tiny_model("llama", seed=5)
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(2, VOCAB - 1, (n,), generator=g) for n in (120, 90, 45)]
-    cfg = RetrievalConfig(index="flat", n_sink=8, window=24, top_k=16, dense_layers=(0,))
+    cfg = RetrievalConfig(index="flat", n_sink=8, window=24, top_k=16, dense_layers=(0,), prefill_chunk=32)
     singles = [_generate(model, p.view(1, -1), cfg, 12)[0].sequences[0, len(p):] for p in prompts]
     T = max(len(p) for p in prompts)
     ids = torch.zeros((3, T), dtype=torch.long)

@@ -1,0 +1,284 @@
+"""Decode latency, memory and index build at long contexts, per attention method.
+
+Methods: ``full`` (KV on the device, exact SDPA), ``offload`` (exact attention with the KV in CPU memory,
+moved to the device each step: transformers' offloaded ``DynamicCache``), ``retrieval`` (this method, any
+index) and ``streaming`` (sink + window only). Models: a ``--shape`` preset with random weights (timing
+does not need trained weights) or a real model via ``--model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+
+SHAPES = {
+    # real Llama-3-8B sizes
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0),
+    # the embedded models' shapes
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, head_dim=64, vocab_size=49152, rope_theta=100000.0),
+    # for tests / smoke runs on a CPU
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, vocab_size=1024, rope_theta=10000.0),
+}
+METHODS = ("full", "offload", "retrieval", "streaming")
+
+
+def parse_size(s: str) -> int:
+    """``"24GB"`` -> bytes (GB = 2**30)."""
+    s = s.strip().upper().replace("IB", "B")
+    for unit, mul in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mul)
+    return int(float(s))
+
+
+def parse_contexts(s: str) -> list[int]:
+    out = []
+    for part in s.split(","):
+        part = part.strip().upper()
+        if not part:
+            continue
+        mul = 1024 if part.endswith("K") else (1 << 20 if part.endswith("M") else 1)
+        out.append(int(float(part.rstrip("KM")) * mul))
+    if not out:
+        raise ValueError("no context lengths given")
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES), help="random-weight model of this shape")
+    p.add_argument("--model", default=None, help="a real model instead of --shape (name, path, hub id)")
+    p.add_argument("--context", default="8K,32K,128K", help="comma-separated prompt lengths (K = 1024)")
+    p.add_argument("--methods", default="full,offload,retrieval,streaming")
+    p.add_argument("--index", default="roar", help="index of the retrieval method (comma list for several)")
+    p.add_argument("--top-k", type=int, default=100)
+    p.add_argument("--n-sink", type=int, default=128)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--dense-layers", default="", help="layers kept exact (default none for timing)")
+    p.add_argument("--steps", type=int, default=64, help="timed decode steps (median reported)")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--gpu-memory-budget", default=None, help="emulate a smaller GPU, e.g. 24GB")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None)
+    p.add_argument("--markdown", default=None)
+    p.add_argument("--update-docs", action="store_true")
+
+
+def host_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def build_model(args, device, dtype):
+    import torch
+    import transformers as tf
+
+    if args.model:
+        from ..models import load_model
+
+        model, _ = load_model(args.model, device=device, dtype=dtype)
+        return model, args.model
+    cfg = tf.LlamaConfig(**SHAPES[args.shape], max_position_embeddings=1 << 21)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = tf.LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    model.eval()
+    model.set_attn_implementation("sdpa")
+    return model, f"random {args.shape}"
+
+
+def run_one(model, method, index, ctx, args, device):
+    """Prefill ``ctx`` random tokens with ``method`` then time ``steps`` greedy decode steps."""
+    import torch
+    from transformers import DynamicCache
+
+    from ..config import RetrievalConfig
+    from ..generation import cache_kwarg
+    from ..integration import enable, make_cache
+
+    cuda = str(device).startswith("cuda")
+    dense = tuple(int(x) for x in args.dense_layers.split(",") if x.strip())
+    rec = {"method": method, "index": index if method == "retrieval" else None, "context": ctx, "oom": False}
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    gen = torch.Generator().manual_seed(ctx)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, ctx), generator=gen).to(device)
+    if method == "full":
+        cache, ctxm = DynamicCache(config=model.config), _Null()
+    elif method == "offload":
+        cache, ctxm = DynamicCache(config=model.config, offloading=True), _Null()
+    else:
+        cfg = RetrievalConfig(method=method, index=index or "flat", top_k=args.top_k, n_sink=args.n_sink, window=args.window,
+                              dense_layers=dense)
+        cache, ctxm = make_cache(model, cfg), enable(model)
+    kw = {cache_kwarg(model): cache}
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    try:
+        with torch.no_grad(), ctxm:
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)
+            sync()
+            rec["prefill_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            st0 = cache.stats() if hasattr(cache, "stats") else {}  # waits for background index builds
+            rec["index_build_s"] = st0.get("index_build_s", 0.0)
+            rec["index_wait_s"] = time.perf_counter() - t0
+            tok = out.logits[:, -1:].argmax(-1)
+            times, search, cpu_attn = [], [], []
+            for step in range(args.warmup + args.steps):
+                s0 = cache.stats() if hasattr(cache, "stats") else None
+                sync()
+                t0 = time.perf_counter()
+                out = model(input_ids=tok, use_cache=True, **kw)
+                tok = out.logits[:, -1:].argmax(-1)
+                sync()
+                dt = time.perf_counter() - t0
+                if step >= args.warmup:
+                    times.append(dt)
+                    if s0 is not None:
+                        s1 = cache.stats()
+                        search.append(s1["search_s"] - s0["search_s"])
+                        cpu_attn.append(s1["cpu_attention_s"] - s0["cpu_attention_s"])
+        med = statistics.median(times)
+        rec["decode_ms_per_token"] = 1000 * med
+        rec["decode_ms_p90"] = 1000 * sorted(times)[int(0.9 * (len(times) - 1))]
+        if search:
+            rec["breakdown_ms"] = {
+                "cpu_search": 1000 * statistics.median(search),
+                "cpu_attention": 1000 * statistics.median(cpu_attn),
+                "rest_of_step": 1000 * (med - statistics.median(search) - statistics.median(cpu_attn)),
+            }
+        if hasattr(cache, "stats"):
+            st = cache.stats()
+        else:  # plain transformers cache: all KV on the device (full) or in host memory (offload)
+            from ..generation import _dense_bytes
+
+            n = _dense_bytes(cache)
+            st = {"kv_device_bytes": n, "kv_cpu_bytes": 0} if method == "full" else {"kv_device_bytes": 0, "kv_cpu_bytes": n}
+        rec["kv_device_bytes"] = st.get("kv_device_bytes")
+        rec["kv_cpu_bytes"] = st.get("kv_cpu_bytes")
+        rec["scanned_fraction"] = st.get("scanned_fraction") if st.get("n_searches") else None
+    except torch.OutOfMemoryError as e:
+        rec["oom"] = True
+        rec["error"] = str(e).splitlines()[0][:200]
+    rec["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if cuda else 0
+    rec["host_bytes"] = host_rss()
+    del cache
+    gc.collect()
+    return rec
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def run(args) -> int:
+    from ..threads import configure_threads
+
+    configure_threads(args.threads)
+    import torch
+
+    from .common import command_line, default_docs_path, machine_line, markdown_table, update_doc_section, write_json
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        print(f"error: unknown method(s) {bad}; choose from {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    if "offload" in methods and not device.startswith("cuda"):
+        print("note: 'offload' needs a CUDA device (KV moves host -> device each step); skipped on CPU", file=sys.stderr)
+        methods = [m for m in methods if m != "offload"]
+    contexts = parse_contexts(args.context)
+    model, label = build_model(args, device, dtype)
+    if args.gpu_memory_budget and device.startswith("cuda"):
+        budget = parse_size(args.gpu_memory_budget)
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
+    runs = [(m, i) for m in methods for i in (args.index.split(",") if m == "retrieval" else [None])]
+    records = []
+    for ctx in contexts:
+        for method, index in runs:
+            rec = run_one(model, method, index, ctx, args, device)
+            rec.update(model=label, dtype=str(dtype).replace("torch.", ""), device=device,
+                       gpu_memory_budget=args.gpu_memory_budget)
+            records.append(rec)
+            msg = "OOM" if rec["oom"] else f"{rec['decode_ms_per_token']:.1f} ms/token, prefill {rec['prefill_s']:.1f} s"
+            print(f"{ctx:>8} {method:>9} {index or '':>5}: {msg}", file=sys.stderr, flush=True)
+    rows = []
+    for r in records:
+        b = r.get("breakdown_ms") or {}
+        rows.append([
+            r["context"], r["method"] + (f"/{r['index']}" if r["index"] else ""),
+            "OOM" if r["oom"] else f"{r['decode_ms_per_token']:.1f}",
+            "—" if r["oom"] else f"{r['prefill_s']:.1f}", "—" if r["oom"] else f"{r['index_build_s']:.1f}",
+            f"{b['cpu_search']:.1f} / {b['cpu_attention']:.1f} / {b['rest_of_step']:.1f}" if b else "—",
+            f"{r['peak_gpu_bytes'] / 2**30:.1f}" if r["peak_gpu_bytes"] else "—",
+            f"{r['host_bytes'] / 2**30:.1f}",
+        ])
+    table = markdown_table(["context", "method", "decode ms/token", "prefill s", "index build s",
+                            "search / CPU attn / rest ms", "peak GPU GiB", "host GiB"], rows)
+    print(table)
+    if args.json:
+        write_json(args.json, records)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    if args.plot:
+        plot(records, args.plot, label)
+    if args.update_docs:
+        body = f"Model: {label}, {records[0]['dtype'] if records else ''}.  \nCommand: `{command_line()}`  \nMachine: {machine_line()}\n\n{table}\n"
+        update_doc_section(default_docs_path(), f"Decode latency ({label}, {device})", body)
+    return 0
+
+
+def plot(records, path, label) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    keys = sorted({(r["method"], r["index"]) for r in records}, key=str)
+    for m, i in keys:
+        pts = sorted((r["context"], r["decode_ms_per_token"]) for r in records
+                     if (r["method"], r["index"]) == (m, i) and not r["oom"])
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m + (f"/{i}" if i else ""))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode ms / token (median)")
+    ax.set_title(f"Decode latency: {label}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
