@@ -3,12 +3,7 @@
 
 from .base import INDEX_REGISTRY, IndexError_, KVIndex, available_indexes, make_index, register_index
 from . import flat  # noqa: F401  (registers "flat")
-
-for _mod in ("faiss_baselines", "roar"):
-    try:
-        __import__(f"{__name__}.{_mod}")
-    except ModuleNotFoundError as _e:  # pragma: no cover - only while a module is being written
-        if _e.name != f"{__name__}.{_mod}":
-            raise
+from . import faiss_baselines  # noqa: F401  (registers "ivf", "hnsw")
+from . import roar  # noqa: F401  (registers "roar")
 
 __all__ = ["INDEX_REGISTRY", "IndexError_", "KVIndex", "available_indexes", "make_index", "register_index"]

@@ -1,0 +1,333 @@
+"""``roar``: the attention-aware graph index of RetrievalAttention (RoarGraph-style).
+
+Build, per graph (one per KV head, trained on its group's queries, or one per query head: ``graph_per``):
+
+1. exact kNN of each (evenly subsampled, ``max_train_queries``) prefill query among the keys: its top
+   ``n_query_neighbors`` keys by inner product (chunked torch matmul, CUDA when available for large
+   inputs; numba heap selection);
+2. projection of that query->key bipartite graph onto the keys: each key that appears in some query's
+   list (the *covered* keys) takes its ``n_owners`` owner queries (those that score it highest) and gets as
+   out-neighbour candidates the keys of their lists, visited by co-occurrence count in those lists (keys
+   retrieved together by the same queries first; ``order="distance"`` gives the classic L2 order) and
+   pruned by occlusion with **squared L2 distance between keys**: candidate p is dropped when an already
+   selected r has ``alpha^2 d(r,p) < d(pivot,p)``. L2 rather than an inner-product "distance": the inner
+   product is not a metric, and large-norm keys would occlude everything. With ``fill`` the list is
+   topped up to ``M`` with the dropped candidates (measured worse per key scanned, so off by default);
+3. reverse edges: every edge b->c adds c->b; a list that overflows ``M`` is re-pruned (L2 order);
+4. connectivity repair (cheap, no per-node beam search): every key not reachable from the entry point
+   (typically 55-75% on real vectors: keys no training query ranks high) finds its nearest reachable key
+   (squared L2, one chunked matmul of unreached x reached keys, at most 2048 of the reached keys evenly
+   sampled); the unreached keys that share a parent are hung below it as a small tree
+   (``repair_branching``, closest first; one slot of the parent, free slots of the children, plus a back
+   edge child -> parent); a final pass links any node still unreached (an overwritten slot can cut a
+   path) from its nearest reached node, until a BFS from the entry reaches every key.
+
+Entry points: the ``n_entry`` keys with the highest score against the graph's mean training query (more
+entries were measured not to help).
+
+Search (:func:`kernels.search_batch`): every query head x query of the layer in one numba call, parallel
+over (head, query) pairs. HNSW-style best-first search with a candidate heap and a beam of the ``ef`` best
+nodes scored so far; every key scored is offered to a top-``k`` result heap, so ``ef`` may also be *smaller*
+than ``k`` (fewer keys scanned, lower recall). Keys added after build (``add``) sit in an exact-scanned
+*tail* merged by score; when the tail reaches ``insert_threshold`` keys it is inserted into the graphs in
+bulk (exact L2 kNN of the new keys -> out-lists, reverse edges re-pruned, the connectivity repair again).
+
+Memory: keys float32 ``[n_kv_heads, cap, d]`` (one copy, the tail at its end) + adjacency int32
+``[n_graphs, cap, M]`` + per-worker visited stamps. (A float16 key copy for search is not offered: numba
+has no float16 arithmetic on CPU.)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numba
+import numpy as np
+import torch
+
+from . import kernels as K
+from .base import IndexError_, KVIndex, register_index
+
+GRAPH_PER = ("query_head", "kv_head")
+
+#: bytes of float32 score matrix per matmul chunk in the kNN steps
+_CHUNK_BYTES = 64 << 20
+#: at most this many reached keys are candidate parents of unreached keys in the repair (cost bound)
+_REPAIR_PARENTS = 2048
+
+
+def _pos_int(name, v, minimum=1):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise IndexError_(f"roar: {name} must be an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def knn_ip(queries: np.ndarray, keys: np.ndarray, k: int, exclude: np.ndarray | None = None,
+           l2: bool = False):
+    """Exact top-k keys per query. queries [m, d], keys [n, d] -> ids [m, k] int32, scores [m, k] float32.
+
+    ``l2=True`` ranks by smallest squared L2 distance instead (score ``2 q.k - |k|^2``, same order).
+    ``exclude [m]``: a key id to skip per query (self-matches). Matmul by torch (CUDA when available and the
+    problem is large), selection by a numba heap kernel over the columns in a fixed random order."""
+    m, d = queries.shape
+    n = keys.shape[0]
+    ids = np.full((m, k), -1, np.int32)
+    sc = np.full((m, k), -np.inf, np.float32)
+    if m == 0 or n == 0:
+        return ids, sc
+    cnt = np.zeros(m, np.int64)
+    excl = np.full(m, -1, np.int64) if exclude is None else np.ascontiguousarray(exclude, np.int64)
+    dev = "cuda" if (torch.cuda.is_available() and m * n >= (1 << 24)) else "cpu"
+    perm = np.random.default_rng(n).permutation(n).astype(np.int64)
+    kp = keys[perm]
+    bias = (kp * kp).sum(1, dtype=np.float32) if l2 else np.zeros(n, np.float32)
+    Kt = torch.from_numpy(kp).to(dev)
+    Qt = torch.from_numpy(2 * queries if l2 else queries).to(dev)
+    col_chunk = n if n * 4 * 256 <= _CHUNK_BYTES else max(1024, _CHUNK_BYTES // (4 * 256))
+    row_chunk = max(256, _CHUNK_BYTES // (4 * col_chunk))
+    for r0 in range(0, m, row_chunk):
+        r1 = min(m, r0 + row_chunk)
+        for c0 in range(0, n, col_chunk):
+            c1 = min(n, c0 + col_chunk)
+            S = (Qt[r0:r1] @ Kt[c0:c1].T).cpu().numpy()
+            K.topk_merge_rows(S, c0, perm, bias, excl[r0:r1], ids[r0:r1], sc[r0:r1], cnt[r0:r1])
+    K.topk_finalize(ids, sc, cnt)
+    return ids, sc
+
+
+@register_index("roar")
+class RoarIndex(KVIndex):
+    """Attention-aware graph over the keys of one layer (see the module docstring).
+
+    Parameters (defaults chosen by measurement on SmolLM2-135M post-RoPE vectors, 8K context):
+
+    M                  out-degree cap of the graph
+    n_query_neighbors  keys per training query in the bipartite kNN graph
+    alpha              occlusion-pruning factor (>= 1 keeps more edges)
+    ef                 default beam width of search, the budget param of ``search`` (may be < k)
+    graph_per          ``"query_head"`` (one graph per query head, trained on its queries) or
+                       ``"kv_head"`` (one per KV head, trained on its group's queries; G x less memory)
+    max_train_queries  training queries per graph (evenly subsampled)
+    n_entry            entry points per graph
+    fill               top pruned lists up to ``M`` with the occluded candidates
+    n_owners           training queries (the ones scoring a key highest) whose kNN lists give its candidates
+    order              candidate order for pruning: ``"count"`` (co-occurrence in those lists, then
+                       distance) or ``"distance"`` (L2 to the pivot, the classic RNG order)
+    repair_branching   branching of the trees that hang unreached keys below their nearest reached key
+    insert_threshold   tail size (keys per head) at which added keys are inserted into the graphs
+    """
+
+    budget_params = ("ef",)
+
+    def __init__(self, M: int = 24, n_query_neighbors: int = 64, alpha: float = 1.0, ef: int = 128,
+                 graph_per: str = "kv_head", max_train_queries: int = 4096, n_entry: int = 1,
+                 fill: bool = False, n_owners: int = 8, order: str = "count", repair_branching: int = 4,
+                 insert_threshold: int = 4096) -> None:
+        super().__init__(M=M, n_query_neighbors=n_query_neighbors, alpha=alpha, ef=ef, graph_per=graph_per,
+                         max_train_queries=max_train_queries, n_entry=n_entry, fill=fill, n_owners=n_owners, order=order,
+                         repair_branching=repair_branching, insert_threshold=insert_threshold)
+        self.M = _pos_int("M", M)
+        self.n_query_neighbors = _pos_int("n_query_neighbors", n_query_neighbors, 2)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha < 1.0:
+            raise IndexError_(f"roar: alpha must be a finite number >= 1, got {alpha!r}")
+        self.alpha = float(alpha)
+        self.ef = _pos_int("ef", ef)
+        if graph_per not in GRAPH_PER:
+            raise IndexError_(f"roar: graph_per must be one of {GRAPH_PER}, got {graph_per!r}")
+        self.graph_per = graph_per
+        self.max_train_queries = _pos_int("max_train_queries", max_train_queries)
+        self.n_entry = _pos_int("n_entry", n_entry)
+        self.fill = bool(fill)
+        self.n_owners = _pos_int("n_owners", n_owners)
+        if order not in ("count", "distance"):
+            raise IndexError_(f"roar: order must be 'count' or 'distance', got {order!r}")
+        self.order = order
+        self.repair_branching = _pos_int("repair_branching", repair_branching)
+        self.insert_threshold = _pos_int("insert_threshold", insert_threshold)
+        self._lock = threading.Lock()
+        self.build_stats: dict[str, float] = {}
+
+    # ---- build ------------------------------------------------------------------------------------
+    def _build(self, keys, train_queries):
+        t0 = time.perf_counter()
+        Hkv, n, d = keys.shape
+        if train_queries is None:  # no prefill queries: degrade to a key->key graph trained on the keys
+            train_queries = keys
+        Hq = train_queries.shape[0]
+        group = Hq // Hkv
+        if self.graph_per == "query_head":
+            G = Hq
+            kv_of_graph = np.arange(G, dtype=np.int64) // group
+            tq = [train_queries[g] for g in range(G)]
+        else:
+            G = Hkv
+            kv_of_graph = np.arange(G, dtype=np.int64)
+            tq = [train_queries[h * group:(h + 1) * group].reshape(-1, d) for h in range(Hkv)]
+        m = min(self.max_train_queries, min(t.shape[0] for t in tq))
+        sel = [np.unique(np.linspace(0, t.shape[0] - 1, m).round().astype(np.int64)) for t in tq]
+        m = min(len(s) for s in sel)
+        tq = np.stack([t[s[:m]] for t, s in zip(tq, sel)])  # [G, m, d]
+        kq = min(self.n_query_neighbors, n)
+
+        knn_ids = np.empty((G, m, kq), np.int32)
+        knn_sc = np.empty((G, m, kq), np.float32)
+        for g in range(G):
+            knn_ids[g], knn_sc[g] = knn_ip(tq[g], keys[kv_of_graph[g]], kq)
+        t1 = time.perf_counter()
+
+        # entry points: best keys for the graph's mean training query
+        E = min(self.n_entry, n)
+        entries = np.empty((G, E), np.int32)
+        for g in range(G):
+            s = keys[kv_of_graph[g]] @ tq[g].mean(0)
+            entries[g] = np.argsort(-s, kind="stable")[:E]
+
+        own = K.owners(knn_ids, knn_sc, n, self.n_owners)
+        adj = K.project(knn_ids, own, keys, kv_of_graph, n, self.M, self.alpha, self.fill, self.order == "count")
+        src, dst, cnt = K.reverse_edges(adj, n)
+        K.merge_edges(adj, src, dst, cnt, keys, kv_of_graph, n, self.alpha, self.fill)
+        t2 = time.perf_counter()
+
+        self._keys = keys  # [Hkv, cap, d]; graph nodes 0..n_graph-1, tail n_graph..n_keys-1
+        self._adj = adj
+        self._entries = entries
+        self._kv_of_graph = kv_of_graph
+        self.n_graph = n
+        links = self._repair()
+        t3 = time.perf_counter()
+        self.build_stats = {"knn_s": t1 - t0, "graph_s": t2 - t1, "repair_s": t3 - t2, "total_s": t3 - t0,
+                            "n_train": float(m), "repair_links": float(links),
+                            "covered_frac": float((own[:, :, 0] >= 0).mean())}
+        self._visited = None
+
+    def _repair(self) -> int:
+        """Connectivity repair over nodes 0..n_graph-1 (see module docstring). Returns the number of edges
+        added by the final per-node linking pass (normally a handful)."""
+        n = self.n_graph
+        adj, keys, kvg = self._adj, self._keys, self._kv_of_graph
+        G = adj.shape[0]
+        reached = K.reachable(adj, n, self._entries)
+        if not reached.all():
+            parent = np.full((G, n), -1, np.int32)
+            pdist = np.zeros((G, n), np.float32)
+            for g in range(G):
+                un = np.nonzero(~reached[g])[0]
+                rr = np.nonzero(reached[g])[0]
+                if len(un) == 0 or len(rr) == 0:
+                    continue
+                if len(rr) > _REPAIR_PARENTS:  # parents from an even sample of the reached keys: bounded cost
+                    rr = rr[np.linspace(0, len(rr) - 1, _REPAIR_PARENTS).astype(np.int64)]
+                ku = keys[kvg[g], un]
+                nn, sc = knn_ip(ku, np.ascontiguousarray(keys[kvg[g], rr]), 1, l2=True)
+                parent[g, un] = rr[nn[:, 0]]
+                pdist[g, un] = (ku * ku).sum(1) - sc[:, 0]
+            K.attach_trees(adj, parent, pdist, n, self.repair_branching)
+        links = K.link_unreached(adj, keys, kvg, n, self._entries, 8)
+        return int(links.sum())
+
+    # ---- search -----------------------------------------------------------------------------------
+    def _graph_maps(self, Hq: int):
+        G = self._adj.shape[0]
+        kv_of_head = np.arange(Hq, dtype=np.int64) // (Hq // self.n_kv_heads)
+        if G == Hq:
+            graph_of_head = np.arange(Hq, dtype=np.int64)
+        elif G == self.n_kv_heads:
+            graph_of_head = kv_of_head
+        else:
+            raise IndexError_(
+                f"roar index has one graph per query head ({G} graphs); queries have {Hq} heads"
+            )
+        return graph_of_head, kv_of_head
+
+    def _search(self, queries, k, ef=None):
+        L = self.ef if ef is None else _pos_int("ef", ef)
+        Hq, nq, _ = queries.shape
+        graph_of_head, kv_of_head = self._graph_maps(Hq)
+        ids = np.empty((Hq, nq, k), np.int64)
+        sc = np.empty((Hq, nq, k), np.float32)
+        ns = np.empty((Hq, nq), np.int64)
+        T = max(1, min(numba.get_num_threads(), Hq * nq))
+        with self._lock:
+            cap = self._keys.shape[1]
+            if self._visited is None or self._visited.shape[0] < T or self._visited.shape[1] < cap:
+                self._visited = np.zeros((max(T, 1), cap), np.int32)
+                self._stamps = np.zeros(self._visited.shape[0], np.int64)
+            K.search_batch(self._adj, self._keys, self.n_graph, self.n_keys, queries, graph_of_head, kv_of_head,
+                           self._entries, k, L, self._visited[:T], self._stamps[:T], ids, sc, ns)
+        return ids, sc, ns
+
+    # ---- insertion --------------------------------------------------------------------------------
+    def _add(self, new_keys):
+        n, m = self.n_keys, new_keys.shape[1]
+        with self._lock:
+            cap = self._keys.shape[1]
+            if n + m > cap:  # amortised growth of the key store (the tail lives at its end)
+                cap = max(n + m, 2 * cap)
+                grown = np.empty((self.n_kv_heads, cap, self.head_dim), np.float32)
+                grown[:, :n] = self._keys[:, :n]
+                self._keys = grown
+            self._keys[:, n:n + m] = new_keys
+        if n + m - self.n_graph >= self.insert_threshold:
+            self._insert_tail(n + m)
+
+    def _insert_tail(self, n_total: int) -> None:
+        """Insert keys n_graph..n_total-1 into every graph (bulk)."""
+        with self._lock:
+            lo = self.n_graph
+            G, cap_a, M = self._adj.shape
+            if n_total > cap_a:
+                grown = np.full((G, max(n_total, 2 * cap_a), M), -1, np.int32)
+                grown[:, :lo] = self._adj[:, :lo]
+                self._adj = grown
+            keys, kvg = self._keys, self._kv_of_graph
+            new = np.arange(lo, n_total)
+            r = min(M, n_total - 1)
+            srcs, dsts = [], []
+            nn_kv = {}
+            for h in np.unique(kvg):
+                nn, _ = knn_ip(keys[h, lo:n_total], keys[h, :n_total], r, exclude=new, l2=True)
+                nn_kv[int(h)] = nn
+            for g in range(G):
+                nn = nn_kv[int(kvg[g])]
+                s = np.repeat(new, r).astype(np.int32)
+                d = nn.reshape(-1)
+                ok = d >= 0
+                srcs.append(np.concatenate([s[ok], d[ok]]))
+                dsts.append(np.concatenate([d[ok], s[ok]]))
+            ne = np.array([len(s) for s in srcs], np.int64)
+            src = np.zeros((G, max(1, int(ne.max()))), np.int32)
+            dst = np.zeros_like(src)
+            for g in range(G):
+                src[g, : ne[g]] = srcs[g]
+                dst[g, : ne[g]] = dsts[g]
+            # out-lists of new nodes are empty: merge prunes them to M; old nodes get reverse edges re-pruned
+            K.merge_edges(self._adj, src, dst, ne, keys, kvg, n_total, self.alpha, self.fill)
+            self.n_graph = n_total
+            self._repair()
+
+    # ---- accounting / persistence -------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        b = self._keys.nbytes + self._adj.nbytes + self._entries.nbytes
+        if getattr(self, "_visited", None) is not None:
+            b += self._visited.nbytes
+        return int(b)
+
+    def state(self):
+        return {
+            "keys": np.ascontiguousarray(self._keys[:, : self.n_keys]),
+            "adj": np.ascontiguousarray(self._adj[:, : self.n_graph]),
+            "entries": self._entries,
+            "kv_of_graph": self._kv_of_graph,
+            "n_graph": np.array([self.n_graph], np.int64),
+        }
+
+    def load_state(self, arrays):
+        self._keys = np.ascontiguousarray(arrays["keys"], np.float32)
+        self._adj = np.ascontiguousarray(arrays["adj"], np.int32)
+        self._entries = np.ascontiguousarray(arrays["entries"], np.int32)
+        self._kv_of_graph = np.ascontiguousarray(arrays["kv_of_graph"], np.int64)
+        self.n_graph = int(arrays["n_graph"][0])
+        self._visited = None
+        if self._keys.shape[1] != self.n_keys or self._adj.shape[1] != self.n_graph:
+            raise IndexError_("roar index file is inconsistent (key / graph sizes do not match its metadata)")
