@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense-layers", default="0,1")
     p.add_argument("--offset", type=int, default=0, help="start token in the essay haystack")
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32", help="model dtype (fp32 by default: differences are the method's, not rounding)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write records here")
     p.add_argument("--update-docs", action="store_true", help="write the table into docs/BENCHMARKS.md")
@@ -91,7 +92,7 @@ def run(args) -> int:
         print("error: every --context must exceed --n-eval + --n-sink + --window, and --n-eval must be positive",
               file=sys.stderr)
         return 2
-    model, tok = load_model(args.model, device=args.device)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     dense = tuple(int(x) for x in args.dense_layers.split(",") if x.strip())
     records = []
     for ctx_len in contexts:
