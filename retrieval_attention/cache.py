@@ -47,6 +47,7 @@ class CPUStore:
         self.pin = pin
         self._index: KVIndex | None = None
         self._pending = None  # Future of a background build (CUDA: overlaps the next layers' prefill)
+        self.keys: torch.Tensor | None = None  # [Hkv, capacity, D], model dtype
         self.values: torch.Tensor | None = None
         self.keys_dtype_bytes = 0
         self.n = 0
@@ -69,16 +70,23 @@ class CPUStore:
         self._pending = None
         self._index = value
 
-    def _grow_values(self, v: torch.Tensor) -> None:
-        m = v.shape[1]
-        if self.values is None:
-            cap = max(m, 1)
-            self.values = torch.empty((v.shape[0], cap, v.shape[2]), dtype=v.dtype, pin_memory=self.pin)
-        elif self.n + m > self.values.shape[1]:
-            cap = max(self.n + m, 2 * self.values.shape[1])
-            grown = torch.empty((v.shape[0], cap, v.shape[2]), dtype=v.dtype, pin_memory=self.pin)
-            grown[:, : self.n] = self.values[:, : self.n]
-            self.values = grown
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append ``[Hkv, m, D]`` keys/values to the (pinned) host arrays, growing them by doubling.
+
+        Keys are kept in the model dtype next to the index's own float32 copy: exact attention over the
+        whole store (several new tokens at once, e.g. a question after a persistent context) reads them.
+        """
+        m = k.shape[1]
+        if self.values is None or self.n + m > self.values.shape[1]:
+            cap = max(self.n + m, 2 * (0 if self.values is None else self.values.shape[1]), 1)
+            shape = (v.shape[0], cap, v.shape[2])
+            nk = torch.empty(shape, dtype=k.dtype, pin_memory=self.pin)
+            nv = torch.empty(shape, dtype=v.dtype, pin_memory=self.pin)
+            if self.n:
+                nk[:, : self.n] = self.keys[:, : self.n]
+                nv[:, : self.n] = self.values[:, : self.n]
+            self.keys, self.values = nk, nv
+        self.keys[:, self.n : self.n + m] = k
         self.values[:, self.n : self.n + m] = v
 
     def build(self, keys: torch.Tensor, values: torch.Tensor, train_queries: torch.Tensor | None,
@@ -95,7 +103,7 @@ class CPUStore:
         tq = train_queries.detach().float().cpu().numpy()
         if tq.shape[0] % k32.shape[0] != 0:
             raise ValueError(f"train queries have {tq.shape[0]} heads for {k32.shape[0]} KV heads")
-        self._grow_values(values.detach().cpu())
+        self._append(keys.detach().cpu(), values.detach().cpu())
         self.n = keys.shape[1]
         self.keys_dtype_bytes = keys.element_size()
 
@@ -119,7 +127,7 @@ class CPUStore:
             self.build(keys, values, keys.detach().float().cpu().repeat_interleave(group, dim=0))
             return
         self.index.add(keys.detach().float().cpu().numpy())
-        self._grow_values(values.detach().cpu())
+        self._append(keys.detach().cpu(), values.detach().cpu())
         self.n += keys.shape[1]
 
     def search(self, queries: np.ndarray, k: int, **budget):
@@ -133,11 +141,15 @@ class CPUStore:
         kv_head = (torch.arange(Hq) // group).repeat_interleave(L * k)
         return self.values[kv_head, idx].view(Hq, L, k, -1)
 
+    def exact_attention(self, queries: torch.Tensor, group: int, scaling: float):
+        """Exact attention over every stored key: queries ``[Hq, L, D]`` float32 -> out ``[Hq, L, D]``, lse ``[Hq, L]``."""
+        return _exact_attention(queries, self.keys[:, : self.n], self.values[:, : self.n], group, scaling)
+
     def fork(self) -> "ForkedStore":
         return ForkedStore(self)
 
     def nbytes(self) -> int:
-        v = 0 if self.values is None else self.n * self.values.shape[0] * self.values.shape[2] * self.values.element_size()
+        v = 0 if self.values is None else 2 * self.n * self.values.shape[0] * self.values.shape[2] * self.values.element_size()
         return v + (self.index.memory_bytes() if self.index is not None else 0)
 
 
@@ -152,6 +164,14 @@ def _build_executor():
 
         _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ra-index-build")
     return _EXECUTOR
+
+
+def _exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, scaling: float):
+    from .attention.device import attention_with_lse
+
+    Hq, L, D = q.shape
+    out, lse = attention_with_lse(q.view(1, Hq, L, D), k.unsqueeze(0), v.unsqueeze(0), scaling, None)
+    return out[0], lse[0]
 
 
 class ForkedStore:
@@ -231,6 +251,20 @@ class ForkedStore:
         if (~in_base).any():
             out[~in_base] = self.local_v[kv_head[~in_base], flat[~in_base] - self.base_n].to(dtype)
         return out.view(Hq, L, k, D)
+
+    def exact_attention(self, queries: torch.Tensor, group: int, scaling: float):
+        from .attention.merge import merge_partial
+
+        parts = []
+        if self.base_n:
+            parts.append(self.base.exact_attention(queries, group, scaling))
+        if self.m:
+            parts.append(_exact_attention(queries, torch.from_numpy(self.local_k[:, : self.m]),
+                                          self.local_v[:, : self.m], group, scaling))
+        out, lse = parts[0]
+        for o, l in parts[1:]:
+            out, lse = merge_partial(out, lse, o, l)
+        return out, lse
 
     def fork(self) -> "ForkedStore":
         raise NotImplementedError("fork the context's cache, not a fork of it")

@@ -37,7 +37,10 @@ class ContextFileError(ValueError):
 def model_fingerprint(model) -> str:
     """Identity of the model's weights and architecture (config + dtype + a hash of the embedding matrix)."""
     h = hashlib.sha256()
-    h.update(model.config.to_json_string(use_diff=False).encode())
+    cfg = model.config.to_dict()
+    for volatile in ("_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version", "_attn_implementation"):
+        cfg.pop(volatile, None)  # where the weights were loaded from / saved as is not their identity
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     emb = model.get_input_embeddings().weight.detach()
     h.update(str(emb.dtype).encode())
     sample = emb[:: max(1, emb.shape[0] // 64)].float().cpu().numpy()
@@ -217,6 +220,7 @@ def cache_state(cache) -> tuple[dict[str, torch.Tensor], list[dict]]:
                                    "shape": [idx.n_kv_heads, idx.n_query_heads, idx.head_dim, idx.n_keys]}
                     for key, arr in idx.state().items():
                         put(f"L{i}.S{b}.idx.{key}", torch.from_numpy(np.ascontiguousarray(arr)))
+                    put(f"L{i}.S{b}.keys", store.keys[:, : store.n])
                     put(f"L{i}.S{b}.values", store.values[:, : store.n])
                 entry["stores"].append(st)
         else:
@@ -258,7 +262,7 @@ def cache_from_state(model, config: RetrievalConfig, tensors: dict, layout: list
                     prefix = f"L{i}.S{b}.idx."
                     idx.load_state({k[len(prefix):]: v.numpy() for k, v in tensors.items() if k.startswith(prefix)})
                     store.index = idx
-                    store._grow_values(tensors[f"L{i}.S{b}.values"])
+                    store._append(tensors[f"L{i}.S{b}.keys"], tensors[f"L{i}.S{b}.values"])
                     store.n = st["n"]
                 layer.stores.append(store)
         else:

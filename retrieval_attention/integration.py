@@ -137,6 +137,11 @@ def decode_attention(layer, query: torch.Tensor, scaling: float) -> torch.Tensor
     for b, store in enumerate(layer.stores):
         if store.index is None or store.n == 0:
             continue
+        if L > 1:
+            # several new tokens at once (a prompt continued after offload, e.g. a question on a persistent
+            # context): they are prompt tokens, so they attend exactly, like prefill
+            out_c[b], lse_c[b] = store.exact_attention(q_host[b], group, scaling)
+            continue
         t0 = time.perf_counter()
         ids, scores, n_scanned = store.search(q_host[b].numpy(), cfg.top_k, **cfg.search_params)
         t1 = time.perf_counter()

@@ -19,11 +19,18 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_CONFIGURED: int | None = None
+
+
 def configure_threads(n: int | None = None) -> int:
     """Set torch, numba and BLAS/OpenMP thread counts to ``n`` (default: ``RA_NUM_THREADS`` or all cores).
 
-    Environment variables are only set when absent, so a user's explicit limits win; returns ``n``.
+    Environment variables are only set when absent, so a user's explicit limits win. A call without ``n``
+    after an explicit one keeps the explicit count (library code calls it defensively). Returns the count.
     """
+    global _CONFIGURED
+    if n is None and _CONFIGURED is not None:
+        return _CONFIGURED
     if n is None:
         n = int(os.environ.get("RA_NUM_THREADS", 0)) or available_cores()
     n = max(1, int(n))
@@ -39,4 +46,5 @@ def configure_threads(n: int | None = None) -> int:
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     except Exception:  # numba missing or already-launched pool with a smaller size
         pass
+    _CONFIGURED = n
     return n

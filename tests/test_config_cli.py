@@ -97,3 +97,14 @@ def test_generate_api_on_tiny_model_returns_text_and_stats():
     for key in ("prefill_s", "index_build_s", "decode_tokens_per_s", "kv_device_bytes", "kv_cpu_bytes"):
         assert key in out.stats
     assert out.stats["kv_cpu_bytes"] > 0 and out.stats["offloaded_layers"] == 1
+
+
+def test_explicit_thread_count_survives_later_default_calls():
+    from retrieval_attention import threads
+
+    try:
+        assert threads.configure_threads(1) == 1
+        assert threads.configure_threads() == 1  # a later default call (e.g. inside load_model) keeps it
+        assert threads.configure_threads(2) == 2
+    finally:
+        threads._CONFIGURED = None

@@ -67,3 +67,16 @@ def test_save_load_roundtrip_and_rejections(setup, tmp_path):
         PrefilledContext.load(tmp_path / "d", model)
     with pytest.raises(ContextFileError, match="cannot read"):
         PrefilledContext.load(tmp_path / "missing", model)
+
+
+def test_question_on_a_context_attends_exactly_like_a_fresh_prefill(setup):
+    """The request's own tokens (several at once) must not go through top-k retrieval: with a tiny top_k the
+    first answer token still equals a fresh exact prefill of document + question."""
+    model, doc, questions = setup
+    q = questions[1]
+    cfg = RetrievalConfig(index="flat", n_sink=8, window=16, top_k=2, dense_layers=())
+    ctx = PrefilledContext.prefill(model, doc, cfg)
+    got, _ = ctx.generate(model, q, max_new_tokens=1)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([doc + q])).logits[0, -1].argmax().item()
+    assert got == [ref]
