@@ -499,9 +499,14 @@ def plot_recall(records: list[dict], path, title: str = "") -> Path:
         x = [100 * r["scanned_fraction"] for r in rs]
         y = [r["recall_at_100"] for r in rs]
         (line,) = ax.plot(x, y, marker="o", ms=4, label=label)
-        for r, xi, yi in zip(rs, x, y):
-            if r["budget"] is not None:
-                ax.annotate(str(r["budget"]), (xi, yi), textcoords="offset points", xytext=(3, -9), fontsize=6)
+        last_x = None
+        for j, (r, xi, yi) in enumerate(zip(rs, x, y)):
+            # label budgets sparsely (log-spaced along x, plus the last point) so overlapping curves stay legible
+            if r["budget"] is None or not (last_x is None or xi >= 1.6 * last_x or j == len(rs) - 1):
+                continue
+            ax.annotate(str(r["budget"]), (xi, yi), textcoords="offset points", xytext=(3, -9), fontsize=6,
+                        color=line.get_color())
+            last_x = xi
         if all(r.get("scanned_fraction_with_centroids") is not None for r in rs):
             xc = [100 * r["scanned_fraction_with_centroids"] for r in rs]
             ax.plot(xc, y, ls="--", marker=".", ms=3, color=line.get_color(), alpha=0.7, label=f"{label} (+centroids)")
