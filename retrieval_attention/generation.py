@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -116,7 +117,7 @@ def generate_ids(
             eos = model.generation_config.eos_token_id
             pad_id = eos[0] if isinstance(eos, (list, tuple)) else eos
     t0 = time.perf_counter()
-    ctx = enable(model) if config.method != "full" else _nullcontext()
+    ctx = enable(model) if config.method != "full" else nullcontext()
     with ctx:
         seqs = model.generate(
             input_ids.to(model.device),
@@ -154,14 +155,6 @@ def _dense_bytes(cache) -> int:
         if k is not None:
             total += 2 * k.numel() * k.element_size()
     return total
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def generate(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+from contextlib import nullcontext
 import os
 import statistics
 import sys
@@ -122,9 +123,9 @@ def run_one(model, method, index, ctx, args, device):
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, ctx), generator=gen).to(device)
     if method == "full":
-        cache, ctxm = DynamicCache(config=model.config), _Null()
+        cache, ctxm = DynamicCache(config=model.config), nullcontext()
     elif method == "offload":
-        cache, ctxm = DynamicCache(config=model.config, offloading=True), _Null()
+        cache, ctxm = DynamicCache(config=model.config, offloading=True), nullcontext()
     else:
         cfg = RetrievalConfig(method=method, index=index or "flat", top_k=args.top_k, n_sink=args.n_sink, window=args.window,
                               dense_layers=dense)
@@ -188,14 +189,6 @@ def run_one(model, method, index, ctx, args, device):
     del cache
     gc.collect()
     return rec
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def run(args) -> int:
