@@ -49,7 +49,6 @@ class CPUStore:
         self._pending = None  # Future of a background build (CUDA: overlaps the next layers' prefill)
         self.keys: torch.Tensor | None = None  # [Hkv, capacity, D], model dtype
         self.values: torch.Tensor | None = None
-        self.keys_dtype_bytes = 0
         self.n = 0
         self.build_s = 0.0
 
@@ -105,7 +104,6 @@ class CPUStore:
             raise ValueError(f"train queries have {tq.shape[0]} heads for {k32.shape[0]} KV heads")
         self._append(keys.detach().cpu(), values.detach().cpu())
         self.n = keys.shape[1]
-        self.keys_dtype_bytes = keys.element_size()
 
         def job():
             t0 = time.perf_counter()
