@@ -285,10 +285,9 @@ class RetrievalLayer(DynamicLayer):
         self.total = 0  # tokens seen (padded positions), drives positions and masks
         self.stats = LayerStats()
         # set when offloaded:
-        self.sink_k = self.sink_v = None  # [B, Hkv, n_sink, D] on device
-        self.sink_valid = None  # [B, n_sink] bool
-        self.win_k = self.win_v = None  # [B, Hkv, W, D] on device
-        self.win_valid = None  # [B, W] bool
+        # static tokens on the device, sink slots first then the window (oldest first):
+        self.static_k = self.static_v = None  # [B, Hkv, n_sink + W, D]
+        self.static_valid = None  # [B, n_sink + W] bool: slot holds a real token of that sequence
         self.win_start = 0  # padded position of window column 0
         self.sink_end = None  # [B] padded position where each sequence's sink ends
         self.stores: list[CPUStore] = []
@@ -304,11 +303,14 @@ class RetrievalLayer(DynamicLayer):
         if not self.offloaded:
             self.total += L
             return super().update(key_states, value_states, *args, **kwargs)
-        self._evict(max(0, self.win_k.shape[2] + L - self.config.window))
-        self.win_k = torch.cat([self.win_k, key_states], dim=2)
-        self.win_v = torch.cat([self.win_v, value_states], dim=2)
-        new_valid = torch.ones((key_states.shape[0], L), dtype=torch.bool, device=self.win_valid.device)
-        self.win_valid = torch.cat([self.win_valid, new_valid], dim=1)
+        S1 = self.config.n_sink
+        n = max(0, self.win_k.shape[2] + L - self.config.window)
+        self._evict(n)
+        # one concatenation per tensor and step: keep the sink, drop the evicted, append the new tokens
+        new_valid = torch.ones((key_states.shape[0], L), dtype=torch.bool, device=self.static_valid.device)
+        self.static_k = torch.cat([self.static_k[:, :, :S1], self.static_k[:, :, S1 + n :], key_states], dim=2)
+        self.static_v = torch.cat([self.static_v[:, :, :S1], self.static_v[:, :, S1 + n :], value_states], dim=2)
+        self.static_valid = torch.cat([self.static_valid[:, :S1], self.static_valid[:, S1 + n :], new_valid], dim=1)
         self.total += L
         return self.static_kv()
 
@@ -348,11 +350,24 @@ class RetrievalLayer(DynamicLayer):
     # ---- retrieval-attention state ----------------------------------------------------------------
     def static_kv(self):
         """Static keys/values on the device: ``[B, Hkv, n_sink + W, D]`` each (sink first, then window)."""
-        return torch.cat([self.sink_k, self.win_k], dim=2), torch.cat([self.sink_v, self.win_v], dim=2)
+        return self.static_k, self.static_v
 
-    def static_valid(self) -> torch.Tensor:
-        """``[B, n_sink + W]`` bool: which static slots hold a real token of that sequence."""
-        return torch.cat([self.sink_valid, self.win_valid], dim=1)
+    # views of the two parts of the static tokens
+    @property
+    def sink_k(self):
+        return self.static_k[:, :, : self.config.n_sink]
+
+    @property
+    def win_k(self):
+        return self.static_k[:, :, self.config.n_sink :]
+
+    @property
+    def win_v(self):
+        return self.static_v[:, :, self.config.n_sink :]
+
+    @property
+    def win_valid(self):
+        return self.static_valid[:, self.config.n_sink :]
 
     def should_offload(self) -> bool:
         return not self.offloaded and self.total > self.config.n_static
@@ -372,15 +387,14 @@ class RetrievalLayer(DynamicLayer):
         self.sink_end = pad.to(dev) + cfg.n_sink
         win_start = max(T - cfg.window, 0)
         # sink of sequence b: its first n_sink real tokens [pad_b, pad_b + n_sink), minus any that are in the window
-        self.sink_valid = sink_pos < win_start
+        sink_valid = sink_pos < win_start
         gather = sink_pos.clamp_max(T - 1).view(B, 1, cfg.n_sink, 1).expand(B, Hkv, cfg.n_sink, D)
-        self.sink_k = torch.gather(K, 2, gather).contiguous()
-        self.sink_v = torch.gather(V, 2, gather).contiguous()
         self.win_start = win_start
-        self.win_k = K[:, :, win_start:].contiguous()
-        self.win_v = V[:, :, win_start:].contiguous()
+        self.static_k = torch.cat([torch.gather(K, 2, gather), K[:, :, win_start:]], dim=2)
+        self.static_v = torch.cat([torch.gather(V, 2, gather), V[:, :, win_start:]], dim=2)
         wpos = torch.arange(win_start, T, device=dev).view(1, -1)
-        self.win_valid = wpos >= pad.to(dev).view(B, 1)  # left padding is never attended
+        win_valid = wpos >= pad.to(dev).view(B, 1)  # left padding is never attended
+        self.static_valid = torch.cat([sink_valid, win_valid], dim=1)
         pin = torch.cuda.is_available() and dev.type == "cuda"
         self.stores = []
         for b in range(B):
@@ -398,7 +412,7 @@ class RetrievalLayer(DynamicLayer):
             self.on_offloaded(self)
 
     def _evict(self, n: int) -> None:
-        """Move the ``n`` oldest window columns out of the window (to the CPU stores when retrieving)."""
+        """Hand the ``n`` oldest window columns to the CPU stores (when retrieving); ``update`` drops them."""
         if n <= 0:
             return
         if self.retrieve:
@@ -409,10 +423,7 @@ class RetrievalLayer(DynamicLayer):
                 sel = valid[b].nonzero().flatten()
                 if sel.numel():
                     store.add(k_old[b][:, sel.to(k_old.device)], v_old[b][:, sel.to(v_old.device)], self.n_query_heads)
-        self.win_k = self.win_k[:, :, n:]
-        self.win_v = self.win_v[:, :, n:]
-        self.win_valid = self.win_valid[:, n:]
-        self.win_start += n
+        self.win_start += n  # the caller drops the n columns from the static tensors
 
     def fork(self) -> "RetrievalLayer":
         """A continuation that shares this layer's tensors and CPU stores read-only."""
@@ -428,7 +439,7 @@ class RetrievalLayer(DynamicLayer):
     def device_bytes(self) -> int:
         if not self.offloaded:
             return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
-        return sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.win_k, self.win_v))
+        return sum(t.numel() * t.element_size() for t in (self.static_k, self.static_v))
 
     def cpu_bytes(self) -> int:
         return sum(s.nbytes() for s in self.stores)

@@ -194,7 +194,7 @@ def _sha256(path: Path) -> str:
 
 
 # ---- cache <-> flat tensors ---------------------------------------------------------------------------
-_LAYER_TENSORS = ("sink_k", "sink_v", "sink_valid", "win_k", "win_v", "win_valid")
+_LAYER_TENSORS = ("static_k", "static_v", "static_valid")
 
 
 def cache_state(cache) -> tuple[dict[str, torch.Tensor], list[dict]]:

@@ -119,7 +119,7 @@ def decode_attention(layer, query: torch.Tensor, scaling: float) -> torch.Tensor
             copied.record()
     k_s, v_s = layer.static_kv()
     S = k_s.shape[2]
-    valid = layer.static_valid()  # [B, S]
+    valid = layer.static_valid  # [B, S]
     # causal among the L new tokens, which are the last L window columns
     col = torch.arange(S, device=dev).view(1, S)
     row = torch.arange(L, device=dev).view(L, 1)
