@@ -184,9 +184,11 @@ class ForkedStore:
         self.base = base
         self.base_n = base.n
         self.config = base.config
-        self.local_k: np.ndarray | None = None  # [Hkv, cap, D] float32
-        self.local_v: torch.Tensor | None = None  # [Hkv, cap, D]
-        self.m = 0
+        self.tail = CPUStore(base.config, pin=False)  # this fork's own keys/values, no index: scanned exactly
+
+    @property
+    def m(self) -> int:
+        return self.tail.n
 
     @property
     def n(self) -> int:
@@ -200,19 +202,8 @@ class ForkedStore:
         m = keys.shape[1]
         if m == 0:
             return
-        k = keys.detach().float().cpu().numpy()
-        v = values.detach().cpu()
-        if self.local_k is None or self.m + m > self.local_k.shape[1]:
-            cap = max(self.m + m, 2 * (0 if self.local_k is None else self.local_k.shape[1]), 16)
-            nk = np.empty((k.shape[0], cap, k.shape[2]), dtype=np.float32)
-            nv = torch.empty((v.shape[0], cap, v.shape[2]), dtype=v.dtype)
-            if self.m:
-                nk[:, : self.m] = self.local_k[:, : self.m]
-                nv[:, : self.m] = self.local_v[:, : self.m]
-            self.local_k, self.local_v = nk, nv
-        self.local_k[:, self.m : self.m + m] = k
-        self.local_v[:, self.m : self.m + m] = v
-        self.m += m
+        self.tail._append(keys.detach().cpu(), values.detach().cpu())
+        self.tail.n += m
 
     def search(self, queries: np.ndarray, k: int, **budget):
         from .index.flat import exact_topk
@@ -225,8 +216,8 @@ class ForkedStore:
             parts.append((ids, sc))
             n_scanned += ns
         if self.m:
-            group = Hq // self.local_k.shape[0]
-            ids, sc = exact_topk(np.ascontiguousarray(self.local_k[:, : self.m]), queries, k, group)
+            tail_k = self.tail.keys[:, : self.m].float().contiguous().numpy()
+            ids, sc = exact_topk(tail_k, queries, k, Hq // tail_k.shape[0])
             parts.append((np.where(ids >= 0, ids + self.base_n, -1), sc))
             n_scanned += self.m
         if len(parts) == 1:
@@ -241,13 +232,13 @@ class ForkedStore:
         flat = torch.from_numpy(np.ascontiguousarray(ids)).clamp_min(0).reshape(-1)
         kv_head = (torch.arange(Hq) // group).repeat_interleave(L * k)
         in_base = flat < self.base_n
-        D = (self.base.values if self.base.values is not None else self.local_v).shape[-1]
-        dtype = (self.base.values if self.base.values is not None else self.local_v).dtype
+        D = (self.base.values if self.base.values is not None else self.tail.values).shape[-1]
+        dtype = (self.base.values if self.base.values is not None else self.tail.values).dtype
         out = torch.empty((flat.numel(), D), dtype=dtype)
         if in_base.any():
             out[in_base] = self.base.values[kv_head[in_base], flat[in_base]]
         if (~in_base).any():
-            out[~in_base] = self.local_v[kv_head[~in_base], flat[~in_base] - self.base_n].to(dtype)
+            out[~in_base] = self.tail.values[kv_head[~in_base], flat[~in_base] - self.base_n].to(dtype)
         return out.view(Hq, L, k, D)
 
     def exact_attention(self, queries: torch.Tensor, group: int, scaling: float):
@@ -257,8 +248,7 @@ class ForkedStore:
         if self.base_n:
             parts.append(self.base.exact_attention(queries, group, scaling))
         if self.m:
-            parts.append(_exact_attention(queries, torch.from_numpy(self.local_k[:, : self.m]),
-                                          self.local_v[:, : self.m], group, scaling))
+            parts.append(self.tail.exact_attention(queries, group, scaling))
         out, lse = parts[0]
         for o, l in parts[1:]:
             out, lse = merge_partial(out, lse, o, l)
@@ -268,9 +258,7 @@ class ForkedStore:
         raise NotImplementedError("fork the context's cache, not a fork of it")
 
     def nbytes(self) -> int:
-        if self.local_k is None:
-            return 0
-        return self.m * self.local_k.shape[0] * self.local_k.shape[2] * (4 + self.local_v.element_size())
+        return self.tail.nbytes()
 
 
 class RetrievalLayer(DynamicLayer):
