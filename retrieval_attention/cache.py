@@ -6,7 +6,8 @@ Each full-attention layer that is not kept dense gets a :class:`RetrievalLayer`:
   When the prompt is longer than ``n_sink + window``, the attention function calls :meth:`RetrievalLayer.offload_prefill`
   right after the layer's exact attention: the static tokens (first ``n_sink`` real tokens of each sequence and the
   last ``window`` positions) stay on the device, the others move to a per-sequence :class:`CPUStore` whose index is
-  built from the prompt's post-RoPE queries.
+  built from the prompt's post-RoPE queries. Layer-by-layer prefill (:mod:`retrieval_attention.prefill`) runs a
+  layer in chunks instead: :meth:`RetrievalLayer.begin_layerwise` defers the offload to the layer's last chunk.
 * **decode**: new tokens join the window; the oldest window tokens leave it and are added to the CPU store and its
   index (method ``retrieval``) or dropped (method ``streaming``).
 
@@ -39,7 +40,8 @@ class CPUStore:
     """Offloaded keys/values of one sequence in one layer, with the index over its keys.
 
     values ``[Hkv, capacity, D]`` torch tensor in the model dtype (pinned when CUDA is used), grown by doubling;
-    keys live inside the index (float32, ids = row numbers of ``values``).
+    keys live inside the index (ids = row numbers of ``values``; ``roar`` keeps bfloat16 keys of a bfloat16
+    model as bfloat16, else float32), and in :attr:`keys` only for indexes that do not keep them exactly.
     """
 
     def __init__(self, config: RetrievalConfig, pin: bool):
@@ -47,10 +49,39 @@ class CPUStore:
         self.pin = pin
         self._index: KVIndex | None = None
         self._pending = None  # Future of a background build (CUDA: overlaps the next layers' prefill)
-        self.keys: torch.Tensor | None = None  # [Hkv, capacity, D], model dtype
+        self._keys: torch.Tensor | None = None  # [Hkv, capacity, D], model dtype; None when the index holds them
+        self._index_spec: tuple[str, dict] | None = None  # (name, params) of the index built / being built
+        self._key_dtype: torch.dtype | None = None
         self.values: torch.Tensor | None = None
         self.n = 0
         self.build_s = 0.0
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """Host keys ``[Hkv, >= n, D]`` in the model dtype. When the index keeps them exactly (``roar``) they
+        are not stored twice: this is then a tensor over the index's own copy (a view for matching dtypes)."""
+        if self._keys is not None or not self._keys_in_index(self._key_dtype):
+            return self._keys
+        from .index.bf16 import bits_as_tensor
+
+        arr = self.index.stored_keys()
+        t = bits_as_tensor(arr) if arr.dtype == np.uint16 else torch.from_numpy(arr)
+        return t if t.dtype == self._key_dtype else t.to(self._key_dtype)
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._keys = value
+
+    def _keys_in_index(self, dtype: torch.dtype | None) -> bool:
+        """Whether the index (built, being built or loaded) keeps its own exact copy of keys of ``dtype``."""
+        if self._index_spec is None or dtype is None:
+            return False
+        name, params = self._index_spec
+        if name != "roar":
+            return False
+        if params.get("storage", "float32") == "bfloat16":
+            return dtype == torch.bfloat16
+        return dtype in (torch.float32, torch.float16, torch.bfloat16)
 
     @property
     def index(self) -> KVIndex | None:
@@ -68,24 +99,32 @@ class CPUStore:
     def index(self, value) -> None:
         self._pending = None
         self._index = value
+        self._index_spec = None if value is None else (value.name, dict(value.params))
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append ``[Hkv, m, D]`` keys/values to the (pinned) host arrays, growing them by doubling.
 
-        Keys are kept in the model dtype next to the index's own float32 copy: exact attention over the
-        whole store (several new tokens at once, e.g. a question after a persistent context) reads them.
+        Exact attention over the whole store (several new tokens at once, e.g. a question after a
+        persistent context) reads the keys (:attr:`keys`): they are kept here in the model dtype unless the
+        index keeps an exact copy itself (``roar``; set the index spec first, see :meth:`build`).
         """
         m = k.shape[1]
+        self._key_dtype = k.dtype
+        own_keys = not self._keys_in_index(k.dtype)
         if self.values is None or self.n + m > self.values.shape[1]:
             cap = max(self.n + m, 2 * (0 if self.values is None else self.values.shape[1]), 1)
             shape = (v.shape[0], cap, v.shape[2])
-            nk = torch.empty(shape, dtype=k.dtype, pin_memory=self.pin)
             nv = torch.empty(shape, dtype=v.dtype, pin_memory=self.pin)
             if self.n:
-                nk[:, : self.n] = self.keys[:, : self.n]
                 nv[:, : self.n] = self.values[:, : self.n]
-            self.keys, self.values = nk, nv
-        self.keys[:, self.n : self.n + m] = k
+            if own_keys:
+                nk = torch.empty(shape, dtype=k.dtype, pin_memory=self.pin)
+                if self.n:
+                    nk[:, : self.n] = self._keys[:, : self.n]
+                self._keys = nk
+            self.values = nv
+        if own_keys:
+            self._keys[:, self.n : self.n + m] = k
         self.values[:, self.n : self.n + m] = v
 
     def build(self, keys: torch.Tensor, values: torch.Tensor, train_queries: torch.Tensor | None,
@@ -102,12 +141,16 @@ class CPUStore:
         tq = train_queries.detach().float().cpu().numpy()
         if tq.shape[0] % k32.shape[0] != 0:
             raise ValueError(f"train queries have {tq.shape[0]} heads for {k32.shape[0]} KV heads")
+        params = dict(self.config.index_params)
+        if self.config.index == "roar" and keys.dtype == torch.bfloat16:
+            params.setdefault("storage", "bfloat16")  # exact for bfloat16 keys, half the host memory
+        self._index_spec = (self.config.index, params)
         self._append(keys.detach().cpu(), values.detach().cpu())
         self.n = keys.shape[1]
 
         def job():
             t0 = time.perf_counter()
-            idx = make_index(self.config.index, **self.config.index_params).build(k32, tq)
+            idx = make_index(self.config.index, **params).build(k32, tq)
             return idx, time.perf_counter() - t0
 
         if background:
@@ -139,6 +182,39 @@ class CPUStore:
         kv_head = (torch.arange(Hq) // group).repeat_interleave(L * k)
         return self.values[kv_head, idx].view(Hq, L, k, -1)
 
+    def attend(self, queries: np.ndarray, group: int, scaling: float, k: int, **budget):
+        """Top-``k`` retrieval + softmax attention over the retrieved keys.
+
+        queries ``[Hq, L, D]`` float32 (C-contiguous); ``group`` query heads per KV head; scores are
+        ``scaling * q.key``. Returns ``out [Hq, L, D] float32`` (0 where nothing was retrieved),
+        ``lse [Hq, L] float32`` (-inf there) and ``n_scanned [Hq, L] int64``.
+        One ``index.search_attend`` call (fused compiled search + attention for ``roar`` with float32 or
+        bfloat16 values; search + numpy attention otherwise).
+        """
+        from .index.bf16 import tensor_as_numpy
+
+        idx = self.index
+        if queries.shape[0] != group * idx.n_kv_heads:
+            raise ValueError(f"{queries.shape[0]} query heads for {idx.n_kv_heads} KV heads and group {group}")
+        values = tensor_as_numpy(self.values)
+        m = self.config.residual_samples
+        if m <= 0 or self.n <= k:
+            return idx.search_attend(queries, k, values, scaling, **budget)
+        out, lse, ns, ids = idx.search_attend(queries, k, values, scaling, return_ids=True, **budget)
+        out, lse = _add_residual(out, lse, self.key_array(), values, queries, group, ids, self.n, m, scaling,
+                                 self.config.residual_seed)
+        return out, lse, ns
+
+    def key_array(self) -> np.ndarray:
+        """Host keys ``[Hkv, >= n, D]`` as numpy for the compiled kernels: float32, or uint16 bfloat16 bits (the
+        index's own copy when it keeps one; no copy)."""
+        from .index.bf16 import tensor_as_numpy
+
+        idx = self.index
+        if self._keys is None and hasattr(idx, "stored_keys"):
+            return idx.stored_keys()
+        return tensor_as_numpy(self.keys)
+
     def exact_attention(self, queries: torch.Tensor, group: int, scaling: float):
         """Exact attention over every stored key: queries ``[Hq, L, D]`` float32 -> out ``[Hq, L, D]``, lse ``[Hq, L]``."""
         return _exact_attention(queries, self.keys[:, : self.n], self.values[:, : self.n], group, scaling)
@@ -147,8 +223,44 @@ class CPUStore:
         return ForkedStore(self)
 
     def nbytes(self) -> int:
-        v = 0 if self.values is None else 2 * self.n * self.values.shape[0] * self.values.shape[2] * self.values.element_size()
+        v = 0 if self.values is None else self.n * self.values.shape[0] * self.values.shape[2] * self.values.element_size()
+        if self._keys is not None:  # a host copy of the keys besides the index's own
+            v += self.n * self._keys.shape[0] * self._keys.shape[2] * self._keys.element_size()
         return v + (self.index.memory_bytes() if self.index is not None else 0)
+
+
+def _attend_by_search(store, queries: np.ndarray, group: int, scaling: float, k: int, **budget):
+    """Generic ``attend``: ``store.search`` + ``store.gather_values`` + :func:`retrieved_attention`
+    (shapes as :meth:`CPUStore.attend`), plus the residual estimate over a fork's base store."""
+    from .attention.cpu import retrieved_attention
+    from .index.bf16 import tensor_as_numpy
+
+    ids, scores, n_scanned = store.search(queries, k, **budget)
+    out, lse = retrieved_attention(scores, ids, store.gather_values(ids, group), scaling)
+    out, lse = out.numpy(), lse.numpy()
+    base = getattr(store, "base", None)
+    m = store.config.residual_samples
+    if base is not None and m > 0 and store.base_n > k and base.index is not None:
+        # the base's non-retrieved keys (retrieved tail ids are >= base_n: never drawn)
+        out, lse = _add_residual(out, lse, base.key_array(), tensor_as_numpy(base.values), queries, group, ids,
+                                 store.base_n, m, scaling, store.config.residual_seed)
+    return out, lse, n_scanned
+
+
+def _add_residual(out, lse, keys, values, queries, group, ids, n, m, scaling, seed):
+    """Merge the residual estimate (:mod:`.attention.residual`) into a retrieved partial ``out [Hq, L, D]``,
+    ``lse [Hq, L]`` (numpy float32); ids ``[Hq, L, k]`` are the retrieved ones."""
+    from .attention.merge import merge_partial
+    from .attention.residual import estimate_residual
+
+    if values.dtype == np.float16:  # the compiled kernels read float32 or bfloat16 bits
+        values = values.astype(np.float32)
+    if keys.dtype == np.float16:
+        keys = keys.astype(np.float32)
+    kv_of_head = np.arange(queries.shape[0]) // group
+    r_out, r_lse = estimate_residual(keys, values, queries, kv_of_head, ids, n, m, scaling, seed)
+    o, l = merge_partial(torch.from_numpy(out), torch.from_numpy(lse), torch.from_numpy(r_out), torch.from_numpy(r_lse))
+    return o.numpy(), l.numpy()
 
 
 _EXECUTOR = None
@@ -241,6 +353,12 @@ class ForkedStore:
             out[~in_base] = self.tail.values[kv_head[~in_base], flat[~in_base] - self.base_n].to(dtype)
         return out.view(Hq, L, k, D)
 
+    def attend(self, queries: np.ndarray, group: int, scaling: float, k: int, **budget):
+        """As :meth:`CPUStore.attend`, over the base store's keys and this fork's tail (top-``k`` of both)."""
+        if self.m == 0 and self.base_n:  # nothing added yet: the base store's (fused) path
+            return self.base.attend(queries, group, scaling, k, **budget)
+        return _attend_by_search(self, queries, group, scaling, k, **budget)
+
     def exact_attention(self, queries: torch.Tensor, group: int, scaling: float):
         from .attention.merge import merge_partial
 
@@ -281,6 +399,14 @@ class RetrievalLayer(DynamicLayer):
         self.stores: list[CPUStore] = []
         self.n_query_heads = 0
         self.on_offloaded = None  # callback(layer) after offload_prefill (progress reporting)
+        # layer-by-layer prefill (see begin_layerwise): offload after the layer's last chunk, not its first
+        self.defer_offload = False
+        self._lw_len = 0  # prompt length the dense K/V buffers are preallocated for
+        self._lw_pad = None  # [B] left padding (CPU)
+        self._lw_pick = None  # per sequence: prompt positions kept as index-training queries (CPU long)
+        self._lw_queries = None  # per sequence: list of [Hq, m, D] collected queries
+        self._lw_kbuf = self._lw_vbuf = None  # [B, Hkv, prompt_len, D] preallocated dense K/V
+        self._lw_heads = None  # (Hq, D, dtype) of the collected queries
 
     # ---- transformers API -------------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -290,6 +416,8 @@ class RetrievalLayer(DynamicLayer):
         L = key_states.shape[-2]
         if not self.offloaded:
             self.total += L
+            if self.defer_offload:
+                return self._update_preallocated(key_states, value_states, *args, **kwargs)
             return super().update(key_states, value_states, *args, **kwargs)
         S1 = self.config.n_sink
         n = max(0, self.win_k.shape[2] + L - self.config.window)
@@ -360,16 +488,19 @@ class RetrievalLayer(DynamicLayer):
     def should_offload(self) -> bool:
         return not self.offloaded and self.total > self.config.n_static
 
-    def offload_prefill(self, queries: torch.Tensor, pad: torch.Tensor) -> None:
+    def offload_prefill(self, queries, pad: torch.Tensor) -> None:
         """Split the prefilled KV into static (device) and CPU parts and build the indexes.
 
-        queries ``[B, Hq, T, D]`` post-RoPE prompt queries; ``pad [B]`` left-padding length of each sequence.
+        queries ``[B, Hq, T, D]`` post-RoPE prompt queries, or a list of ``B`` per-sequence ``[Hq, m, D]``
+        index-training queries without padding (collected by layer-by-layer prefill); ``pad [B]`` left-padding
+        length of each sequence.
         """
         cfg = self.config
         K, V = self.keys, self.values  # [B, Hkv, T, D]
         B, Hkv, T, D = K.shape
         dev = K.device
-        self.n_query_heads = queries.shape[1]
+        per_seq = isinstance(queries, (list, tuple))
+        self.n_query_heads = queries[0].shape[0] if per_seq else queries.shape[1]
         pos = torch.arange(cfg.n_sink, device=dev)
         sink_pos = pad.to(dev).view(B, 1) + pos.view(1, -1)  # [B, n_sink]
         self.sink_end = pad.to(dev) + cfg.n_sink
@@ -389,7 +520,7 @@ class RetrievalLayer(DynamicLayer):
             lo, hi = int(self.sink_end[b]), win_start
             store = CPUStore(cfg, pin)
             if self.retrieve and hi > lo:
-                tq = queries[b, :, int(pad[b]) :]
+                tq = queries[b] if per_seq else queries[b, :, int(pad[b]) :]
                 tq = _subsample(tq, cfg.max_train_queries)
                 # on CUDA the build overlaps the next layers' prefill; on CPU it would compete for the cores
                 store.build(K[b, :, lo:hi], V[b, :, lo:hi], tq, background=pin)
@@ -398,6 +529,79 @@ class RetrievalLayer(DynamicLayer):
         self.offloaded = True
         if self.on_offloaded is not None:
             self.on_offloaded(self)
+
+    # ---- layer-by-layer prefill (retrieval_attention.prefill) --------------------------------------
+    def begin_layerwise(self, prompt_len: int, pad: torch.Tensor) -> None:
+        """Prefill this layer chunk by chunk: K/V go to buffers sized for ``prompt_len`` tokens, each chunk's
+        attention collects its share of an even subsample of the prompt's queries (index training), and
+        :meth:`finish_layerwise` offloads after the last chunk. ``pad [B]`` left padding of each sequence."""
+        if self.offloaded or self.total:
+            raise ValueError(f"layer {self.layer_idx}: layer-by-layer prefill needs an empty cache layer")
+        self._lw_len = int(prompt_len)
+        self._lw_pad = pad.detach().cpu().long()
+        m = self.config.max_train_queries
+        self._lw_pick = []
+        for p in self._lw_pad.tolist():
+            n = self._lw_len - p
+            if n <= m:
+                self._lw_pick.append(torch.arange(p, self._lw_len))
+            else:  # the positions _subsample would keep from the whole prompt
+                self._lw_pick.append(p + torch.linspace(0, n - 1, m).round().long())
+        self._lw_queries = [[] for _ in self._lw_pick]
+        self._lw_kbuf = self._lw_vbuf = None
+        self._lw_heads = None
+        self.defer_offload = True
+
+    def _update_preallocated(self, key_states, value_states, *args, **kwargs):
+        """``update`` of a layer-by-layer prefill chunk (``total`` already counts it): writes into the
+        preallocated ``[B, Hkv, prompt_len, D]`` buffers and returns views of the filled part."""
+        end = self.total
+        start = end - key_states.shape[-2]
+        if end > self._lw_len:
+            raise ValueError(f"layer {self.layer_idx}: {end} prefill tokens for a {self._lw_len}-token layer-by-layer prefill")
+        if self._lw_kbuf is None:
+            if start != 0:
+                raise RuntimeError("layer-by-layer prefill: the first chunk must start at position 0")
+            super().update(key_states, value_states, *args, **kwargs)  # transformers' lazy initialisation
+            B, H, _, D = key_states.shape
+            self._lw_kbuf = key_states.new_empty((B, H, self._lw_len, D))
+            self._lw_vbuf = value_states.new_empty((B, H, self._lw_len, value_states.shape[-1]))
+        self._lw_kbuf[:, :, start:end] = key_states
+        self._lw_vbuf[:, :, start:end] = value_states
+        self.keys, self.values = self._lw_kbuf[:, :, :end], self._lw_vbuf[:, :, :end]
+        return self.keys, self.values
+
+    def collect_prefill_queries(self, query: torch.Tensor) -> None:
+        """Keep this chunk's share of the index-training queries: query ``[B, Hq, L, D]`` post-RoPE, the
+        chunk's last position being ``total - 1``."""
+        B, Hq, L, D = query.shape
+        self._lw_heads = (Hq, D, query.dtype)
+        if not self.retrieve:  # streaming builds no index
+            return
+        end = self.total
+        start = end - L
+        for b, pick in enumerate(self._lw_pick):
+            sel = pick[(pick >= start) & (pick < end)] - start
+            if sel.numel():
+                self._lw_queries[b].append(query[b][:, sel.to(query.device)])
+
+    def finish_layerwise(self) -> None:
+        """After the layer's last prefill chunk: leave defer mode and offload (prompt longer than the static
+        tokens) with the collected queries, like the single-forward prefill does."""
+        if not self.defer_offload:
+            return
+        if self.total != self._lw_len:
+            raise RuntimeError(f"layer {self.layer_idx}: prefilled {self.total} of {self._lw_len} tokens")
+        if self._lw_heads is None:
+            raise RuntimeError(f"layer {self.layer_idx}: no prefill queries reached the layer; run it with the "
+                               "retrieval_attention implementation (retrieval_attention.integration.enable)")
+        queries, pad = self._lw_queries, self._lw_pad
+        Hq, D, dtype = self._lw_heads
+        self.defer_offload = False
+        self._lw_kbuf = self._lw_vbuf = self._lw_pick = self._lw_queries = None
+        if self.should_offload():
+            empty = torch.empty((Hq, 0, D), dtype=dtype, device=self.keys.device)
+            self.offload_prefill([torch.cat(q, dim=1) if q else empty for q in queries], pad)
 
     def _evict(self, n: int) -> None:
         """Hand the ``n`` oldest window columns to the CPU stores (when retrieving); ``update`` drops them."""

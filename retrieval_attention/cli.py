@@ -49,6 +49,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for commands that re-launch themselves
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

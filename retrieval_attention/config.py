@@ -24,6 +24,10 @@ class RetrievalConfig:
     prefill_chunk   query-chunk size of exact prefill attention (bounds the score matrix)
     dense_layers    layer indices kept exact (full attention) whatever the method
     max_train_queries  prefill queries per query head used to train the index (evenly subsampled)
+    residual_samples   keys drawn uniformly per query head and step to estimate the attention mass of the
+                    keys retrieval did not return (0 = drop it, the published method; see
+                    :mod:`retrieval_attention.attention.residual`)
+    residual_seed   seed of those draws (deterministic per layer size, head and query)
     """
 
     method: str = "retrieval"
@@ -37,10 +41,16 @@ class RetrievalConfig:
     prefill_chunk: int = 2048
     dense_layers: tuple[int, ...] = (0, 1)
     max_train_queries: int = 4096
+    residual_samples: int = 64
+    residual_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name in ("residual_samples", "residual_seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         for name in ("n_sink", "window", "top_k", "prefill_chunk", "max_train_queries"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:

@@ -16,6 +16,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default="retrieval", choices=["full", "retrieval", "streaming"], help="attention method")
     p.add_argument("--index", default="roar", help="index for retrieval: roar, flat, ivf, hnsw")
     p.add_argument("--top-k", type=int, default=100, help="keys retrieved per query head per step")
+    p.add_argument("--residual-samples", type=int, default=64,
+                   help="keys drawn per head and step to estimate the attention of the keys not retrieved "
+                        "(0 = the published method, which drops them)")
     p.add_argument("--n-sink", type=int, default=128, help="initial tokens kept on the device")
     p.add_argument("--window", type=int, default=512, help="recent tokens kept on the device")
     p.add_argument("--ef", type=int, default=None, help="search beam width of graph indexes (roar/hnsw); nprobe for ivf")
@@ -37,6 +40,7 @@ def config_from_args(args):
         method=args.attention,
         index=args.index,
         top_k=args.top_k,
+        residual_samples=args.residual_samples,
         n_sink=args.n_sink,
         window=args.window,
         search_params=search,

@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention.cpu import retrieved_attention
+from .attention.chunked import causal_prefix_attention, key_padding, padded_causal_prefix_attention
 from .attention.device import attention_with_lse
 from .attention.merge import merge_partial
 from .config import RetrievalConfig
@@ -54,14 +54,20 @@ def chunked_causal_attention(module, query, key, value, attention_mask, scaling,
 
     query ``[B, Hq, Tq, D]``, key/value ``[B, Hkv, Tk, D]`` (the last Tq keys belong to the queries).
     Without a mask (no padding) and Tq == Tk, one ``is_causal`` SDPA call runs a fused flash kernel (CPU and
-    CUDA), which is memory-efficient by construction. With an explicit mask SDPA falls back to kernels that
+    CUDA), which is memory-efficient by construction. Without a mask and Tk > Tq (a chunk of layer-by-layer
+    prefill) the prefix and the causal square run as two fused calls merged by log-sum-exp; a ``[B, 1, 1, Tk]``
+    key-padding mask does the same per sequence. With an explicit mask SDPA falls back to kernels that
     build the scores, so queries go ``chunk`` at a time. Returns ``[B, Tq, Hq, D]`` like transformers.
     """
     Tq, Tk = query.shape[2], key.shape[2]
     kwargs.pop("is_causal", None)
+    if Tq > 1 and Tk > Tq and attention_mask is None:
+        # a chunk after earlier tokens (layer-by-layer prefill): prefix + causal square, merged by log-sum-exp
+        return causal_prefix_attention(query, key, value, scaling).transpose(1, 2).contiguous()
+    pad = key_padding(attention_mask, Tq)
+    if pad is not None:  # [B, 1, 1, Tk] key-padding mask (layer-by-layer prefill of a left-padded batch)
+        return padded_causal_prefix_attention(query, key, value, scaling, pad).transpose(1, 2).contiguous()
     if Tq <= chunk or (attention_mask is None and Tq == Tk):
-        if attention_mask is None and Tq > 1 and Tk > Tq:
-            attention_mask = _causal_block(0, Tq, Tk - Tq, Tk, query.device)
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)[0]
     outs = []
     offset = Tk - Tq
@@ -89,13 +95,20 @@ def retrieval_attention_forward(module, query, key, value, attention_mask, scali
     """Attention function for ``AttentionInterface`` (shapes as transformers: q ``[B,Hq,L,D]``, k/v ``[B,Hkv,S,D]``)."""
     layer = _pop_active_layer(getattr(module, "layer_idx", None))
     if layer is None:
+        Tq, Tk = query.shape[2], key.shape[2]
+        if Tq > 1 and ((attention_mask is None and Tk > Tq) or key_padding(attention_mask, Tq) is not None):
+            # a prefill chunk after earlier tokens (dense layer / plain cache): stock SDPA would misalign is_causal
+            scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+            return chunked_causal_attention(module, query, key, value, attention_mask, scaling, Tq, **kwargs), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("attention logit soft-capping is not supported by retrieval attention")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if not layer.offloaded:
         out = chunked_causal_attention(module, query, key, value, attention_mask, scaling, layer.config.prefill_chunk, **kwargs)
-        if layer.should_offload():
+        if layer.defer_offload:  # layer-by-layer prefill: the driver offloads after the layer's last chunk
+            layer.collect_prefill_queries(query)
+        elif layer.should_offload():
             layer.offload_prefill(query, padding_from_mask(attention_mask, query.shape[0], query.device))
         return out, None
     return decode_attention(layer, query, scaling).transpose(1, 2).contiguous(), None
@@ -143,16 +156,15 @@ def decode_attention(layer, query: torch.Tensor, scaling: float) -> torch.Tensor
             out_c[b], lse_c[b] = store.exact_attention(q_host[b], group, scaling)
             continue
         t0 = time.perf_counter()
-        ids, scores, n_scanned = store.search(q_host[b].numpy(), cfg.top_k, **cfg.search_params)
-        t1 = time.perf_counter()
-        o, s = retrieved_attention(scores, ids, store.gather_values(ids, group), scaling)
-        out_c[b], lse_c[b] = o, s
+        # fused top-k retrieval + attention over the retrieved keys: its time is all booked as search_s
+        o, s, n_scanned = store.attend(q_host[b].numpy(), group, scaling, cfg.top_k, **cfg.search_params)
+        out_c[b], lse_c[b] = torch.from_numpy(o), torch.from_numpy(s)
         st = layer.stats
-        st.search_s += t1 - t0
-        st.cpu_attention_s += time.perf_counter() - t1
-        st.n_searches += int(np.prod(ids.shape[:2]))
+        st.search_s += time.perf_counter() - t0
+        n_pairs = int(np.prod(n_scanned.shape))
+        st.n_searches += n_pairs
         st.n_scanned += int(n_scanned.sum())
-        st.n_cpu_keys_at_search += int(np.prod(ids.shape[:2])) * store.n
+        st.n_cpu_keys_at_search += n_pairs * store.n
     # 3. exact merge (fp32, max-subtracted)
     out, _ = merge_partial(out_d, lse_d, out_c.to(dev, non_blocking=cuda), lse_c.to(dev, non_blocking=cuda))
     return out.to(query.dtype)

@@ -35,3 +35,40 @@ def test_bench_decode_tiny_writes_json_and_plot(tmp_path):
 
 def test_bench_decode_rejects_unknown_method():
     assert main(["bench", "decode", "--shape", "tiny", "--context", "100", "--methods", "fast"]) == 2
+
+
+def test_bench_decode_prefill_and_decode_modes(tmp_path):
+    """--prefill layerwise/forward and --decode lean/hf: same JSON keys, the modes recorded."""
+    recs = {}
+    for prefill, decode in (("layerwise", "lean"), ("forward", "hf")):
+        js = tmp_path / f"{prefill}-{decode}.json"
+        rc = main(["bench", "decode", "--shape", "tiny", "--context", "600", "--steps", "3", "--warmup", "1",
+                   "--methods", "full,retrieval,streaming", "--index", "flat", "--n-sink", "16", "--window", "64",
+                   "--prefill", prefill, "--prefill-chunk", "250", "--decode", decode, "--json", str(js)])
+        assert rc == 0
+        recs[prefill] = json.loads(js.read_text())
+    lean, hf = recs["layerwise"], recs["forward"]
+    assert [r["prefill_mode"] for r in lean] == ["layerwise"] * 3 and [r["prefill_mode"] for r in hf] == ["forward"] * 3
+    assert [r["decode_mode"] for r in lean] == ["hf", "lean", "lean"]  # full attention always decodes through transformers
+    assert [r["decode_mode"] for r in hf] == ["hf"] * 3
+    for a, b in zip(lean, hf):
+        assert set(b) <= set(a) and a["decode_ms_per_token"] > 0 and not a["oom"]
+        assert a["kv_device_bytes"] == b["kv_device_bytes"] and a["kv_cpu_bytes"] == b["kv_cpu_bytes"]
+    assert lean[1]["scanned_fraction"] == hf[1]["scanned_fraction"] == 1.0  # flat index scans the whole store
+
+
+def test_ratio_lines_use_the_same_run():
+    from retrieval_attention.bench.decode import ratio_lines
+
+    recs = [
+        dict(context=1024, method="full", index=None, oom=True, gpu_memory_budget="24GB"),
+        dict(context=1024, method="full", index=None, oom=False, gpu_memory_budget=None, decode_ms_per_token=80.0,
+             kv_device_bytes=1000),
+        dict(context=1024, method="offload", index=None, oom=False, gpu_memory_budget="24GB", decode_ms_per_token=400.0),
+        dict(context=1024, method="retrieval", index="roar", oom=False, gpu_memory_budget="24GB",
+             decode_ms_per_token=40.0, kv_device_bytes=20),
+    ]
+    (line,) = ratio_lines(recs)
+    assert "0.50x the time of full (no budget)" in line and "10.0x faster than offload" in line
+    assert "device KV 2.00% of full's" in line
+    assert ratio_lines(recs[:1]) == []

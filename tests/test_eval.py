@@ -222,6 +222,14 @@ def test_parse_methods():
         parse_methods(["full"], budget_sweep=[10])
     with pytest.raises(ValueError):
         parse_methods(["retrieval"], top_k=0)
+    # residual samples: default for every retrieval method, @r=<m> per method (its own label and fingerprint)
+    ms = parse_methods(["retrieval", "retrieval:roar@r=0", "flat@r=16"], residual=32)
+    assert [m.label for m in ms] == ["retrieval:roar", "retrieval:roar@r=0", "retrieval:flat@r=16"]
+    assert [m.config().residual_samples for m in ms] == [32, 0, 16]
+    assert len({m.fingerprint for m in ms}) == 3
+    for bad in (["retrieval@x=1"], ["retrieval@r=-1"], ["streaming@r=0"], ["full@r=4"]):
+        with pytest.raises(ValueError):
+            parse_methods(bad)
 
 
 # --------------------------------------------------------------------------- end to end on a tiny model
@@ -370,3 +378,71 @@ def test_cli_presets_and_list(capsys):
     s = cli.resolve_settings(p.parse_args([]))
     assert (s.samples, s.lengths, s.tasks) == (20, [1024, 2048, 4096], list(TASKS))
     assert main(["eval", "--methods", "bogus", "--out", "/nonexistent/x"]) == 2
+
+
+def test_shards_partition_the_plan(tmp_path, tokenizer, tiny_model, haystack, monkeypatch):
+    """Shards run disjoint sets of samples that together equal the unsharded plan; all methods of a sample
+    land in one shard (its prompt is built once); records of all shards share one results file."""
+    monkeypatch.setattr(Haystack, "essays", classmethod(lambda cls, files=None: haystack))
+    load = lambda name, device=None, dtype=None: (tiny_model, tokenizer)  # noqa: E731
+    kw = dict(tasks=["niah", "kv_retrieval", "number_retrieval"], samples=3, methods=["full", "streaming"],
+              budget_sweep=[])
+    seen = []
+    fake = lambda model, tok, ids, config, **k: seen.append(1) or "0"  # noqa: E731
+    for i in range(3):
+        run_eval(_settings(tmp_path / "sharded", shard=(i, 3), **kw), generate_fn=fake, load_model_fn=load,
+                 write_reports=False)
+    whole = run_eval(_settings(tmp_path / "whole", **kw), generate_fn=fake, load_model_fn=load, write_reports=False)
+    sharded = read_results(tmp_path / "sharded" / "results.jsonl")
+    assert len(sharded) == len(whole.records) == 2 * (3 + 3 + 3)
+    assert {r["id"] for r in sharded} == {r["id"] for r in whole.records}
+    by_sample = {}
+    for i in range(3):
+        for r in read_results(tmp_path / "sharded" / "results.jsonl"):
+            by_sample.setdefault((r["task"], r["sample"], r["depth"]), set()).add(r["method"])
+    assert all(v == {"full", "streaming"} for v in by_sample.values())
+    # a resumed shard finds its samples done
+    res = run_eval(_settings(tmp_path / "sharded", shard=(1, 3), **kw), generate_fn=fake, load_model_fn=load,
+                   write_reports=False)
+    assert res.n_generated == 0 and res.n_skipped == len(res.records) > 0
+    with pytest.raises(ValueError, match="shard"):
+        _settings(tmp_path / "x", shard=(3, 3)).validate()
+
+
+def test_cli_workers_run_shards_and_merge_reports(tmp_path, monkeypatch):
+    """--workers N starts N `--shard i/N` processes of the same command, then reports over all of them."""
+    import subprocess
+
+    from retrieval_attention.eval import cli as eval_cli
+
+    launched = []
+
+    class FakeProc:
+        def __init__(self, cmd, env=None, stdout=None, stderr=None):
+            launched.append((cmd, env))
+            self.returncode = 0
+
+        def poll(self):
+            return 0
+
+        def terminate(self):
+            pass
+
+        def wait(self):
+            return 0
+
+    reports = []
+    monkeypatch.setattr(subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(eval_cli, "run", lambda a: reports.append(a) or 0)
+    from retrieval_attention.cli import build_parser
+
+    argv = ["eval", "--tasks", "niah", "--lengths", "1K", "--samples", "2", "--workers", "2",
+            "--out", str(tmp_path)]
+    args = build_parser(argv).parse_args(argv)
+    args._argv = argv
+    settings = eval_cli.resolve_settings(args)
+    assert eval_cli.run_workers(args, settings) == 0
+    assert [c[0][-3:] for c in launched] == [["--shard", "0/2", "--no-progress"], ["--shard", "1/2", "--no-progress"]]
+    assert all("--workers" not in c[0] for c in launched)
+    assert all(int(c[1]["RA_NUM_THREADS"]) >= 1 for c in launched)
+    assert len(reports) == 1 and reports[0].report_only

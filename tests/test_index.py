@@ -259,9 +259,11 @@ def test_search_kernel_matches_reference(seed):
             T = 2
             visited = np.zeros((T, keys.shape[1]), np.int32)
             stamps = np.array([5, K.VISIT_MAX], np.int64)  # second worker wraps its epoch on first use
+            cand_s = np.empty((T, 3), np.float64)  # tiny candidate heaps: the kernel must grow them
+            cand_i = np.empty((T, 3), np.int64)
             for rep in range(2):  # reused visited arrays must not leak state between calls
                 K.search_batch(adj, keys, n_graph, n_total, queries, graph_of_head, kv_of_head, entries, k, L,
-                               visited, stamps, ids, sc, ns)
+                               visited, stamps, cand_s, cand_i, ids, sc, ns)
                 for h in range(Hq):
                     for i in range(nq):
                         rid, rsc, rns = R.beam_search_ref(adj[graph_of_head[h]], keys[kv_of_head[h]], n_graph,
@@ -304,19 +306,25 @@ def test_projection_kernels_match_reference(seed):
     knn_ids[0, 3, -2:] = -1
     knn_sc = np.sort(rng.standard_normal((G, m, kq)).astype(np.float32), axis=-1)[..., ::-1].copy()
     knn_sc[1, :, 0] = 1.0  # ties between queries for owners
-    for alpha, fill, n_own, by_count in ((1.0, True, 1, False), (1.2, False, 3, False), (1.0, False, 4, True),
-                                         (1.0, True, 3, True)):
+    knn_ids[2, 5, :] = knn_ids[2, 6, :]  # identical lists: co-occurrence counts > 1
+    knn_ids[2, 7, :6] = knn_ids[2, 6, :6]
+    for alpha, fill, n_own, by_count, cap in ((1.0, True, 1, False, None), (1.2, False, 3, False, None),
+                                              (1.0, False, 4, True, None), (1.0, True, 3, True, None),
+                                              (1.0, False, 4, True, 7), (1.0, True, 3, False, 5),
+                                              (1.0, False, 3, True, 1)):
         own = K.owners(knn_ids, knn_sc, n, n_own)
-        adj = K.project(knn_ids, own, keys, kv_of_graph, n, M, alpha, fill, by_count)
+        kcap = 1 << 30 if cap is None else cap
+        adj = K.project(knn_ids, own, keys, kv_of_graph, n, M, alpha, fill, by_count, kcap, 3)
         for g in range(G):
             np.testing.assert_array_equal(own[g], R.owners_ref(knn_ids[g], knn_sc[g], n, n_own))
             np.testing.assert_array_equal(adj[g], R.project_ref(knn_ids[g], knn_sc[g], keys[kv_of_graph[g]], n, M,
-                                                                alpha, fill, n_own, by_count))
+                                                                alpha, fill, n_own, by_count, cap))
         # reverse edges + re-pruning
         src, dst, cnt = K.reverse_edges(adj, n)
-        want = [R.merge_edges_ref(adj[g], src[g, :cnt[g]], dst[g, :cnt[g]], keys[kv_of_graph[g]], n, alpha, fill)
+        want = [R.merge_edges_ref(adj[g], src[g, :cnt[g]], dst[g, :cnt[g]], keys[kv_of_graph[g]], n, alpha, fill,
+                                  cap)
                 for g in range(G)]
-        K.merge_edges(adj, src, dst, cnt, keys, kv_of_graph, n, alpha, fill)
+        K.merge_edges(adj, src, dst, cnt, keys, kv_of_graph, n, alpha, fill, kcap, 2)
         for g in range(G):
             np.testing.assert_array_equal(adj[g], want[g])
             deg = (adj[g] >= 0).sum(1)
@@ -334,14 +342,21 @@ def test_prune_occludes():
     assert R.prune_ref(0, [1, 2, 3], keys[0], 3, 1.0, False) == [1, 3]
     assert R.prune_ref(0, [1, 2, 3], keys[0], 3, 1.0, True) == [1, 3, 2]
     out = np.empty(3, np.int32)
-    K._prune_into(0, np.array([2, 1, 3, 1], np.int32), 4, keys, 0, 3, 1.0, False, False, out,
-                  np.empty(4), np.empty(3, np.int32))
+
+    def scratch(P, R=4):
+        return (np.zeros(4, np.int32), np.empty(P, np.int64), np.empty(P, np.int64), np.empty(P, np.float32),
+                np.empty(P, np.uint64), np.empty(3, np.int32), np.empty(R + 2, np.int64))
+
+    K._prune_into(0, np.array([2, 1, 3, 1], np.int32), 4, keys, 0, 3, 1.0, False, False, 1 << 30, out, *scratch(4))
     assert out.tolist() == [1, 3, -1]
     # by co-occurrence count: 2 occurs most and is taken first; it does not occlude 1 (d(2,1) = d(0,1) = 1,
     # not strictly smaller), nor 3
-    K._prune_into(0, np.array([2, 2, 1, 3, 2], np.int32), 5, keys, 0, 3, 1.0, False, True, out,
-                  np.empty(5), np.empty(3, np.int32))
+    K._prune_into(0, np.array([2, 2, 1, 3, 2], np.int32), 5, keys, 0, 3, 1.0, False, True, 1 << 30, out, *scratch(5))
     assert out.tolist() == [2, 1, 3] == R.prune_ref(0, [2, 2, 1, 3, 2], keys[0], 3, 1.0, False, True)
+    # at most 2 candidates: 2 (count 3), then 1 (closer than 3)
+    K._prune_into(0, np.array([2, 2, 1, 3, 2], np.int32), 5, keys, 0, 3, 1.0, False, True, 2, out, *scratch(5))
+    assert out.tolist() == [2, 1, -1]
+    assert R.prune_ref(0, [2, 2, 1, 3, 2], keys[0], 3, 1.0, False, True, 2) == [2, 1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -402,3 +417,44 @@ def test_roar_beats_hnsw_on_ood_data():
     r_hnsw = _recall_at_fraction(hnsw, te, true, n, (100, 200, 400), "ef", frac, generous_below=True)
     assert r_roar >= r_hnsw + 0.25, (r_roar, r_hnsw)
     assert r_roar >= 0.8, r_roar
+
+
+@pytest.mark.parametrize("graph_per", ["query_head", "kv_head"])
+def test_roar_diverse_entries_reach_a_weakly_linked_region(graph_per):
+    """Regression (SmolLM2 32K, layer 14, query-head graph of head 2: recall 0). Keys form three regions A,
+    B, C; most training queries retrieve only A (so the mean-query entry lies in A), some retrieve A+C, C+B
+    or B. The projection links A-C and C-B, but for a query aimed at B every C key scores far below every A
+    key, so a search started in A fills its beam with A keys and never crosses C. The diverse entry points
+    (top keys of mutually distant training queries) put an entry into B."""
+    rng = np.random.default_rng(0)
+    d, n = 16, 3000
+    e = np.eye(d)
+    regions = [10 * e[0], 10 * e[1], 10 * e[2] - 10 * e[1]]  # A, B, C
+    keys = np.concatenate([c + rng.standard_normal((n, d)) for c in regions]).astype(np.float32)
+    keys = keys[rng.permutation(len(keys))][None]
+
+    def mode(v, m):
+        return v + 0.3 * rng.standard_normal((m, d))
+
+    tq = np.concatenate([mode(3 * e[0], 2100), mode(3 * (e[0] + e[2]), 300), mode(3 * e[1] + 6 * e[2], 300),
+                         mode(3 * e[1], 300)]).astype(np.float32)[None]
+    te = mode(3 * e[1], 40).astype(np.float32)[None]  # decode queries aimed at B
+    truth, _ = exact_topk(keys, te, 50, 1)
+    single = _build("roar", keys, tq, n_entry=1, graph_per=graph_per)
+    assert R.recall_at_k(single.search(te, 50, ef=64)[0], truth).mean() < 0.1  # the failing condition
+    ix = _build("roar", keys, tq, graph_per=graph_per)  # default entries
+    assert ix._entries.shape[1] > 1
+    assert R.recall_at_k(ix.search(te, 50, ef=64)[0], truth).mean() > 0.9
+
+
+def test_entry_points_pick_distinct_distant_queries():
+    from retrieval_attention.index.roar import diverse_queries, entry_points
+
+    rng = np.random.default_rng(1)
+    e = np.eye(8)
+    q = np.concatenate([5 * e[i] + 0.1 * rng.standard_normal((n, 8)) for i, n in enumerate((500, 20, 20, 20))])
+    picks = diverse_queries(q.astype(np.float32), 3)
+    assert sorted(q[picks].argmax(1).tolist()) == [1, 2, 3]  # one query of each minority mode
+    top1 = np.repeat(np.arange(4), [500, 20, 20, 20]).astype(np.int32)  # key i = the best key of mode i
+    ent = entry_points(1, q, top1, 6)
+    assert ent[0] == 1 and sorted(ent[:4].tolist()) == [0, 1, 2, 3] and (ent[4:] == -1).all()

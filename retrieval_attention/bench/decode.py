@@ -4,6 +4,11 @@ Methods: ``full`` (KV on the device, exact SDPA), ``offload`` (exact attention w
 moved to the device each step: transformers' offloaded ``DynamicCache``), ``retrieval`` (this method, any
 index) and ``streaming`` (sink + window only). Models: a ``--shape`` preset with random weights (timing
 does not need trained weights) or a real model via ``--model``.
+
+Llama-family models prefill layer by layer (``--prefill layerwise``, one layer's KV on the device at a
+time) and decode retrieval/streaming steps with :class:`~retrieval_attention.decode_loop.LeanDecoder`
+(``--decode lean``; ``--cuda-graphs`` on CUDA); ``--prefill forward`` / ``--decode hf`` run the plain
+transformers forward instead.
 """
 
 from __future__ import annotations
@@ -72,6 +77,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--update-docs", action="store_true")
+    p.add_argument("--prefill", default=None, choices=("layerwise", "forward"),
+                   help="layerwise: all tokens through one layer at a time (default for Llama-family models); "
+                        "forward: one transformers forward")
+    p.add_argument("--prefill-chunk", type=int, default=8192, help="tokens per layer-by-layer prefill chunk")
+    p.add_argument("--prefill-offload-hidden", action="store_true",
+                   help="layer-by-layer prefill keeps the [T, hidden] states in pinned host memory (1M tokens, 24 GB)")
+    p.add_argument("--decode", default=None, choices=("lean", "hf"),
+                   help="retrieval/streaming decode steps: lean (LeanDecoder, default when supported) or hf "
+                        "(the transformers forward)")
+    p.add_argument("--cuda-graphs", action="store_true", help="lean decode: capture device segments in CUDA graphs")
+    p.add_argument("--unbudgeted-reference", action="store_true",
+                   help="re-run a method that is OOM under --gpu-memory-budget without the budget (the whole GPU), "
+                        "as the speed reference of the ratios (recorded with gpu_memory_budget null)")
 
 
 def host_rss() -> int:
@@ -111,7 +129,10 @@ def run_one(model, method, index, ctx, args, device):
 
     from ..config import RetrievalConfig
     from ..generation import cache_kwarg
+    from ..decode_loop import LeanDecoder
+    from ..decode_loop import unsupported_reason as lean_unsupported_reason
     from ..integration import enable, make_cache
+    from ..prefill import DEFAULT_CHUNK, check_supported, layerwise_prefill, unsupported_reason
 
     cuda = str(device).startswith("cuda")
     dense = tuple(int(x) for x in args.dense_layers.split(",") if x.strip())
@@ -131,6 +152,11 @@ def run_one(model, method, index, ctx, args, device):
                               dense_layers=dense)
         cache, ctxm = make_cache(model, cfg), enable(model)
     kw = {cache_kwarg(model): cache}
+    prefill_mode = getattr(args, "prefill", None) or ("layerwise" if unsupported_reason(model) is None else "forward")
+    if prefill_mode == "layerwise":
+        check_supported(model)
+    rec["prefill_mode"], rec["decode_mode"] = prefill_mode, None
+    decoder = None
 
     def sync():
         if cuda:
@@ -139,21 +165,37 @@ def run_one(model, method, index, ctx, args, device):
     try:
         with torch.no_grad(), ctxm:
             t0 = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)
+            if prefill_mode == "layerwise":
+                logits = layerwise_prefill(model, ids, cache, chunk=getattr(args, "prefill_chunk", DEFAULT_CHUNK),
+                                           offload_hidden=getattr(args, "prefill_offload_hidden", False))
+            else:
+                logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw).logits[:, -1]
             sync()
             rec["prefill_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             st0 = cache.stats() if hasattr(cache, "stats") else {}  # waits for background index builds
             rec["index_build_s"] = st0.get("index_build_s", 0.0)
             rec["index_wait_s"] = time.perf_counter() - t0
-            tok = out.logits[:, -1:].argmax(-1)
+            tok = logits.argmax(-1, keepdim=True)
+            decode_mode = "hf"
+            if method in ("retrieval", "streaming") and getattr(args, "decode", None) != "hf":
+                if LeanDecoder.supports(model, cache):
+                    decoder = LeanDecoder(model, cache, cuda_graphs=getattr(args, "cuda_graphs", False))
+                    decode_mode = "lean"
+                elif getattr(args, "decode", None) == "lean":
+                    print(f"note: lean decode not available ({lean_unsupported_reason(model, cache)}); "
+                          "using the transformers forward", file=sys.stderr)
+            rec["decode_mode"] = decode_mode
             times, search, cpu_attn = [], [], []
             for step in range(args.warmup + args.steps):
                 s0 = cache.stats() if hasattr(cache, "stats") else None
                 sync()
                 t0 = time.perf_counter()
-                out = model(input_ids=tok, use_cache=True, **kw)
-                tok = out.logits[:, -1:].argmax(-1)
+                if decoder is not None:
+                    tok = decoder.step(tok).argmax(-1, keepdim=True)
+                else:
+                    out = model(input_ids=tok, use_cache=True, **kw)
+                    tok = out.logits[:, -1:].argmax(-1)
                 sync()
                 dt = time.perf_counter() - t0
                 if step >= args.warmup:
@@ -184,6 +226,9 @@ def run_one(model, method, index, ctx, args, device):
     except torch.OutOfMemoryError as e:
         rec["oom"] = True
         rec["error"] = str(e).splitlines()[0][:200]
+    finally:
+        if decoder is not None:
+            decoder.close()
     rec["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if cuda else 0
     rec["host_bytes"] = host_rss()
     del cache
@@ -211,33 +256,56 @@ def run(args) -> int:
         methods = [m for m in methods if m != "offload"]
     contexts = parse_contexts(args.context)
     model, label = build_model(args, device, dtype)
+    fraction = None
     if args.gpu_memory_budget and device.startswith("cuda"):
         budget = parse_size(args.gpu_memory_budget)
         total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
+        fraction = min(1.0, budget / total)
+        torch.cuda.set_per_process_memory_fraction(fraction)
     runs = [(m, i) for m in methods for i in (args.index.split(",") if m == "retrieval" else [None])]
     records = []
+
+    def one(method, index, ctx, budget_label):
+        rec = run_one(model, method, index, ctx, args, device)
+        rec.update(model=label, dtype=str(dtype).replace("torch.", ""), device=device, gpu_memory_budget=budget_label,
+                   cuda_graphs=bool(getattr(args, "cuda_graphs", False)) and rec.get("decode_mode") == "lean")
+        records.append(rec)
+        msg = "OOM" if rec["oom"] else (f"{rec['decode_ms_per_token']:.1f} ms/token ({rec['decode_mode']} decode), "
+                                        f"prefill {rec['prefill_s']:.1f} s ({rec['prefill_mode']})")
+        tag = "" if budget_label == args.gpu_memory_budget else " [no budget]"
+        print(f"{ctx:>8} {method:>9} {index or '':>5}{tag}: {msg}", file=sys.stderr, flush=True)
+        return rec
+
     for ctx in contexts:
         for method, index in runs:
-            rec = run_one(model, method, index, ctx, args, device)
-            rec.update(model=label, dtype=str(dtype).replace("torch.", ""), device=device,
-                       gpu_memory_budget=args.gpu_memory_budget)
-            records.append(rec)
-            msg = "OOM" if rec["oom"] else f"{rec['decode_ms_per_token']:.1f} ms/token, prefill {rec['prefill_s']:.1f} s"
-            print(f"{ctx:>8} {method:>9} {index or '':>5}: {msg}", file=sys.stderr, flush=True)
+            rec = one(method, index, ctx, args.gpu_memory_budget)
+            if rec["oom"] and fraction is not None and getattr(args, "unbudgeted_reference", False):
+                torch.cuda.set_per_process_memory_fraction(1.0)
+                try:
+                    one(method, index, ctx, None)
+                finally:
+                    torch.cuda.set_per_process_memory_fraction(fraction)
+    ratios = ratio_lines(records)
+    for line in ratios:
+        print(line, file=sys.stderr)
     rows = []
     for r in records:
         b = r.get("breakdown_ms") or {}
+        mode = r.get("decode_mode") or "hf"
+        mode += " + graphs" if r.get("cuda_graphs") else ""
         rows.append([
-            r["context"], r["method"] + (f"/{r['index']}" if r["index"] else ""),
+            r["context"], r["method"] + (f"/{r['index']}" if r["index"] else "")
+            + ("" if r.get("gpu_memory_budget") == args.gpu_memory_budget else " (no budget)") + f" [{mode}]",
             "OOM" if r["oom"] else f"{r['decode_ms_per_token']:.1f}",
             "—" if r["oom"] else f"{r['prefill_s']:.1f}", "—" if r["oom"] else f"{r['index_build_s']:.1f}",
             f"{b['cpu_search']:.1f} / {b['cpu_attention']:.1f} / {b['rest_of_step']:.1f}" if b else "—",
             f"{r['peak_gpu_bytes'] / 2**30:.1f}" if r["peak_gpu_bytes"] else "—",
             f"{r['host_bytes'] / 2**30:.1f}",
         ])
-    table = markdown_table(["context", "method", "decode ms/token", "prefill s", "index build s",
+    table = markdown_table(["context", "method [decode]", "decode ms/token", "prefill s", "index build s",
                             "search / CPU attn / rest ms", "peak GPU GiB", "host GiB"], rows)
+    if ratios:
+        table += "\n\n" + "\n".join(f"- {line}" for line in ratios)
     print(table)
     if args.json:
         write_json(args.json, records)
@@ -252,6 +320,29 @@ def run(args) -> int:
     return 0
 
 
+def ratio_lines(records) -> list[str]:
+    """Per context, each retrieval record against ``full`` (the budgeted run, else its unbudgeted re-run) and
+    ``offload`` of the same run: decode-time ratios and the device KV memory fraction."""
+    lines = []
+    for ctx in sorted({r["context"] for r in records}):
+        rs = [r for r in records if r["context"] == ctx and not r["oom"]]
+        full = [r for r in rs if r["method"] == "full"]
+        off = [r for r in rs if r["method"] == "offload"]
+        for r in (r for r in rs if r["method"] == "retrieval"):
+            parts = []
+            if full:
+                f = full[0]
+                ref = "full" + ("" if f.get("gpu_memory_budget") == r.get("gpu_memory_budget") else " (no budget)")
+                parts.append(f"{r['decode_ms_per_token'] / f['decode_ms_per_token']:.2f}x the time of {ref}")
+                if f.get("kv_device_bytes") and r.get("kv_device_bytes") is not None:
+                    parts.append(f"device KV {100 * r['kv_device_bytes'] / f['kv_device_bytes']:.2f}% of full's")
+            if off:
+                parts.append(f"{off[0]['decode_ms_per_token'] / r['decode_ms_per_token']:.1f}x faster than offload")
+            if parts:
+                lines.append(f"{ctx}: retrieval/{r['index']} {r['decode_ms_per_token']:.1f} ms/token = " + ", ".join(parts))
+    return lines
+
+
 def plot(records, path, label) -> None:
     import matplotlib
 
@@ -259,12 +350,15 @@ def plot(records, path, label) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    keys = sorted({(r["method"], r["index"]) for r in records}, key=str)
-    for m, i in keys:
+    budgets = {r.get("gpu_memory_budget") for r in records}
+    keys = sorted({(r["method"], r["index"], r.get("gpu_memory_budget")) for r in records}, key=str)
+    for m, i, b in keys:
         pts = sorted((r["context"], r["decode_ms_per_token"]) for r in records
-                     if (r["method"], r["index"]) == (m, i) and not r["oom"])
+                     if (r["method"], r["index"], r.get("gpu_memory_budget")) == (m, i, b) and not r["oom"])
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m + (f"/{i}" if i else ""))
+            name = m + (f"/{i}" if i else "") + (" (no budget)" if b is None and len(budgets) > 1 else "")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="--" if b is None else "-",
+                    label=name)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("decode ms / token (median)")

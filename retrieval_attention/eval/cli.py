@@ -75,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--n-sink", type=int, default=128, help="initial tokens kept on the device (default: 128)")
     b.add_argument("--window", type=int, default=512, help="recent tokens kept on the device (default: 512)")
     b.add_argument("--top-k", type=int, default=100, help="keys retrieved per head and step (default: 100)")
+    b.add_argument("--residual-samples", type=int, default=64,
+                   help="keys drawn per head and step to estimate the attention of the keys not retrieved "
+                        "(default: 64; 0 = the published method; per method: retrieval:roar@r=0)")
     b.add_argument("--budget-sweep", type=lambda s: [int(x) for x in _csv(s)], default=None, metavar="K,K,...",
                    help="also run every retrieval method at these top-k values, e.g. 10,50,100,200")
 
@@ -89,6 +92,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--allow-extrapolation", action="store_true",
                    help="run lengths beyond the model's position range instead of skipping them")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--workers", type=int, default=1,
+                   help="run the samples in this many parallel processes sharing --out (each gets cores/N threads "
+                        "and the same device; useful on a GPU host with many cores; default: 1)")
+    r.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only shard I of N of the samples (what each --workers process does)")
     r.add_argument("--report-only", action="store_true",
                    help="only rebuild summary.json, results.md and the plots from --out/results.jsonl")
     r.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
@@ -113,10 +121,21 @@ def resolve_settings(args):
     return EvalSettings(
         out_dir=args.out, models=vals["models"], tasks=tasks, methods=vals["methods"], lengths=vals["lengths"],
         depths=vals["depths"], samples=vals["samples"], seed=args.seed, n_sink=args.n_sink, window=args.window,
-        top_k=args.top_k, budget_sweep=args.budget_sweep or [], max_new_tokens=args.max_new_tokens,
+        top_k=args.top_k, residual_samples=args.residual_samples, budget_sweep=args.budget_sweep or [], max_new_tokens=args.max_new_tokens,
         haystack_files=args.haystack, answer_prefix=not args.no_answer_prefix, device=args.device, dtype=args.dtype,
         allow_extrapolation=args.allow_extrapolation, progress=not args.no_progress,
+        shard=parse_shard(args.shard) if args.shard else None,
     )
+
+
+def parse_shard(s: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in s.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like I/N (e.g. 0/4), got {s!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard I/N needs 0 <= I < N, got {s!r}")
+    return i, n
 
 
 def run(args) -> int:
@@ -152,22 +171,31 @@ def run(args) -> int:
         settings = resolve_settings(args)
         from .runner import parse_methods
 
-        parse_methods(settings.methods, settings.n_sink, settings.window, settings.top_k, settings.budget_sweep)
+        parse_methods(settings.methods, settings.n_sink, settings.window, settings.top_k, settings.budget_sweep,
+                      settings.residual_samples)
         settings.validate()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     import signal
 
-    from ..models import ModelNotAvailable
-    from .runner import run_eval
-
     def _term(signum, frame):  # `kill`: stop like Ctrl-C, so the reports of what finished are still written
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
+    if args.workers < 1:
+        print("error: --workers must be >= 1", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        if args.shard:
+            print("error: give either --workers or --shard, not both", file=sys.stderr)
+            return 2
+        return run_workers(args, settings)
+
+    from ..models import ModelNotAvailable
+    from .runner import run_eval
     try:
-        res = run_eval(settings)
+        res = run_eval(settings, write_reports=settings.shard is None)
     except (ModelNotAvailable, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -177,6 +205,87 @@ def run(args) -> int:
         print(res.reports["table"].read_text())
     _print_paths(res.reports)
     return 1 if res.n_errors else 0
+
+
+def expected_generations(settings) -> int:
+    """Generations the plan of ``settings`` holds (all shards together)."""
+    from .runner import parse_methods, task_sample_keys
+    from .tasks import TASKS
+
+    n_methods = len(parse_methods(settings.methods, settings.n_sink, settings.window, settings.top_k,
+                                  settings.budget_sweep, settings.residual_samples))
+    per_model = sum(len(task_sample_keys(TASKS[t], L, settings.samples, settings.depths))
+                    for L in settings.lengths for t in settings.tasks)
+    return per_model * n_methods * len(settings.models)
+
+
+def run_workers(args, settings) -> int:
+    """``--workers N``: N child processes ``--shard i/N`` (cores split between them), a progress bar over the
+    shared results file, then the reports over everything."""
+    import os
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from ..threads import available_cores
+    from .runner import RESULTS_FILE
+
+    n = args.workers
+    threads = max(1, available_cores() // n)
+    argv = list(getattr(args, "_argv", None) or sys.argv[1:])
+    drop = {"--workers"}
+    cmd, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in drop:
+            skip = True
+            continue
+        if a.startswith("--workers="):
+            continue
+        cmd.append(a)
+    out = Path(settings.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / RESULTS_FILE
+
+    def n_lines() -> int:
+        return results.read_bytes().count(b"\n") if results.exists() else 0
+
+    start = n_lines()
+    total = expected_generations(settings)
+    env = dict(os.environ, RA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+               NUMBA_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    procs = []
+    for i in range(n):
+        log = open(out / f"worker{i}.log", "ab")
+        procs.append((subprocess.Popen([sys.executable, "-m", "retrieval_attention.cli", *cmd, "--shard", f"{i}/{n}",
+                                        "--no-progress"], env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    print(f"{n} workers x {threads} threads; logs in {out}/worker*.log", file=sys.stderr)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="gen", desc="eval", disable=args.no_progress, dynamic_ncols=True, file=sys.stderr)
+    try:
+        while any(p.poll() is None for p, _ in procs):
+            time.sleep(2.0)
+            bar.n = min(total, n_lines() - start)
+            bar.refresh()
+    except KeyboardInterrupt:
+        for p, _ in procs:
+            p.terminate()
+        for p, _ in procs:
+            p.wait()
+        raise
+    finally:
+        bar.close()
+        for _, log in procs:
+            log.close()
+    codes = [p.returncode for p, _ in procs]
+    if any(c not in (0, 1) for c in codes):
+        print(f"error: worker exit codes {codes}; see {out}/worker*.log", file=sys.stderr)
+    report_args = argparse.Namespace(**{**vars(args), "report_only": True, "workers": 1, "shard": None})
+    rc = run(report_args)
+    return max([rc] + [c for c in codes if c is not None])
 
 
 def _latest_records(records):

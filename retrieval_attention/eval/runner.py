@@ -45,6 +45,7 @@ class MethodSpec:
     n_sink: int | None = None
     window: int | None = None
     label: str = ""
+    residual: int | None = None  # residual_samples of retrieval methods
 
     @property
     def fingerprint(self) -> str:
@@ -52,7 +53,7 @@ class MethodSpec:
             return "full"
         if self.method == "streaming":
             return f"streaming[s{self.n_sink},w{self.window}]"
-        return f"retrieval:{self.index}[s{self.n_sink},w{self.window},k{self.top_k}]"
+        return f"retrieval:{self.index}[s{self.n_sink},w{self.window},k{self.top_k},r{self.residual}]"
 
     def config(self):
         """The :class:`~retrieval_attention.config.RetrievalConfig` (``None`` = plain full attention)."""
@@ -63,18 +64,22 @@ class MethodSpec:
         if self.method == "streaming":
             return RetrievalConfig(method="streaming", n_sink=self.n_sink, window=self.window, index="flat")
         return RetrievalConfig(
-            method="retrieval", n_sink=self.n_sink, window=self.window, top_k=self.top_k, index=self.index
+            method="retrieval", n_sink=self.n_sink, window=self.window, top_k=self.top_k, index=self.index,
+            residual_samples=self.residual,
         )
 
 
 def parse_methods(
-    specs: list[str], n_sink: int = 128, window: int = 512, top_k: int = 100, budget_sweep: list[int] | None = None
+    specs: list[str], n_sink: int = 128, window: int = 512, top_k: int = 100, budget_sweep: list[int] | None = None,
+    residual: int = 64,
 ) -> list[MethodSpec]:
     """Method specs -> :class:`MethodSpec` list.
 
     ``full``, ``streaming``, ``retrieval`` (= ``retrieval:roar``), ``retrieval:<index>`` or a bare index name
-    (``roar``, ``flat``, ``ivf``, ``hnsw``). With ``budget_sweep``, every retrieval method also runs at each
-    listed top-k (labelled ``retrieval:<index>@k=<k>``; the ``--top-k`` run keeps the plain label).
+    (``roar``, ``flat``, ``ivf``, ``hnsw``); a retrieval spec may end in ``@r=<m>`` to set its residual samples
+    (``retrieval:roar@r=0`` = the published method without the residual estimate; default ``residual``).
+    With ``budget_sweep``, every retrieval method also runs at each listed top-k (labelled
+    ``retrieval:<index>@k=<k>``; the ``--top-k`` run keeps the plain label).
     """
     from ..index import available_indexes
 
@@ -84,6 +89,13 @@ def parse_methods(
         spec = raw.strip().lower()
         if not spec:
             continue
+        spec, _, opt = spec.partition("@")
+        r = residual
+        if opt:
+            key, _, val = opt.partition("=")
+            if key != "r" or not val.isdigit():
+                raise ValueError(f"bad method option in {raw!r}: use @r=<residual samples>, e.g. retrieval:roar@r=0")
+            r = int(val)
         name, _, index = spec.partition(":")
         if name in indexes and not index:
             name, index = "retrieval", name
@@ -94,10 +106,13 @@ def parse_methods(
             index = index or "roar"
             if index not in indexes:
                 raise ValueError(f"unknown index {index!r} in method {raw!r}; available: {', '.join(indexes)}")
-            out.append(MethodSpec("retrieval", index, top_k, n_sink, window, f"retrieval:{index}"))
+            base = f"retrieval:{index}" + (f"@r={r}" if opt else "")
+            out.append(MethodSpec("retrieval", index, top_k, n_sink, window, base, r))
             for k in budget_sweep or []:
                 if k != top_k:
-                    out.append(MethodSpec("retrieval", index, k, n_sink, window, f"retrieval:{index}@k={k}"))
+                    out.append(MethodSpec("retrieval", index, k, n_sink, window, f"{base}@k={k}", r))
+        elif opt:
+            raise ValueError(f"method {name!r} takes no @r= option (got {raw!r})")
         elif index:
             raise ValueError(f"method {name!r} takes no index (got {raw!r})")
         elif name == "streaming":
@@ -134,6 +149,7 @@ class EvalSettings:
     n_sink: int = 128
     window: int = 512
     top_k: int = 100
+    residual_samples: int = 64
     budget_sweep: list[int] = field(default_factory=list)
     max_new_tokens: int | None = None
     haystack_files: list[str] | None = None
@@ -142,6 +158,8 @@ class EvalSettings:
     dtype: str | None = None
     allow_extrapolation: bool = False
     progress: bool = True
+    #: ``(i, n)``: run only the samples of shard ``i`` of ``n`` (parallel workers sharing one ``out_dir``)
+    shard: tuple[int, int] | None = None
 
     def validate(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -157,6 +175,10 @@ class EvalSettings:
             raise ValueError("samples must be >= 1")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        if self.shard is not None:
+            i, n = self.shard
+            if not (isinstance(n, int) and n >= 1 and isinstance(i, int) and 0 <= i < n):
+                raise ValueError(f"shard must be I/N with 0 <= I < N, got {i}/{n}")
 
 
 @dataclass(frozen=True)
@@ -179,6 +201,12 @@ def task_sample_keys(task_cls, length: int, samples: int, depths: list[float]) -
         n = max(samples, len(depths))
         return [SampleKey(task_cls.name, length, float(depths[i % len(depths)]), i) for i in range(n)]
     return [SampleKey(task_cls.name, length, None, i) for i in range(samples)]
+
+
+def shard_of(key: SampleKey, n: int) -> int:
+    """Shard (0..n-1) of a sample: a stable hash of its key, so every method of a sample runs in one worker
+    (its prompt is built once) and the assignment does not depend on the plan's order."""
+    return int(hashlib.sha1(key.text.encode()).hexdigest()[:8], 16) % n
 
 
 def run_fingerprint(settings: EvalSettings, haystack_fp: str) -> str:
@@ -218,11 +246,17 @@ def read_results(path: str | Path) -> list[dict]:
 
 
 def append_result(path: Path, record: dict) -> None:
-    line = json.dumps(record, ensure_ascii=False, allow_nan=False)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one record as one ``write`` on an ``O_APPEND`` descriptor: lines of parallel workers (shards)
+    sharing the file never interleave."""
+    line = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _clean(v):
@@ -305,7 +339,7 @@ def run_eval(
     """
     settings.validate()
     methods = parse_methods(settings.methods, settings.n_sink, settings.window, settings.top_k,
-                            settings.budget_sweep)
+                            settings.budget_sweep, settings.residual_samples)
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / RESULTS_FILE
@@ -314,7 +348,8 @@ def run_eval(
     tasks = {name: make_task(name, haystack, answer_prefix=settings.answer_prefix) for name in settings.tasks}
 
     meta = dict(
-        settings={k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()},
+        settings={k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()
+                  if k != "shard"},
         methods=[dataclasses.asdict(m) for m in methods],
         run=run_fp,
         haystack=dict(name=haystack.name, fingerprint=haystack.fingerprint, chars=len(haystack.text)),
@@ -331,6 +366,8 @@ def run_eval(
                 for key in task_sample_keys(TASKS[tname], int(length), settings.samples, settings.depths):
                     for m in methods:
                         plan.append((model_name, key, m, record_id(model_name, m, key, run_fp)))
+    if settings.shard is not None:
+        plan = [p for p in plan if shard_of(p[1], settings.shard[1]) == settings.shard[0]]
     plan_ids = {p[3] for p in plan}
     pending = [p for p in plan if p[3] not in done]
     n_skipped = len(plan) - len(pending)
@@ -437,7 +474,7 @@ def run_eval(
 
 def _method_fields(m: MethodSpec) -> dict:
     return dict(method=m.label, base_method=m.method, index=m.index, top_k=m.top_k, n_sink=m.n_sink,
-                window=m.window)
+                window=m.window, residual_samples=m.residual)
 
 
 def _latest(records) -> list[dict]:

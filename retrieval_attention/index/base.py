@@ -128,6 +128,34 @@ class KVIndex(ABC):
             )
         return self._search(q, int(k), **budget)
 
+    def search_attend(self, queries, k: int, values: np.ndarray, scaling: float, return_ids: bool = False, **budget):
+        """Top-``k`` search + softmax attention over the retrieved keys' values.
+
+        queries ``[Hq, L, D]`` float32; values ``[n_kv_heads, >= n_keys, Dv]`` numpy, float32/float16 or
+        uint16 holding bfloat16 bits (row ``j`` = value of key id ``j``); attention scores are
+        ``scaling * q.key``. Returns ``out [Hq, L, Dv] float32`` (0 where nothing was retrieved),
+        ``lse [Hq, L] float32`` (-inf there) and ``n_scanned [Hq, L] int64``. This generic version is
+        ``search`` + :func:`.decode_kernels.retrieved_attention_ref`; indexes may fuse the two.
+        ``return_ids``: also return the retrieved ids ``[Hq, L, k] int64`` (-1 padding) as a 4th item.
+        """
+        from .decode_kernels import retrieved_attention_ref
+
+        values = self._check_values(values)
+        ids, scores, n_scanned = self.search(queries, k, **budget)
+        kv_of_head = np.arange(ids.shape[0]) // (ids.shape[0] // self.n_kv_heads)
+        out, lse = retrieved_attention_ref(scores, ids, values, kv_of_head, float(scaling))
+        return (out, lse, n_scanned, ids) if return_ids else (out, lse, n_scanned)
+
+    def _check_values(self, values) -> np.ndarray:
+        values = np.asarray(values)
+        if values.ndim != 3 or values.shape[0] != self.n_kv_heads or values.shape[1] < self.n_keys:
+            raise IndexError_(
+                f"values must have shape [{self.n_kv_heads}, >= {self.n_keys}, Dv], got {tuple(values.shape)}"
+            )
+        if not (np.issubdtype(values.dtype, np.floating) or values.dtype == np.uint16):
+            raise IndexError_(f"values must be float or uint16 (bfloat16 bits), got dtype {values.dtype}")
+        return values
+
     def add(self, new_keys) -> None:
         """Append keys ``[n_kv_heads, n_new, head_dim]``; they get the next ids and must be retrievable."""
         if self.n_keys == 0:

@@ -3,12 +3,13 @@
 Every kernel works on a *batch of graphs* ``[G, n, M]`` (fixed out-degree ``M``, ``-1`` fill; the valid
 entries of a row are a prefix) so one call covers a whole layer. The heavy ones run in parallel over
 (head, query) pairs (search), rows (top-k selection) or (graph, node) pairs (projection, re-pruning); the
-cheap linear passes (owners, reverse-edge lists, BFS, connectivity repair: a few ms per layer) are serial
-loops, which also keeps numba's compile time down. There is no Python loop over nodes anywhere.
+cheap linear passes (owners, reverse-edge lists, BFS, connectivity repair) run one graph per worker
+(parallel over the graphs of a layer, serial within one). There is no Python loop over nodes anywhere.
 
 Determinism / tie-breaking (mirrored exactly by :mod:`.reference`):
 
-* scores and distances are accumulated in float64 from float32 inputs;
+* search scores are accumulated in float64, build distances (squared L2) in float32 (the references use
+  float64: they agree except on distances equal to ~1e-7 relative, which random test data does not hit);
 * every ranking of keys by score is descending, ties by smaller id first (heaps included: (score, id)
   keys are unique, so the pop order is fully determined);
 * candidate pools for pruning are ordered by squared L2 distance to the pivot ascending (or first by
@@ -18,11 +19,93 @@ Determinism / tie-breaking (mirrored exactly by :mod:`.reference`):
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 _FM = {"reassoc", "contract", "nsz", "arcp"}  # vectorisable reductions, but keep inf semantics
 
 VISIT_MAX = 2**31 - 2  # epoch stamps wrap below int32 max
+
+#: bits a bfloat16 is shifted by to become the high half of a float32
+BF16_SHIFT = 16
+
+
+# ---------------------------------------------------------------------------------------------------
+# element access: float32 arrays, or uint16 arrays holding bfloat16 bits (numba has no bfloat16)
+# ---------------------------------------------------------------------------------------------------
+@intrinsic
+def _bits_as_f32(typingctx, bits):
+    """Reinterpret the low 32 bits of an integer as a float32 (a bit cast, no conversion)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if bits.bitwidth > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        elif bits.bitwidth < 32:
+            v = builder.zext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def bf16_bits_to_f32(b):
+    """bfloat16 bits (uint16) -> float32, exact: the bits become the high half of the float32."""
+    return _bits_as_f32(np.uint32(b) << np.uint32(BF16_SHIFT))
+
+
+def elem(a, h, j, t):
+    """``a[h, j, t]`` as a float: float arrays as they are, uint16 arrays read as bfloat16 bits (numba only)."""
+    raise NotImplementedError("numba-only helper")
+
+
+@overload(elem, inline="always")
+def _elem_impl(a, h, j, t):
+    if isinstance(a, types.Array) and a.dtype == types.uint16:
+        return lambda a, h, j, t: bf16_bits_to_f32(a[h, j, t])
+    if isinstance(a, types.Array) and isinstance(a.dtype, types.Float):
+        return lambda a, h, j, t: a[h, j, t]
+    return None
+
+
+#: bytes of a cache line (software prefetch granularity)
+CACHE_LINE = 64
+#: candidates ahead whose key rows are prefetched while a distance is computed (hides DRAM latency)
+PREFETCH_AHEAD = 8
+
+
+@intrinsic
+def _prefetch(typingctx, arr, h, j, t):
+    """Hint the CPU to load the cache line of ``arr[h, j, t]`` (3-D array) for reading; no effect on results."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 3):
+        return None
+
+    def codegen(context, builder, sig, args):
+        arrty = sig.args[0]
+        ary = context.make_array(arrty)(context, builder, args[0])
+        idx = [context.cast(builder, v, ty, types.intp) for v, ty in zip(args[1:], sig.args[1:])]
+        ptr = cgutils.get_item_pointer(context, builder, arrty, ary, idx)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        # read, high temporal locality, data cache
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, h, j, t), codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _prefetch_row(keys, h, j):
+    """Prefetch every cache line of the row keys[h, j, :]."""
+    step = max(1, CACHE_LINE // keys.itemsize)
+    for t in range(0, keys.shape[2], step):
+        _prefetch(keys, h, j, t)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -30,19 +113,22 @@ VISIT_MAX = 2**31 - 2  # epoch stamps wrap below int32 max
 # ---------------------------------------------------------------------------------------------------
 @njit(fastmath=_FM, nogil=True, cache=True)
 def _dot64(q64, keys, h, j):
+    """q64 [d] float64 . keys[h, j] (float32, or uint16 bfloat16 bits), accumulated in float64."""
     s = 0.0
     for t in range(q64.shape[0]):
-        s += q64[t] * keys[h, j, t]
+        s += q64[t] * elem(keys, h, j, t)
     return s
 
 
 @njit(fastmath=_FM, nogil=True, cache=True)
 def _l2(keys, h, a, b):
-    s = 0.0
+    """Squared L2 distance of keys[h, a] and keys[h, b] (float32 or bfloat16 bits), accumulated in float32
+    (twice the SIMD width of float64; the graph build is bound by these), returned as float64."""
+    s = np.float32(0.0)
     for t in range(keys.shape[2]):
-        x = np.float64(keys[h, a, t]) - np.float64(keys[h, b, t])
+        x = elem(keys, h, a, t) - elem(keys, h, b, t)
         s += x * x
-    return s
+    return np.float64(s)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,15 +231,117 @@ def _offer(hs, hi, size, cap, s, i):
     return False, size
 
 
+@njit(nogil=True, cache=True)
+def _grow_heap(hs, hi):
+    """A heap's arrays copied into arrays of twice the size (the candidate heap outgrew its scratch)."""
+    n = hs.shape[0]
+    gs = np.empty(max(2 * n, 1), hs.dtype)
+    gi = np.empty(max(2 * n, 1), hi.dtype)
+    gs[:n] = hs
+    gi[:n] = hi
+    return gs, gi
+
+
+@njit(nogil=True, cache=True)
+def search_pair(adj, keys, n_graph, n_total, q64, g, kv, entries, k, L, vis, st,
+                c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf):
+    """Best-first beam search of one query ``q64 [d] float64`` on graph ``g`` over the keys of KV head ``kv``.
+
+    adj [G, cap, M] int32; keys [Hkv, cap, d] float32 or uint16 (bfloat16 bits); entries [G, E] int32;
+    vis [>= n_graph] int32 visited stamps (``st`` marks this search); scratch: candidate heap c_s/c_i
+    (float64/int64, any size > 0: grown by doubling when full), beam w_s/w_i [L + 1], result heap
+    r_s/r_i [k + 1], nbuf/sbuf [M]. Returns ``(nr, ns, c_s, c_i)``: the result heap holds the ``nr``
+    best keys (worst at its root; see :func:`sort_results`), ``ns`` keys were scored, and the (possibly
+    grown) candidate arrays for reuse. Algorithm: see :func:`search_batch`.
+    """
+    E = entries.shape[1]
+    M = adj.shape[2]
+    nc = 0
+    nw = 0
+    nr = 0
+    ns = 0
+    for e in range(E):
+        nid = entries[g, e]
+        if nid < 0 or nid >= n_graph or vis[nid] == st:
+            continue
+        vis[nid] = st
+        s = _dot64(q64, keys, kv, nid)
+        ns += 1
+        acc, nr = _offer(r_s, r_i, nr, k, s, nid)
+        acc, nw = _offer(w_s, w_i, nw, L, s, nid)
+        if acc or nr < k:
+            if nc == c_s.shape[0]:
+                c_s, c_i = _grow_heap(c_s, c_i)
+            nc = _max_push(c_s, c_i, nc, s, nid)
+    while nc > 0:
+        cs = c_s[0]
+        node = c_i[0]
+        if nw == L and nr == k and _worse(cs, node, w_s[0], w_i[0]):
+            break
+        nc = _max_pop(c_s, c_i, nc)
+        # gather the unvisited neighbours first, then score them (independent loads overlap)
+        nn = 0
+        for m in range(M):
+            nb = adj[g, node, m]
+            if nb < 0:
+                break
+            if vis[nb] != st:
+                vis[nb] = st
+                nbuf[nn] = nb
+                nn += 1
+        for m in range(nn):
+            sbuf[m] = _dot64(q64, keys, kv, nbuf[m])
+        ns += nn
+        for m in range(nn):
+            s = sbuf[m]
+            nb = nbuf[m]
+            acc, nr = _offer(r_s, r_i, nr, k, s, nb)
+            acc, nw = _offer(w_s, w_i, nw, L, s, nb)
+            if acc or nr < k:
+                if nc == c_s.shape[0]:
+                    c_s, c_i = _grow_heap(c_s, c_i)
+                nc = _max_push(c_s, c_i, nc, s, nb)
+    # exact scan of the tail (keys added after the graph was built)
+    for j in range(n_graph, n_total):
+        s = _dot64(q64, keys, kv, j)
+        ns += 1
+        acc, nr = _offer(r_s, r_i, nr, k, s, j)
+    return nr, ns, c_s, c_i
+
+
+@njit(nogil=True, cache=True)
+def sort_results(r_s, r_i, nr):
+    """Heap-sort a worst-at-root result heap of size ``nr`` in place: best first in ``[0, nr)``."""
+    for end in range(nr - 1, 0, -1):
+        ws = r_s[0]
+        wi = r_i[0]
+        _min_replace_root(r_s, r_i, end, r_s[end], r_i[end])
+        r_s[end] = ws
+        r_i[end] = wi
+
+
+@njit(nogil=True, cache=True)
+def next_stamp(vis, stamps, t):
+    """The next visited-epoch stamp of worker ``t`` (clears its row when the stamps wrap)."""
+    st = stamps[t] + 1
+    if st > VISIT_MAX:
+        vis[:] = 0
+        st = 1
+    stamps[t] = st
+    return st
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def search_batch(adj, keys, n_graph, n_total, queries, graph_of_head, kv_of_head, entries, k, L,
-                 visited, stamps, out_ids, out_sc, out_ns):
+                 visited, stamps, cand_s, cand_i, out_ids, out_sc, out_ns):
     """Best-first beam search of every (query head, query) pair of a layer in one call.
 
-    adj [G, cap, M] int32; keys [Hkv, cap, d] float32 (graph nodes ``0..n_graph-1``, exact-scanned tail
-    ``n_graph..n_total-1``); queries [Hq, nq, d]; graph_of_head / kv_of_head [Hq]; entries [G, E] int32
-    (-1 padded); visited [T, cap] int32 epoch-stamped (one row per worker); stamps [T] int64. Writes
-    out_ids [Hq, nq, k] int64, out_sc float32, out_ns [Hq, nq] int64.
+    adj [G, cap, M] int32; keys [Hkv, cap, d] float32 or uint16 holding bfloat16 bits (graph nodes
+    ``0..n_graph-1``, exact-scanned tail ``n_graph..n_total-1``); queries [Hq, nq, d] float32;
+    graph_of_head / kv_of_head [Hq] int64; entries [G, E] int32 (-1 padded); per-worker scratch, one row
+    per worker (``T = visited.shape[0]`` workers): visited [T, >= n_graph] int32 epoch-stamped, stamps [T]
+    int64, cand_s [T, c] float64 / cand_i [T, c] int64 candidate heaps (any c > 0; a worker grows a private
+    copy when its heap outgrows c). Writes out_ids [Hq, nq, k] int64, out_sc float32, out_ns [Hq, nq] int64.
 
     HNSW-style search: a candidate heap (best first) and a beam of the ``L`` best nodes scored so far
     (worst at its root); the best candidate is expanded until it ranks below the beam's worst. Every key
@@ -166,11 +354,10 @@ def search_batch(adj, keys, n_graph, n_total, queries, graph_of_head, kv_of_head
     Hq, nq, d = queries.shape
     P = Hq * nq
     T = visited.shape[0]
-    E = entries.shape[1]
     M = adj.shape[2]
     for t in prange(T):
-        c_s = np.empty(n_graph + E + 1, np.float64)  # candidates: at most one push per scored node
-        c_i = np.empty(n_graph + E + 1, np.int64)
+        c_s = cand_s[t]
+        c_i = cand_i[t]
         w_s = np.empty(L + 1, np.float64)
         w_i = np.empty(L + 1, np.int64)
         r_s = np.empty(k + 1, np.float64)
@@ -182,69 +369,15 @@ def search_batch(adj, keys, n_graph, n_total, queries, graph_of_head, kv_of_head
         for p in range(t, P, T):
             h = p // nq
             i = p - h * nq
-            g = graph_of_head[h]
-            kv = kv_of_head[h]
-            st = stamps[t] + 1
-            if st > VISIT_MAX:
-                vis[:] = 0
-                st = 1
-            stamps[t] = st
+            st = next_stamp(vis, stamps, t)
             for c in range(d):
                 q64[c] = queries[h, i, c]
-            nc = 0
-            nw = 0
-            nr = 0
-            ns = 0
-            for e in range(E):
-                nid = entries[g, e]
-                if nid < 0 or nid >= n_graph or vis[nid] == st:
-                    continue
-                vis[nid] = st
-                s = _dot64(q64, keys, kv, nid)
-                ns += 1
-                acc, nr = _offer(r_s, r_i, nr, k, s, nid)
-                acc, nw = _offer(w_s, w_i, nw, L, s, nid)
-                if acc or nr < k:
-                    nc = _max_push(c_s, c_i, nc, s, nid)
-            while nc > 0:
-                cs = c_s[0]
-                node = c_i[0]
-                if nw == L and nr == k and _worse(cs, node, w_s[0], w_i[0]):
-                    break
-                nc = _max_pop(c_s, c_i, nc)
-                # gather the unvisited neighbours first, then score them (independent loads overlap)
-                nn = 0
-                for m in range(M):
-                    nb = adj[g, node, m]
-                    if nb < 0:
-                        break
-                    if vis[nb] != st:
-                        vis[nb] = st
-                        nbuf[nn] = nb
-                        nn += 1
-                for m in range(nn):
-                    sbuf[m] = _dot64(q64, keys, kv, nbuf[m])
-                ns += nn
-                for m in range(nn):
-                    s = sbuf[m]
-                    nb = nbuf[m]
-                    acc, nr = _offer(r_s, r_i, nr, k, s, nb)
-                    acc, nw = _offer(w_s, w_i, nw, L, s, nb)
-                    if acc or nr < k:
-                        nc = _max_push(c_s, c_i, nc, s, nb)
-            # exact scan of the tail (keys added after the graph was built)
-            for j in range(n_graph, n_total):
-                s = _dot64(q64, keys, kv, j)
-                ns += 1
-                acc, nr = _offer(r_s, r_i, nr, k, s, j)
-            # heap sort the results: the worst goes to the end
-            for end in range(nr - 1, -1, -1):
-                out_ids[h, i, end] = r_i[0]
-                out_sc[h, i, end] = np.float32(r_s[0])
-                if end > 0:
-                    ls = r_s[end]
-                    li = r_i[end]
-                    _min_replace_root(r_s, r_i, end, ls, li)
+            nr, ns, c_s, c_i = search_pair(adj, keys, n_graph, n_total, q64, graph_of_head[h], kv_of_head[h],
+                                           entries, k, L, vis, st, c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf)
+            sort_results(r_s, r_i, nr)
+            for r in range(nr):
+                out_ids[h, i, r] = r_i[r]
+                out_sc[h, i, r] = np.float32(r_s[r])
             for r in range(nr, k):
                 out_ids[h, i, r] = -1
                 out_sc[h, i, r] = -np.inf
@@ -341,76 +474,121 @@ def topk_finalize(ids, sc, cnt):
 # ---------------------------------------------------------------------------------------------------
 # graph construction
 # ---------------------------------------------------------------------------------------------------
+#: bits of a candidate id in the packed sort key (distance bits above it); ids must be below 2**ID_BITS
+ID_BITS = 32
+_ID_MASK = (1 << ID_BITS) - 1
+
+
 @njit(nogil=True, cache=True)
-def _prune_into(pivot, pool, npool, keys, h, M, alpha2, fill, by_count, out_row, dist_buf, sel_buf):
-    """Occlusion pruning of candidate ids pool[:npool] for ``pivot``; writes <= M ids into out_row
-    (rest -1). Candidates are visited in order of squared L2 distance to the pivot (ties smaller id) or,
-    with ``by_count``, of how often they occur in the pool first (co-occurrence in the owner queries' kNN
-    lists; then distance, then id). Candidate p is dropped when an already selected r has
+def _prune_into(pivot, pool, npool, keys, h, M, alpha2, fill, by_count, max_cand, out_row,
+                mark, cand, cnt, dist, skey, sel, hist):
+    """Occlusion pruning of candidate ids pool[:npool] (duplicates allowed) for ``pivot``; writes <= M ids
+    into out_row (rest -1).
+
+    Candidates are ranked by how often they occur in the pool (co-occurrence in the owner queries' kNN
+    lists; only with ``by_count``), then squared L2 distance to the pivot, then id; only the first
+    ``max_cand`` of that ranking are considered. Candidate p is dropped when an already selected r has
     alpha^2 * d(r, p) < d(pivot, p) (squared L2 between keys). With ``fill`` the row is topped up to M with
-    the dropped candidates in the same order. pool is not modified."""
-    cand = np.sort(pool[:npool])
-    cnt = np.zeros(npool, np.int64)
+    the dropped candidates in the same order. Distances are only computed for the count classes that
+    reach into the first ``max_cand``; a class is sorted as packed ``(distance bits, id)`` uint64 keys
+    (distances are non-negative float32, whose bit patterns order like their values).
+
+    Scratch (per worker): mark [>= n] int32, all zero (left zero); cand/cnt int64, dist float32 and skey
+    uint64 of length >= npool; sel [M] int32; hist [>= max count + 2] int64. pool is not modified.
+    """
     nc = 0
-    last = -2
     for i in range(npool):
-        v = cand[i]
+        v = pool[i]
         if v < 0 or v == pivot:
             continue
-        if v == last:
-            cnt[nc - 1] += 1
-            continue
-        cand[nc] = v
-        cnt[nc] = 1
-        nc += 1
-        last = v
+        if mark[v] == 0:
+            cand[nc] = v
+            nc += 1
+        mark[v] += 1
+    maxc = 1
     for i in range(nc):
-        dist_buf[i] = _l2(keys, h, pivot, cand[i])
-    order = np.argsort(dist_buf[:nc], kind="mergesort")  # stable: ties keep the smaller id first
-    if by_count:
-        negc = np.empty(nc, np.int64)
-        for i in range(nc):
-            negc[i] = -cnt[order[i]]
-        order = order[np.argsort(negc, kind="mergesort")]
+        v = cand[i]
+        cnt[i] = mark[v] if by_count else 1
+        mark[v] = 0
+        if cnt[i] > maxc:
+            maxc = cnt[i]
+    # count classes, highest first, down to the one that reaches max_cand (counting sort)
+    for c in range(maxc + 1):
+        hist[c] = 0
+    for i in range(nc):
+        hist[cnt[i]] += 1
+    cut = maxc
+    taken = 0
+    for c in range(maxc, 0, -1):
+        if hist[c] == 0:
+            continue
+        cut = c
+        taken += hist[c]
+        if taken >= max_cand:
+            break
+    pos = 0
+    for c in range(maxc, cut - 1, -1):
+        start = pos
+        pos += hist[c]
+        hist[c] = start
+    ntot = pos
+    dbits = dist.view(np.uint32)
+    for i in range(min(nc, PREFETCH_AHEAD)):
+        _prefetch_row(keys, h, cand[i])
+    for i in range(nc):
+        if i + PREFETCH_AHEAD < nc:
+            _prefetch_row(keys, h, cand[i + PREFETCH_AHEAD])
+        c = cnt[i]
+        if c >= cut:
+            dist[i] = np.float32(_l2(keys, h, pivot, cand[i]))
+            skey[hist[c]] = (np.uint64(dbits[i]) << np.uint64(ID_BITS)) | np.uint64(cand[i])
+            hist[c] += 1
+    s0 = 0
+    for c in range(maxc, cut - 1, -1):  # hist[c] is now the end of class c
+        e = hist[c]
+        if e - s0 > 1:
+            skey[s0:e].sort()
+        s0 = e
+    nuse = min(ntot, max_cand)
     nsel = 0
-    for oi in range(nc):
-        c = cand[order[oi]]
-        dpc = dist_buf[order[oi]]
+    for oi in range(nuse):
+        c = np.int64(skey[oi] & np.uint64(_ID_MASK))
+        dpc = np.float64(_bits_as_f32(skey[oi] >> np.uint64(ID_BITS)))
         ok = True
         for r in range(nsel):
-            if alpha2 * _l2(keys, h, sel_buf[r], c) < dpc:
+            if alpha2 * _l2(keys, h, sel[r], c) < dpc:
                 ok = False
                 break
         if ok:
-            sel_buf[nsel] = c
+            sel[nsel] = c
             nsel += 1
             if nsel == M:
                 break
     if fill and nsel < M:
-        for oi in range(nc):
-            c = cand[order[oi]]
+        for oi in range(nuse):
+            c = np.int64(skey[oi] & np.uint64(_ID_MASK))
             dup = False
             for r in range(nsel):
-                if sel_buf[r] == c:
+                if sel[r] == c:
                     dup = True
                     break
             if not dup:
-                sel_buf[nsel] = c
+                sel[nsel] = c
                 nsel += 1
                 if nsel == M:
                     break
     for r in range(M):
-        out_row[r] = sel_buf[r] if r < nsel else -1
+        out_row[r] = sel[r] if r < nsel else -1
 
 
-@njit(nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def owners(knn_ids, knn_sc, n, R):
     """For each graph g and key b: the (up to) R training queries that score b highest among those whose kNN
     list contains b, best first (ties: smaller query index); -1 padded. knn_* [G, m, kq] -> [G, n, R] int32."""
     G, m, kq = knn_ids.shape
     own = np.full((G, n, R), -1, np.int32)
     best = np.full((G, n, R), -np.inf, np.float32)
-    for g in range(G):
+    for g in prange(G):
         for q in range(m):
             for j in range(kq):
                 b = knn_ids[g, q, j]
@@ -431,40 +609,62 @@ def owners(knn_ids, knn_sc, n, R):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def project(knn_ids, own, keys, kv_of_graph, n, M, alpha, fill, by_count):
+def project(knn_ids, own, keys, kv_of_graph, n, M, alpha, fill, by_count, max_cand, n_workers):
     """Project the query->key bipartite kNN graph onto keys: key b (pivot) takes as candidates the keys of
-    its owner queries' kNN lists (``own [G, n, R]``), pruned by occlusion to <= M out-edges (visited by
-    co-occurrence count first when ``by_count``).
-    -> adj [G, n, M] int32."""
+    its owner queries' kNN lists (``own [G, n, R]``), at most ``max_cand`` of them (by co-occurrence count
+    when ``by_count``, then distance), pruned by occlusion to <= M out-edges (:func:`_prune_into`).
+    keys [Hkv, >= n, d] float32 or uint16 (bfloat16 bits); ``n_workers`` parallel workers (each with its
+    own O(n) scratch; pass ``numba.get_num_threads()``). -> adj [G, n, M] int32."""
     G, m, kq = knn_ids.shape
     R = own.shape[2]
     adj = np.full((G, n, M), -1, np.int32)
     alpha2 = alpha * alpha
-    for p in prange(G * n):
-        g = p // n
-        b = p - g * n
-        if own[g, b, 0] < 0:
-            continue
-        pool = np.empty(R * kq, np.int32)
-        npool = 0
-        for r in range(R):
-            q = own[g, b, r]
-            if q < 0:
-                break
-            for j in range(kq):
-                pool[npool] = knn_ids[g, q, j]
-                npool += 1
-        dist_buf = np.empty(npool, np.float64)
-        sel_buf = np.empty(M, np.int32)
-        _prune_into(b, pool, npool, keys, kv_of_graph[g], M, alpha2, fill, by_count, adj[g, b], dist_buf, sel_buf)
+    P = max(1, R * kq)
+    # covered pivots, grouped by their best owner query: consecutive pivots share most candidates (cache
+    # reuse); each worker takes a contiguous block of them
+    piv = np.empty(G * n, np.int64)
+    key = np.empty(G * n, np.int64)
+    npiv = 0
+    for g in range(G):
+        for b in range(n):
+            if own[g, b, 0] >= 0:
+                piv[npiv] = g * n + b
+                key[npiv] = g * m + own[g, b, 0]
+                npiv += 1
+    piv = piv[:npiv][np.argsort(key[:npiv], kind="mergesort")]
+    T = max(1, min(n_workers, npiv))
+    for t in prange(T):
+        mark = np.zeros(n, np.int32)
+        pool = np.empty(P, np.int32)
+        cand = np.empty(P, np.int64)
+        cnt = np.empty(P, np.int64)
+        dist = np.empty(P, np.float32)
+        skey = np.empty(P, np.uint64)
+        sel = np.empty(M, np.int32)
+        hist = np.empty(R + 2, np.int64)
+        for pi in range(t * npiv // T, (t + 1) * npiv // T):
+            p = piv[pi]
+            g = p // n
+            b = p - g * n
+            npool = 0
+            for r in range(R):
+                q = own[g, b, r]
+                if q < 0:
+                    break
+                for j in range(kq):
+                    pool[npool] = knn_ids[g, q, j]
+                    npool += 1
+            _prune_into(b, pool, npool, keys, kv_of_graph[g], M, alpha2, fill, by_count, max_cand, adj[g, b],
+                        mark, cand, cnt, dist, skey, sel, hist)
     return adj
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def merge_edges(adj, src, dst, esize, keys, kv_of_graph, n, alpha, fill):
+def merge_edges(adj, src, dst, esize, keys, kv_of_graph, n, alpha, fill, max_cand, n_workers):
     """Add edges src[g, :esize[g]] -> dst[g, :esize[g]] to adj [G, cap, M] (in place). A node whose list
     plus new edges fits in M keeps them all (existing first, then new in edge order); otherwise the union
-    is re-pruned with occlusion (``_prune_into``), which may drop existing edges."""
+    is re-pruned with occlusion (``_prune_into``, distance order, at most ``max_cand`` candidates), which
+    may drop existing edges. ``n_workers``: as :func:`project`."""
     G = adj.shape[0]
     M = adj.shape[2]
     alpha2 = alpha * alpha
@@ -476,8 +676,11 @@ def merge_edges(adj, src, dst, esize, keys, kv_of_graph, n, alpha, fill):
         for v in range(n):
             ptr[g, v + 1] += ptr[g, v]
     maxe = 0
+    maxin = 0
     for g in range(G):
         maxe = max(maxe, esize[g])
+        for v in range(n):
+            maxin = max(maxin, ptr[g, v + 1] - ptr[g, v])
     idx = np.empty((G, max(maxe, 1)), np.int32)
     for g in prange(G):
         fillp = ptr[g, :n].copy()
@@ -485,48 +688,57 @@ def merge_edges(adj, src, dst, esize, keys, kv_of_graph, n, alpha, fill):
             s = src[g, e]
             idx[g, fillp[s]] = dst[g, e]
             fillp[s] += 1
-    for p in prange(G * n):
-        g = p // n
-        v = p - g * n
-        a, b = ptr[g, v], ptr[g, v + 1]
-        if a == b:
-            continue
-        deg = 0
-        while deg < M and adj[g, v, deg] >= 0:
-            deg += 1
-        pool = np.empty(deg + (b - a), np.int32)
-        for r in range(deg):
-            pool[r] = adj[g, v, r]
-        npool = deg
-        for e in range(a, b):
-            c = idx[g, e]
-            if c == v:
+    P = M + maxin
+    T = max(1, min(n_workers, G * n))
+    for t in prange(T):
+        mark = np.zeros(n, np.int32)  # dedup marks (pool building) and _prune_into's counts
+        pool = np.empty(P, np.int32)
+        cand = np.empty(P, np.int64)
+        cnt = np.empty(P, np.int64)
+        dist = np.empty(P, np.float32)
+        skey = np.empty(P, np.uint64)
+        sel = np.empty(M, np.int32)
+        hist = np.empty(3, np.int64)
+        for p in range(t, G * n, T):
+            g = p // n
+            v = p - g * n
+            a, b = ptr[g, v], ptr[g, v + 1]
+            if a == b:
                 continue
-            dup = False
-            for r in range(npool):
-                if pool[r] == c:
-                    dup = True
+            npool = 0
+            for r in range(M):
+                c = adj[g, v, r]
+                if c < 0:
                     break
-            if not dup:
+                if mark[c] == 0:
+                    mark[c] = 1
+                    pool[npool] = c
+                    npool += 1
+            for e in range(a, b):
+                c = idx[g, e]
+                if c == v or mark[c] != 0:
+                    continue
+                mark[c] = 1
                 pool[npool] = c
                 npool += 1
-        if npool <= M:
-            for r in range(M):
-                adj[g, v, r] = pool[r] if r < npool else -1
-        else:
-            dist_buf = np.empty(npool, np.float64)
-            sel_buf = np.empty(M, np.int32)
-            _prune_into(v, pool, npool, keys, kv_of_graph[g], M, alpha2, fill, False, adj[g, v], dist_buf, sel_buf)
+            for r in range(npool):
+                mark[pool[r]] = 0
+            if npool <= M:
+                for r in range(M):
+                    adj[g, v, r] = pool[r] if r < npool else -1
+            else:
+                _prune_into(v, pool, npool, keys, kv_of_graph[g], M, alpha2, fill, False, max_cand, adj[g, v],
+                            mark, cand, cnt, dist, skey, sel, hist)
 
 
-@njit(nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def reverse_edges(adj, n):
     """Edge lists (src, dst, esize) of the reversed edges of adj[:, :n] (b -> c becomes c -> b), in order
     of b then slot."""
     G = adj.shape[0]
     M = adj.shape[2]
     cnt = np.zeros(G, np.int64)
-    for g in range(G):
+    for g in prange(G):
         c = 0
         for b in range(n):
             for m in range(M):
@@ -537,7 +749,7 @@ def reverse_edges(adj, n):
     mx = max(1, cnt.max())
     src = np.empty((G, mx), np.int32)
     dst = np.empty((G, mx), np.int32)
-    for g in range(G):
+    for g in prange(G):
         e = 0
         for b in range(n):
             for m in range(M):
@@ -576,18 +788,18 @@ def _bfs(adj, g, n, seeds, nseeds, reached, queue):
     return tail
 
 
-@njit(nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def reachable(adj, n, entries):
     """reached [G, n] bool: nodes reachable from the entry points of each graph."""
     G = adj.shape[0]
     out = np.zeros((G, n), np.bool_)
-    for g in range(G):
+    for g in prange(G):
         queue = np.empty(n, np.int32)
         _bfs(adj, g, n, entries[g], entries.shape[1], out[g], queue)
     return out
 
 
-@njit(nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def link_unreached(adj, keys, kv_of_graph, n, entries, max_rounds):
     """Make every node reachable from the entry points: repeatedly take the first unreached node u, link
     it from its nearest (squared L2) reached node that has a free slot (or, if none has one, overwrite the
@@ -596,7 +808,7 @@ def link_unreached(adj, keys, kv_of_graph, n, entries, max_rounds):
     G = adj.shape[0]
     M = adj.shape[2]
     links = np.zeros(G, np.int64)
-    for g in range(G):
+    for g in prange(G):
         h = kv_of_graph[g]
         queue = np.empty(n, np.int32)
         seed = np.empty(1, np.int32)
@@ -667,7 +879,7 @@ def _append_free(adj, g, v, c):
             return
 
 
-@njit(nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def attach_trees(adj, parent, pdist, n, branching):
     """Hang every unreached node u (``parent[g, u] >= 0``: its nearest reached node) below its parent:
     the children of a parent v, sorted by distance to v, form a heap-ordered tree of the given branching
@@ -675,7 +887,7 @@ def attach_trees(adj, parent, pdist, n, branching):
     slot. Returns the number of overwritten edges per graph."""
     G = adj.shape[0]
     over = np.zeros(G, np.int64)
-    for g in range(G):
+    for g in prange(G):
         cnt = np.zeros(n + 1, np.int64)
         for u in range(n):
             p = parent[g, u]

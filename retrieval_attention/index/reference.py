@@ -77,8 +77,9 @@ def l2sq(a, b) -> float:
     return float(np.dot(x, x))
 
 
-def prune_ref(pivot, pool, keys_h, M, alpha, fill, by_count=False):
-    """Occlusion pruning (see :func:`kernels._prune_into`): returns a list of <= M ids."""
+def prune_ref(pivot, pool, keys_h, M, alpha, fill, by_count=False, max_candidates=None):
+    """Occlusion pruning (see :func:`kernels._prune_into`): returns a list of <= M ids. Only the first
+    ``max_candidates`` candidates of the ranking (count desc if ``by_count``, distance, id) are considered."""
     counts: dict[int, int] = {}
     for c in pool:
         if c >= 0 and c != pivot:
@@ -89,6 +90,8 @@ def prune_ref(pivot, pool, keys_h, M, alpha, fill, by_count=False):
         order = sorted(range(len(cand)), key=lambda i: (-counts[cand[i]], d[i], cand[i]))
     else:
         order = sorted(range(len(cand)), key=lambda i: (d[i], cand[i]))
+    if max_candidates is not None:
+        order = order[:max_candidates]
     sel: list[int] = []
     a2 = alpha * alpha
     for i in order:
@@ -121,19 +124,19 @@ def owners_ref(knn_ids, knn_sc, n, R=1):
     return own
 
 
-def project_ref(knn_ids, knn_sc, keys_h, n, M, alpha, fill, R=1, by_count=False):
+def project_ref(knn_ids, knn_sc, keys_h, n, M, alpha, fill, R=1, by_count=False, max_candidates=None):
     """Projection of one graph: adj [n, M] int32 with -1 fill."""
     own = owners_ref(knn_ids, knn_sc, n, R)
     adj = np.full((n, M), -1, np.int32)
     for b in range(n):
         if own[b, 0] >= 0:
             pool = np.concatenate([knn_ids[q] for q in own[b] if q >= 0])
-            sel = prune_ref(b, pool, keys_h, M, alpha, fill, by_count)
+            sel = prune_ref(b, pool, keys_h, M, alpha, fill, by_count, max_candidates)
             adj[b, : len(sel)] = sel
     return adj
 
 
-def merge_edges_ref(adj, src, dst, keys_h, n, alpha, fill):
+def merge_edges_ref(adj, src, dst, keys_h, n, alpha, fill, max_candidates=None):
     """Reference of :func:`kernels.merge_edges` for one graph (returns a new adj)."""
     adj = adj.copy()
     M = adj.shape[1]
@@ -148,7 +151,7 @@ def merge_edges_ref(adj, src, dst, keys_h, n, alpha, fill):
         if len(pool) <= M:
             row = pool
         else:
-            row = prune_ref(v, pool, keys_h, M, alpha, fill)
+            row = prune_ref(v, pool, keys_h, M, alpha, fill, False, max_candidates)
         adj[v] = -1
         adj[v, : len(row)] = row
     return adj

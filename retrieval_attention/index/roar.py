@@ -22,8 +22,10 @@ Build, per graph (one per KV head, trained on its group's queries, or one per qu
    edge child -> parent); a final pass links any node still unreached (an overwritten slot can cut a
    path) from its nearest reached node, until a BFS from the entry reaches every key.
 
-Entry points: the ``n_entry`` keys with the highest score against the graph's mean training query (more
-entries were measured not to help).
+Entry points (:func:`entry_points`): the key scoring highest against the graph's mean training query, plus
+the top-1 keys of ``n_entry - 1`` mutually distant training queries (farthest-point selection). A single
+mean-query entry left one query head at recall 0 on SmolLM2 at 32K (layer 14, query-head graphs): its decode
+queries' top keys lay in a region the entry's region only reached through low-scoring keys.
 
 Search (:func:`kernels.search_batch`): every query head x query of the layer in one numba call, parallel
 over (head, query) pairs. HNSW-style best-first search with a candidate heap and a beam of the ``ef`` best
@@ -32,9 +34,10 @@ than ``k`` (fewer keys scanned, lower recall). Keys added after build (``add``) 
 *tail* merged by score; when the tail reaches ``insert_threshold`` keys it is inserted into the graphs in
 bulk (exact L2 kNN of the new keys -> out-lists, reverse edges re-pruned, the connectivity repair again).
 
-Memory: keys float32 ``[n_kv_heads, cap, d]`` (one copy, the tail at its end) + adjacency int32
-``[n_graphs, cap, M]`` + per-worker visited stamps. (A float16 key copy for search is not offered: numba
-has no float16 arithmetic on CPU.)
+Memory: keys ``[n_kv_heads, cap, d]`` (one copy, the tail at its end) in float32 or, with
+``storage="bfloat16"``, as uint16 bfloat16 bits (half the bytes; the kernels convert on load, exactly) +
+adjacency int32 ``[n_graphs, cap, M]``. Per-worker search scratch (visited stamps, candidate heaps) is a
+process-wide pool shared by all indexes (:func:`.decode_kernels.scratch`).
 """
 
 from __future__ import annotations
@@ -46,13 +49,23 @@ import numba
 import numpy as np
 import torch
 
+from . import decode_kernels as DK
 from . import kernels as K
-from .base import IndexError_, KVIndex, register_index
+from .base import IndexError_, KVIndex, as_f32_3d, register_index
+from .bf16 import as_float32, bits_as_tensor, f32_to_bf16_bits
 
 GRAPH_PER = ("query_head", "kv_head")
+#: key storage of the index: float32, or bfloat16 (uint16 bits, rounded to nearest even; half the memory)
+STORAGE = ("float32", "bfloat16")
 
+#: "no cap" for the kernels' candidate limit
+_NO_CAP = 2**62
 #: bytes of float32 score matrix per matmul chunk in the kNN steps
 _CHUNK_BYTES = 64 << 20
+#: kNN problems with at least this many query x key scores run on the GPU when there is one
+_CUDA_MIN_SCORES = 1 << 24
+#: bytes of float32 score matrix per GPU chunk (rows of all keys at once, then torch.topk)
+_CUDA_CHUNK_BYTES = 1 << 30
 #: at most this many reached keys are candidate parents of unreached keys in the repair (cost bound)
 _REPAIR_PARENTS = 2048
 
@@ -63,22 +76,32 @@ def _pos_int(name, v, minimum=1):
     return int(v)
 
 
-def knn_ip(queries: np.ndarray, keys: np.ndarray, k: int, exclude: np.ndarray | None = None,
-           l2: bool = False):
-    """Exact top-k keys per query. queries [m, d], keys [n, d] -> ids [m, k] int32, scores [m, k] float32.
+def knn_ip(queries: np.ndarray, keys, k: int, exclude: np.ndarray | None = None, l2: bool = False):
+    """Exact top-k keys per query. queries [m, d] float32, keys [n, d] float32 or uint16 bfloat16 bits (or
+    a float32 torch tensor, e.g. already on the GPU: see :func:`keys_for_knn`) -> ids [m, k] int32, scores
+    [m, k] float32.
 
     ``l2=True`` ranks by smallest squared L2 distance instead (score ``2 q.k - |k|^2``, same order).
-    ``exclude [m]``: a key id to skip per query (self-matches). Matmul by torch (CUDA when available and the
-    problem is large), selection by a numba heap kernel over the columns in a fixed random order."""
+    ``exclude [m]``: a key id to skip per query (self-matches). On the CPU: torch matmul, selection by a numba
+    heap kernel over the columns in a fixed random order (ties: smaller id first). With CUDA (and a large
+    problem) matmul and ``torch.topk`` both run on the GPU and only the top-k come back (ties within the
+    top-k: smaller id first; which of several keys tied at the k-th score is kept is unspecified)."""
     m, d = queries.shape
     n = keys.shape[0]
     ids = np.full((m, k), -1, np.int32)
     sc = np.full((m, k), -np.inf, np.float32)
     if m == 0 or n == 0:
         return ids, sc
-    cnt = np.zeros(m, np.int64)
     excl = np.full(m, -1, np.int64) if exclude is None else np.ascontiguousarray(exclude, np.int64)
-    dev = "cuda" if (torch.cuda.is_available() and m * n >= (1 << 24)) else "cpu"
+    if isinstance(keys, torch.Tensor):
+        if keys.device.type != "cpu":
+            return knn_ip_torch(queries, keys, k, excl, l2, ids, sc, keys.device)
+        keys = keys.numpy()
+    if torch.cuda.is_available() and m * n >= _CUDA_MIN_SCORES:
+        return knn_ip_torch(queries, keys, k, excl, l2, ids, sc, "cuda")
+    keys = as_float32(keys)
+    cnt = np.zeros(m, np.int64)
+    dev = "cpu"
     perm = np.random.default_rng(n).permutation(n).astype(np.int64)
     kp = keys[perm]
     bias = (kp * kp).sum(1, dtype=np.float32) if l2 else np.zeros(n, np.float32)
@@ -96,6 +119,79 @@ def knn_ip(queries: np.ndarray, keys: np.ndarray, k: int, exclude: np.ndarray | 
     return ids, sc
 
 
+def keys_for_knn(keys, device) -> torch.Tensor:
+    """keys [n, d] (float32, uint16 bfloat16 bits, or a tensor) as a float32 tensor on ``device``; bfloat16
+    bits travel as bfloat16 (half the bytes) and are converted there."""
+    if isinstance(keys, torch.Tensor):
+        return keys.to(device).float()
+    if keys.dtype == np.uint16:
+        return bits_as_tensor(np.ascontiguousarray(keys)).to(device).float()
+    return torch.from_numpy(np.ascontiguousarray(keys, np.float32)).to(device)
+
+
+def knn_ip_torch(queries, keys, k, excl, l2, ids, sc, device):
+    """GPU body of :func:`knn_ip` (matmul + ``torch.topk`` on ``device``; same outputs): ``excl [m]`` int64
+    (-1 = none), ``ids [m, k]`` / ``sc [m, k]`` its -1 / -inf initialised result arrays, filled and returned."""
+    m, n = queries.shape[0], keys.shape[0]
+    kk = min(k, n)
+    Kt = keys_for_knn(keys, device)
+    Qt = torch.from_numpy(np.ascontiguousarray(queries)).to(device)
+    if l2:
+        Qt = 2 * Qt
+        bias = (Kt * Kt).sum(1)
+    ex = torch.from_numpy(excl).to(device)
+    rows = max(1, _CUDA_CHUNK_BYTES // (4 * n))
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        S = Qt[r0:r1] @ Kt.T
+        if l2:
+            S -= bias
+        e = ex[r0:r1]
+        has = e >= 0
+        if bool(has.any()):
+            S[torch.nonzero(has).flatten(), e[has]] = float("-inf")
+        v, i = torch.topk(S, kk, dim=1)
+        v, i = v.cpu().numpy(), i.cpu().numpy()
+        i = np.where(np.isneginf(v), -1, i)  # an excluded key (only when k >= n)
+        o = np.lexsort((np.where(i < 0, n, i), -v), axis=1)  # best first, ties smaller id, pads last
+        ids[r0:r1, :kk] = np.take_along_axis(i, o, 1)
+        sc[r0:r1, :kk] = np.take_along_axis(v, o, 1)
+    return ids, sc
+
+
+def diverse_queries(queries: np.ndarray, n_pick: int) -> np.ndarray:
+    """Indices of ``n_pick`` mutually distant queries ``[m, d]`` (farthest-point selection on the unit sphere,
+    cosine distance, starting from the query farthest from the mean direction) -> ``[<= n_pick]`` int64."""
+    u = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+    mu = u.mean(0)
+    mu /= max(float(np.linalg.norm(mu)), np.finfo(np.float32).tiny)
+    dist = 1.0 - u @ mu
+    picks = []
+    for _ in range(min(n_pick, len(u))):
+        j = int(np.argmax(dist))
+        picks.append(j)
+        dist = np.minimum(dist, 1.0 - u @ u[j])
+    return np.asarray(picks, np.int64)
+
+
+def entry_points(mean_best: int, queries: np.ndarray, top1: np.ndarray, n_entry: int) -> np.ndarray:
+    """Entry points of one graph ``[n_entry]`` int32 (-1 padded when fewer distinct keys): the key scoring
+    highest against the mean training query (``mean_best``), then the best keys
+    (``top1 [m]``, each training query's top-1 key) of ``n_entry - 1`` mutually distant training queries
+    ``[m, d]`` (:func:`diverse_queries`). Distinct entries make the graph's separate regions (e.g. keys of
+    different prompt parts retrieved by different queries, weakly linked by the projection) all starting
+    points of the search: a single entry in the wrong region can leave a query head at recall 0."""
+    out = np.full(n_entry, -1, np.int32)
+    out[0] = mean_best
+    e = 1
+    for j in diverse_queries(queries, n_entry - 1):
+        c = int(top1[j])
+        if c >= 0 and c not in out[:e]:
+            out[e] = c
+            e += 1
+    return out
+
+
 @register_index("roar")
 class RoarIndex(KVIndex):
     """Attention-aware graph over the keys of one layer (see the module docstring).
@@ -109,24 +205,33 @@ class RoarIndex(KVIndex):
     graph_per          ``"query_head"`` (one graph per query head, trained on its queries) or
                        ``"kv_head"`` (one per KV head, trained on its group's queries; G x less memory)
     max_train_queries  training queries per graph (evenly subsampled)
-    n_entry            entry points per graph
+    n_entry            entry points per graph (:func:`entry_points`; 4 fixed a recall-0 head at 32K, was
+                       neutral elsewhere at equal keys scanned; 8 lost recall on one head)
     fill               top pruned lists up to ``M`` with the occluded candidates
     n_owners           training queries (the ones scoring a key highest) whose kNN lists give its candidates
     order              candidate order for pruning: ``"count"`` (co-occurrence in those lists, then
                        distance) or ``"distance"`` (L2 to the pivot, the classic RNG order)
     repair_branching   branching of the trees that hang unreached keys below their nearest reached key
     insert_threshold   tail size (keys per head) at which added keys are inserted into the graphs
+    max_candidates     at most this many candidates (the first by the ``order`` ranking) are pruned per node,
+                       in the projection and when lists are re-pruned (None: all). Bounds the build cost;
+                       128 measured no recall loss at equal keys scanned (SmolLM2 8K: +0.006 / +0.004
+                       recall@100 at 8% / 10% scanned vs no cap)
+    storage            ``"float32"`` or ``"bfloat16"``: dtype the keys are kept in (bfloat16 halves the
+                       memory and the search bandwidth; exact for keys of a bfloat16 model)
     """
 
     budget_params = ("ef",)
 
     def __init__(self, M: int = 24, n_query_neighbors: int = 64, alpha: float = 1.0, ef: int = 128,
-                 graph_per: str = "kv_head", max_train_queries: int = 4096, n_entry: int = 1,
+                 graph_per: str = "kv_head", max_train_queries: int = 4096, n_entry: int = 4,
                  fill: bool = False, n_owners: int = 8, order: str = "count", repair_branching: int = 4,
-                 insert_threshold: int = 4096) -> None:
+                 insert_threshold: int = 4096, storage: str = "float32",
+                 max_candidates: int | None = 128) -> None:
         super().__init__(M=M, n_query_neighbors=n_query_neighbors, alpha=alpha, ef=ef, graph_per=graph_per,
                          max_train_queries=max_train_queries, n_entry=n_entry, fill=fill, n_owners=n_owners, order=order,
-                         repair_branching=repair_branching, insert_threshold=insert_threshold)
+                         repair_branching=repair_branching, insert_threshold=insert_threshold, storage=storage,
+                         max_candidates=max_candidates)
         self.M = _pos_int("M", M)
         self.n_query_neighbors = _pos_int("n_query_neighbors", n_query_neighbors, 2)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha < 1.0:
@@ -145,6 +250,11 @@ class RoarIndex(KVIndex):
         self.order = order
         self.repair_branching = _pos_int("repair_branching", repair_branching)
         self.insert_threshold = _pos_int("insert_threshold", insert_threshold)
+        if storage not in STORAGE:
+            raise IndexError_(f"roar: storage must be one of {STORAGE}, got {storage!r}")
+        self.storage = storage
+        self._key_dtype = np.uint16 if storage == "bfloat16" else np.float32
+        self.max_candidates = None if max_candidates is None else _pos_int("max_candidates", max_candidates)
         self._lock = threading.Lock()
         self.build_stats: dict[str, float] = {}
 
@@ -170,26 +280,33 @@ class RoarIndex(KVIndex):
         tq = np.stack([t[s[:m]] for t, s in zip(tq, sel)])  # [G, m, d]
         kq = min(self.n_query_neighbors, n)
 
+        # the graph is built over the keys as stored (bfloat16: rounded; the compiled kernels read the bits,
+        # the torch matmuls get a transient float32 copy of one KV head at a time)
+        stored = self._to_storage(keys)
         knn_ids = np.empty((G, m, kq), np.int32)
         knn_sc = np.empty((G, m, kq), np.float32)
-        for g in range(G):
-            knn_ids[g], knn_sc[g] = knn_ip(tq[g], keys[kv_of_graph[g]], kq)
+        entries = np.full((G, self.n_entry), -1, np.int32)
+        on_gpu = torch.cuda.is_available() and (m + 1) * n >= _CUDA_MIN_SCORES
+        for h in range(Hkv):
+            kh = keys_for_knn(stored[h], "cuda") if on_gpu else stored[h]  # one host->GPU copy per KV head
+            for g in np.nonzero(kv_of_graph == h)[0]:
+                # the graph's mean training query rides along as an extra row: its top key is the first entry
+                ids, sc = knn_ip(np.concatenate([tq[g], tq[g].mean(0, keepdims=True)]), kh, kq)
+                knn_ids[g], knn_sc[g] = ids[:-1], sc[:-1]
+                entries[g] = entry_points(int(ids[-1, 0]), tq[g], ids[:-1, 0], self.n_entry)
+            del kh
+        keys = stored
         t1 = time.perf_counter()
 
-        # entry points: best keys for the graph's mean training query
-        E = min(self.n_entry, n)
-        entries = np.empty((G, E), np.int32)
-        for g in range(G):
-            s = keys[kv_of_graph[g]] @ tq[g].mean(0)
-            entries[g] = np.argsort(-s, kind="stable")[:E]
-
         own = K.owners(knn_ids, knn_sc, n, self.n_owners)
-        adj = K.project(knn_ids, own, keys, kv_of_graph, n, self.M, self.alpha, self.fill, self.order == "count")
+        adj = K.project(knn_ids, own, keys, kv_of_graph, n, self.M, self.alpha, self.fill, self.order == "count",
+                        self._cand_cap, numba.get_num_threads())
         src, dst, cnt = K.reverse_edges(adj, n)
-        K.merge_edges(adj, src, dst, cnt, keys, kv_of_graph, n, self.alpha, self.fill)
+        K.merge_edges(adj, src, dst, cnt, keys, kv_of_graph, n, self.alpha, self.fill, self._cand_cap,
+                      numba.get_num_threads())
         t2 = time.perf_counter()
 
-        self._keys = keys  # [Hkv, cap, d]; graph nodes 0..n_graph-1, tail n_graph..n_keys-1
+        self._keys = keys  # [Hkv, cap, d] float32 or uint16 bits; graph nodes 0..n_graph-1, tail n_graph..
         self._adj = adj
         self._entries = entries
         self._kv_of_graph = kv_of_graph
@@ -199,7 +316,6 @@ class RoarIndex(KVIndex):
         self.build_stats = {"knn_s": t1 - t0, "graph_s": t2 - t1, "repair_s": t3 - t2, "total_s": t3 - t0,
                             "n_train": float(m), "repair_links": float(links),
                             "covered_frac": float((own[:, :, 0] >= 0).mean())}
-        self._visited = None
 
     def _repair(self) -> int:
         """Connectivity repair over nodes 0..n_graph-1 (see module docstring). Returns the number of edges
@@ -218,8 +334,8 @@ class RoarIndex(KVIndex):
                     continue
                 if len(rr) > _REPAIR_PARENTS:  # parents from an even sample of the reached keys: bounded cost
                     rr = rr[np.linspace(0, len(rr) - 1, _REPAIR_PARENTS).astype(np.int64)]
-                ku = keys[kvg[g], un]
-                nn, sc = knn_ip(ku, np.ascontiguousarray(keys[kvg[g], rr]), 1, l2=True)
+                ku = self._f32(keys[kvg[g], un])
+                nn, sc = knn_ip(ku, keys[kvg[g], rr], 1, l2=True)
                 parent[g, un] = rr[nn[:, 0]]
                 pdist[g, un] = (ku * ku).sum(1) - sc[:, 0]
             K.attach_trees(adj, parent, pdist, n, self.repair_branching)
@@ -248,14 +364,42 @@ class RoarIndex(KVIndex):
         sc = np.empty((Hq, nq, k), np.float32)
         ns = np.empty((Hq, nq), np.int64)
         T = max(1, min(numba.get_num_threads(), Hq * nq))
-        with self._lock:
-            cap = self._keys.shape[1]
-            if self._visited is None or self._visited.shape[0] < T or self._visited.shape[1] < cap:
-                self._visited = np.zeros((max(T, 1), cap), np.int32)
-                self._stamps = np.zeros(self._visited.shape[0], np.int64)
+        with self._lock, DK.scratch(T, self.n_graph) as w:
             K.search_batch(self._adj, self._keys, self.n_graph, self.n_keys, queries, graph_of_head, kv_of_head,
-                           self._entries, k, L, self._visited[:T], self._stamps[:T], ids, sc, ns)
+                           self._entries, k, L, w.visited[:T], w.stamps[:T], w.cand_s[:T], w.cand_i[:T], ids, sc, ns)
         return ids, sc, ns
+
+    def search_attend(self, queries, k: int, values: np.ndarray, scaling: float, ef=None, return_ids: bool = False,
+                      **budget):
+        """Fused search + attention (:func:`.decode_kernels.search_attend_batch`); shapes as
+        :meth:`KVIndex.search_attend`. float32 and bfloat16-bits values take the compiled path, others
+        (float16) the generic one."""
+        values = self._check_values(values)
+        if values.dtype not in (np.float32, np.uint16) or budget:
+            return super().search_attend(queries, k, values, scaling, return_ids=return_ids,
+                                         **({} if ef is None else {"ef": ef}), **budget)
+        if self.n_keys == 0:
+            raise IndexError_("search on an empty index: call build() first")
+        q = as_f32_3d(queries, "queries", self.head_dim)
+        if q.shape[0] % self.n_kv_heads != 0:
+            raise IndexError_(f"queries have {q.shape[0]} heads, not a multiple of the {self.n_kv_heads} KV heads")
+        if not isinstance(k, (int, np.integer)) or k <= 0:
+            raise IndexError_(f"k must be a positive integer, got {k!r}")
+        k = int(k)
+        L = self.ef if ef is None else _pos_int("ef", ef)
+        Hq, nq, _ = q.shape
+        graph_of_head, kv_of_head = self._graph_maps(Hq)
+        out = np.empty((Hq, nq, values.shape[2]), np.float32)
+        lse = np.empty((Hq, nq), np.float32)
+        ids = np.empty((Hq, nq, k), np.int64)
+        sc = np.empty((Hq, nq, k), np.float32)
+        ns = np.empty((Hq, nq), np.int64)
+        T = max(1, min(numba.get_num_threads(), Hq * nq))
+        with self._lock, DK.scratch(T, self.n_graph) as w:
+            DK.search_attend_batch(self._adj, self._keys, values, self.n_graph, self.n_keys, q, graph_of_head,
+                                   kv_of_head, self._entries, k, L, float(scaling), w.visited[:T], w.stamps[:T],
+                                   w.cand_s[:T], w.cand_i[:T], out, lse, ns, ids, sc)
+        return (out, lse, ns, ids) if return_ids else (out, lse, ns)
 
     # ---- insertion --------------------------------------------------------------------------------
     def _add(self, new_keys):
@@ -264,10 +408,10 @@ class RoarIndex(KVIndex):
             cap = self._keys.shape[1]
             if n + m > cap:  # amortised growth of the key store (the tail lives at its end)
                 cap = max(n + m, 2 * cap)
-                grown = np.empty((self.n_kv_heads, cap, self.head_dim), np.float32)
+                grown = np.empty((self.n_kv_heads, cap, self.head_dim), self._key_dtype)
                 grown[:, :n] = self._keys[:, :n]
                 self._keys = grown
-            self._keys[:, n:n + m] = new_keys
+            self._keys[:, n:n + m] = self._to_storage(new_keys)
         if n + m - self.n_graph >= self.insert_threshold:
             self._insert_tail(n + m)
 
@@ -286,7 +430,7 @@ class RoarIndex(KVIndex):
             srcs, dsts = [], []
             nn_kv = {}
             for h in np.unique(kvg):
-                nn, _ = knn_ip(keys[h, lo:n_total], keys[h, :n_total], r, exclude=new, l2=True)
+                nn, _ = knn_ip(self._f32(keys[h, lo:n_total]), keys[h, :n_total], r, exclude=new, l2=True)
                 nn_kv[int(h)] = nn
             for g in range(G):
                 nn = nn_kv[int(kvg[g])]
@@ -302,15 +446,33 @@ class RoarIndex(KVIndex):
                 src[g, : ne[g]] = srcs[g]
                 dst[g, : ne[g]] = dsts[g]
             # out-lists of new nodes are empty: merge prunes them to M; old nodes get reverse edges re-pruned
-            K.merge_edges(self._adj, src, dst, ne, keys, kvg, n_total, self.alpha, self.fill)
+            K.merge_edges(self._adj, src, dst, ne, keys, kvg, n_total, self.alpha, self.fill, self._cand_cap,
+                          numba.get_num_threads())
             self.n_graph = n_total
             self._repair()
+
+    @property
+    def _cand_cap(self) -> int:
+        """``max_candidates`` for the kernels (no cap: a count no pool reaches)."""
+        return _NO_CAP if self.max_candidates is None else self.max_candidates
+
+    # ---- key storage ------------------------------------------------------------------------------
+    def _to_storage(self, x: np.ndarray) -> np.ndarray:
+        """float32 keys (any shape) in the storage dtype (bfloat16: uint16 bits, round to nearest even)."""
+        return f32_to_bf16_bits(x) if self.storage == "bfloat16" else x
+
+    def _f32(self, x: np.ndarray) -> np.ndarray:
+        """Stored keys (a slice of ``_keys``) as float32 (a copy for bfloat16 storage, for torch matmuls)."""
+        return np.ascontiguousarray(as_float32(x))
+
+    def stored_keys(self) -> np.ndarray:
+        """The keys ``[n_kv_heads, n_keys, head_dim]`` as the index holds them: float32, or uint16 bfloat16
+        bits with ``storage="bfloat16"`` (a view, no copy; do not modify)."""
+        return self._keys[:, : self.n_keys]
 
     # ---- accounting / persistence -------------------------------------------------------------------
     def memory_bytes(self) -> int:
         b = self._keys.nbytes + self._adj.nbytes + self._entries.nbytes
-        if getattr(self, "_visited", None) is not None:
-            b += self._visited.nbytes
         return int(b)
 
     def state(self):
@@ -323,11 +485,16 @@ class RoarIndex(KVIndex):
         }
 
     def load_state(self, arrays):
-        self._keys = np.ascontiguousarray(arrays["keys"], np.float32)
+        keys = np.asarray(arrays["keys"])
+        if self.storage == "bfloat16":
+            if keys.dtype not in (np.uint16, np.int16):
+                raise IndexError_(f"roar index file: bfloat16 keys must be stored as 16-bit integers, got {keys.dtype}")
+            self._keys = np.ascontiguousarray(keys).view(np.uint16)
+        else:
+            self._keys = np.ascontiguousarray(keys, np.float32)
         self._adj = np.ascontiguousarray(arrays["adj"], np.int32)
         self._entries = np.ascontiguousarray(arrays["entries"], np.int32)
         self._kv_of_graph = np.ascontiguousarray(arrays["kv_of_graph"], np.int64)
         self.n_graph = int(arrays["n_graph"][0])
-        self._visited = None
         if self._keys.shape[1] != self.n_keys or self._adj.shape[1] != self.n_graph:
             raise IndexError_("roar index file is inconsistent (key / graph sizes do not match its metadata)")

@@ -1,0 +1,170 @@
+"""Estimate of the attention over the CPU keys that retrieval did *not* return (the "residual").
+
+Retrieval attention computes softmax attention over the static tokens and the top-k retrieved keys only;
+the probability mass of every other key is dropped. On models whose attention is diffuse in some layers
+this drop shifts the output (SmolLM2-135M at 4K: exact top-100, top-400 too, loses needles that full
+attention finds; keeping layers 15-22 dense, or this estimate, recovers them — docs/RESULTS.md).
+
+The estimate: draw ``m`` key ids uniformly (with replacement) from the ``n`` keys of the store; a draw that
+hits a retrieved id contributes nothing, any other contributes ``exp(s) v`` with weight ``n / m``. That is an
+unbiased estimate of the numerator and of the denominator of the residual's softmax (each sum over the
+non-retrieved keys), returned as a partial attention ``(out, lse)`` whose ``lse`` carries the weight, so
+:func:`retrieval_attention.attention.merge.merge_partial` merges it with the other parts exactly like a real
+partial result. When ``n <= k + m`` the residual is small enough to be computed exactly (weight 1, no draw).
+
+Draws are deterministic: a splitmix64 stream seeded from ``(seed, n, head, query)``, so greedy decoding
+stays reproducible and independent of thread scheduling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ..index.kernels import elem
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+@njit(nogil=True, cache=True)
+def _splitmix(state):
+    """One splitmix64 step: returns (new_state, 64-bit output)."""
+    state = state + _GOLDEN
+    z = state
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return state, z ^ (z >> np.uint64(31))
+
+
+@njit(nogil=True, cache=True)
+def _seed(seed, n, h, i):
+    s = np.uint64(seed)
+    for x in (n, h, i):
+        s, z = _splitmix(s ^ np.uint64(x))
+        s = z
+    return s
+
+
+@njit(nogil=True, cache=True)
+def draw_ids(seed, n, h, i, m, out):
+    """``m`` ids uniform in ``[0, n)`` for (head ``h``, query ``i``) into ``out[:m]`` (the kernel's stream)."""
+    st = _seed(seed, n, h, i)
+    for t in range(m):
+        st, z = _splitmix(st)
+        out[t] = np.int64(z % np.uint64(n))
+
+
+@njit(nogil=True, cache=True)
+def _row(a, h, j, buf):
+    """Row ``a[h, j]`` (float32, or uint16 bfloat16 bits) as float32 into ``buf``."""
+    for t in range(a.shape[2]):
+        buf[t] = elem(a, h, j, t)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed, out, lse):
+    """Residual estimate for every (query head, query).
+
+    keys / values ``[Hkv, >= n, D]`` float32 or uint16 (bfloat16 bits); queries ``[Hq, L, D]`` float32;
+    kv_of_head ``[Hq]`` int64; topk_ids ``[Hq, L, k]`` int64 (the retrieved ids, -1 padding, any order).
+    Writes out ``[Hq, L, Dv]`` float32 and lse ``[Hq, L]`` float32 (-inf and 0 when nothing contributes).
+    """
+    Hq, L, D = queries.shape
+    Dv = values.shape[2]
+    k = topk_ids.shape[2]
+    exact = n <= k + m
+    P = Hq * L
+    for p in prange(P):
+        h = p // L
+        i = p - h * L
+        kv = kv_of_head[h]
+        kb = np.empty(D, np.float32)
+        vb = np.empty(Dv, np.float32)
+        acc = np.zeros(Dv, np.float64)
+        taken = np.sort(topk_ids[h, i])
+        cnt = n if exact else m
+        ids = np.empty(cnt, np.int64)
+        if exact:
+            for t in range(n):
+                ids[t] = t
+        else:
+            draw_ids(seed, n, h, i, m, ids)
+        s = np.empty(cnt, np.float64)
+        keep = np.zeros(cnt, np.bool_)
+        mx = -np.inf
+        for t in range(cnt):
+            j = ids[t]
+            pos = np.searchsorted(taken, j)
+            if pos < k and taken[pos] == j:
+                continue
+            _row(keys, kv, j, kb)
+            d = 0.0
+            for c in range(D):
+                d += np.float64(queries[h, i, c]) * kb[c]
+            s[t] = d * scaling
+            keep[t] = True
+            if s[t] > mx:
+                mx = s[t]
+        if mx == -np.inf:
+            lse[h, i] = -np.inf
+            for c in range(Dv):
+                out[h, i, c] = 0.0
+            continue
+        z = 0.0
+        for t in range(cnt):
+            if not keep[t]:
+                continue
+            w = np.exp(s[t] - mx)
+            z += w
+            _row(values, kv, ids[t], vb)
+            for c in range(Dv):
+                acc[c] += w * vb[c]
+        weight = 1.0 if exact else n / m
+        lse[h, i] = mx + np.log(z * weight)
+        for c in range(Dv):
+            out[h, i, c] = acc[c] / z
+
+
+def residual_attention_ref(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed):
+    """Plain numpy version of :func:`residual_attention` (same draws). Arrays as there (float32 keys/values)."""
+    from ..index.bf16 import as_float32
+
+    keys, values = as_float32(keys), as_float32(values)
+    Hq, L, D = queries.shape
+    k = topk_ids.shape[2]
+    exact = n <= k + m
+    out = np.zeros((Hq, L, values.shape[2]), np.float32)
+    lse = np.full((Hq, L), -np.inf, np.float32)
+    buf = np.empty(max(m, 1), np.int64)
+    for h in range(Hq):
+        for i in range(L):
+            if exact:
+                ids = np.arange(n)
+            else:
+                draw_ids(seed, n, h, i, m, buf)
+                ids = buf[:m].copy()
+            ids = ids[~np.isin(ids, topk_ids[h, i])]
+            if len(ids) == 0:
+                continue
+            s = keys[kv_of_head[h], ids].astype(np.float64) @ queries[h, i].astype(np.float64) * scaling
+            mx = s.max()
+            w = np.exp(s - mx)
+            out[h, i] = (w @ values[kv_of_head[h], ids].astype(np.float64)) / w.sum()
+            lse[h, i] = mx + np.log(w.sum() * (1.0 if exact else n / m))
+    return out, lse
+
+
+def estimate_residual(keys, values, queries, kv_of_head, topk_ids, n: int, m: int, scaling: float, seed: int = 0):
+    """Compiled residual estimate (see the module docstring); returns ``out [Hq, L, Dv] float32, lse [Hq, L]``."""
+    Hq, L, _ = queries.shape
+    out = np.empty((Hq, L, values.shape[2]), np.float32)
+    lse = np.empty((Hq, L), np.float32)
+    if n == 0 or m <= 0:
+        out[:] = 0
+        lse[:] = -np.inf
+        return out, lse
+    residual_attention(keys, values, np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(kv_of_head, np.int64),
+                       np.ascontiguousarray(topk_ids, np.int64), int(n), int(m), float(scaling), int(seed), out, lse)
+    return out, lse

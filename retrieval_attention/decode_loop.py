@@ -1,0 +1,379 @@
+"""Lean decode loop: one token per step through a prefilled retrieval-attention cache, without the
+transformers forward (issue #5).
+
+Per step and layer only the needed ops run, through the model's own modules: input norm, q/k/v projections
+(+ q/k norms of Qwen3), RoPE, then for a :class:`~retrieval_attention.cache.RetrievalLayer`
+
+* the new key/value overwrite the oldest window slot of the static tokens **in place** (a ring buffer over
+  the window slots, no concatenation per step); the token it held goes to the layer's CPU store (method
+  ``retrieval``, only if that slot held a real token);
+* the query goes to pinned host memory, an event is recorded, and only then the device attention over the
+  static slots is queued, so the CPU store's top-k retrieval + attention (``store.attend``) overlaps it;
+* the two parts merge exactly by log-sum-exp (fp32);
+
+then o_proj, residual, post norm, MLP, residual. Dense layers (plain ``DynamicLayer``) run ``update`` +
+exact SDPA. While a :class:`LeanDecoder` is open the window is kept in ring order; :meth:`LeanDecoder.close`
+restores the chronological layout (sink, then window oldest first) so the transformers path, context saving
+and forking continue correctly.
+
+``cuda_graphs=True`` (CUDA only, optional) captures the device work between host round trips in CUDA graphs
+after one eager warm-up step; host<->device copies and events stay outside the graphs. If capture fails the
+loop warns and stays eager.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from .attention.device import attention_with_lse
+from .attention.merge import merge_partial
+from .prefill import unsupported_reason as _model_unsupported_reason
+
+_DEV, _HOST = "device", "host"  # op kinds: device ops are capturable, host ops run between graphs
+
+
+def unsupported_reason(model, cache) -> str | None:
+    """Why :class:`LeanDecoder` cannot run ``model`` with ``cache`` (None when it can)."""
+    from transformers.cache_utils import DynamicLayer
+
+    from .cache import RetrievalCache, RetrievalLayer
+
+    reason = _model_unsupported_reason(model)
+    if reason is not None:
+        return reason
+    if not isinstance(cache, RetrievalCache):
+        return f"the lean decode loop needs a RetrievalCache (got {type(cache).__name__})"
+    layers = cache.layers
+    n_model = len(model.model.layers)
+    if len(layers) != n_model:
+        return f"the cache has {len(layers)} layers, the model {n_model}"
+    rl = cache.retrieval_layers
+    if not rl:
+        return "the cache has no retrieval layers"
+    if not all(l.offloaded for l in rl):
+        return "the cache's retrieval layers are not offloaded (prefill first; prompts up to n_sink + window stay dense)"
+    S = rl[0].config.n_static
+    dev = model.model.embed_tokens.weight.device
+    for l in rl:
+        if l.static_k.shape[2] != S:
+            return f"layer {l.layer_idx} holds {l.static_k.shape[2]} static tokens, not n_sink + window = {S}"
+        if l.total != rl[0].total or l.win_start != rl[0].win_start:
+            return "the retrieval layers are not at the same position"
+        if l.static_k.device != dev:
+            return f"layer {l.layer_idx}'s static tokens are on {l.static_k.device}, the model on {dev}"
+    for i, l in enumerate(layers):
+        if not isinstance(l, RetrievalLayer):
+            if type(l) is not DynamicLayer or not getattr(l, "is_initialized", False) or l.keys is None:
+                return f"layer {i} is a {type(l).__name__} (dense layers must be prefilled DynamicLayers)"
+            if l.keys.device != dev:
+                return f"dense layer {i}'s KV is on {l.keys.device}, the model on {dev}"
+    return None
+
+
+class LeanDecoder:
+    """Decode ``[B, 1]`` tokens through ``model`` with its prefilled, offloaded ``RetrievalCache``.
+
+    Use as a context manager (or call :meth:`close`): ``with LeanDecoder(model, cache) as dec: logits =
+    dec.step(tok)``. Do not run the transformers forward on the cache while the decoder is open.
+    """
+
+    def __init__(self, model, cache, *, cuda_graphs: bool = False):
+        reason = unsupported_reason(model, cache)
+        if reason is not None:
+            raise NotImplementedError(reason) if _model_unsupported_reason(model) else ValueError(reason)
+        from .cache import RetrievalLayer
+
+        self.model, self.cache = model, cache
+        self.base = model.model
+        self.dev = self.base.embed_tokens.weight.device
+        self.cuda = self.dev.type == "cuda"
+        rl = cache.retrieval_layers
+        cfg = rl[0].config
+        self.S1, self.W = cfg.n_sink, cfg.window
+        self.B = rl[0].static_k.shape[0]
+        attn0 = self.base.layers[0].self_attn
+        self.D = attn0.head_dim
+        self.Hq = model.config.num_attention_heads
+        self.Hkv = rl[0].static_k.shape[1]
+        self.group = self.Hq // self.Hkv
+        self._rope = sys.modules[type(attn0).__module__].apply_rotary_pos_emb
+        self.kinds = []  # per layer: "dense" | "stream" | "retrieve"
+        for l in cache.layers:
+            self.kinds.append("dense" if not isinstance(l, RetrievalLayer) else ("retrieve" if l.retrieve else "stream"))
+        # private copies of the static tensors: they are written in place below, and forks share the originals
+        for l in rl:
+            l.static_k, l.static_v, l.static_valid = l.static_k.clone(), l.static_v.clone(), l.static_valid.clone()
+        self._valid_host = {i: l.static_valid.cpu().numpy().copy()
+                            for i, l in enumerate(cache.layers) if self.kinds[i] == "retrieve"}
+        self.head = 0  # window slot holding the oldest window token (ring order)
+        pad = (rl[0].sink_end.to(self.dev) - self.S1).long()  # [B] left padding of each sequence
+        self._pad = pad
+        self._padded = bool((pad > 0).any())
+        self._pos = (rl[0].total - pad).view(self.B, 1)  # [B, 1] position of the next token
+        self._slot = torch.full((1,), self.S1, dtype=torch.long, device=self.dev)  # static column being written
+        pin = self.cuda
+        B, Hq, Hkv, D = self.B, self.Hq, self.Hkv, self.D
+        dtype = rl[0].static_k.dtype
+        self._q_host = torch.empty((B, Hq, 1, D), dtype=torch.float32, pin_memory=pin)
+        self._old_k_host = torch.empty((B, Hkv, 1, D), dtype=dtype, pin_memory=pin)
+        self._old_v_host = torch.empty((B, Hkv, 1, D), dtype=dtype, pin_memory=pin)
+        self._oc_host = torch.empty((B, Hq, 1, D), dtype=torch.float32, pin_memory=pin)
+        self._lc_host = torch.empty((B, Hq, 1), dtype=torch.float32, pin_memory=pin)
+        self._event = torch.cuda.Event() if self.cuda else None
+        self._t: dict[str, torch.Tensor] = {"pos": self._pos}
+        for i, kind in enumerate(self.kinds):
+            if kind == "retrieve":  # CPU results land here (persistent: graphs read them by address)
+                self._t[f"oc{i}"] = torch.zeros((B, Hq, 1, D), dtype=torch.float32, device=self.dev)
+                self._t[f"lc{i}"] = torch.full((B, Hq, 1), float("-inf"), dtype=torch.float32, device=self.dev)
+        self._ops = self._build_ops()
+        self._graphs = None  # list of ("graph", CUDAGraph) / (_HOST, fn) once captured
+        self._want_graphs = False
+        if cuda_graphs:
+            if not self.cuda:
+                warnings.warn("cuda_graphs needs a CUDA device; decoding eagerly", stacklevel=2)
+            elif "dense" in self.kinds:
+                warnings.warn("cuda_graphs: dense layers grow their KV every step and cannot be captured; "
+                              "decoding eagerly", stacklevel=2)
+            else:
+                self._want_graphs = True
+        self.closed = False
+        self.steps = 0
+
+    @staticmethod
+    def supports(model, cache) -> bool:
+        """Whether ``LeanDecoder(model, cache)`` can run (Llama-family model, offloaded RetrievalCache)."""
+        return unsupported_reason(model, cache) is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- the step -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """One decode step: ``input_ids [B, 1]`` -> logits ``[B, vocab]`` float32."""
+        if self.closed:
+            raise RuntimeError("this LeanDecoder is closed")
+        if input_ids.shape != (self.B, 1):
+            raise ValueError(f"input_ids must be [B, 1] = [{self.B}, 1], got {list(input_ids.shape)}")
+        if self._graphs is not None:
+            self._t["ids"].copy_(input_ids, non_blocking=True)
+            for kind, obj in self._graphs:
+                obj.replay() if kind == "graph" else obj()
+            logits = self._t["logits"].clone()
+        elif self._want_graphs:
+            logits = self._warmup_and_capture(input_ids)
+        else:
+            self._t["ids"] = input_ids.to(self.dev)
+            for _, fn in self._ops:
+                fn()
+            logits = self._t["logits"]
+        self._advance()
+        return logits
+
+    def _advance(self) -> None:
+        """Bookkeeping after a step: the ring head, positions, and each layer's counters."""
+        self.head = (self.head + 1) % self.W
+        self._pos.add_(1)
+        self._slot.fill_(self.S1 + self.head)
+        for l in self.cache.retrieval_layers:
+            l.total += 1
+            l.win_start += 1  # the oldest window token's padded position
+        self.steps += 1
+
+    def _build_ops(self):
+        ops = [(_DEV, self._op_embed)]
+        for i, kind in enumerate(self.kinds):
+            if kind == "dense":
+                ops.append((_DEV, lambda i=i: self._op_dense(i)))
+                continue
+            ops.append((_DEV, lambda i=i: self._op_pre(i)))
+            if kind == "retrieve":
+                ops.append((_HOST, lambda i=i: self._op_to_host(i)))
+            ops.append((_DEV, lambda i=i: self._op_static_attention(i)))
+            if kind == "retrieve":
+                ops.append((_HOST, lambda i=i: self._op_cpu_part(i)))
+            ops.append((_DEV, lambda i=i: self._op_post(i)))
+        ops.append((_DEV, self._op_final))
+        return ops
+
+    # ---- device ops (capturable: no host syncs, no CPU tensors) --------------------------------------
+    def _op_embed(self):
+        t = self._t
+        t["x"] = self.base.embed_tokens(t["ids"])
+        t["cos"], t["sin"] = self.base.rotary_emb(t["x"], t["pos"])
+
+    def _qkv(self, i):
+        """q ``[B, Hq, 1, D]``, k/v ``[B, Hkv, 1, D]`` of layer ``i`` after RoPE."""
+        layer = self.base.layers[i]
+        attn = layer.self_attn
+        h = layer.input_layernorm(self._t["x"])
+        shape = (self.B, 1, -1, self.D)
+        q = attn.q_proj(h).view(shape)
+        k = attn.k_proj(h).view(shape)
+        v = attn.v_proj(h).view(shape).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over the head dim before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return (*self._rope(q.transpose(1, 2), k.transpose(1, 2), self._t["cos"], self._t["sin"]), v)
+
+    def _op_pre(self, i):
+        """Projections, RoPE, old slot contents out, new token into the slot (in place)."""
+        t, cl = self._t, self.cache.layers[i]
+        q, k, v = self._qkv(i)
+        if self.kinds[i] == "retrieve":
+            t[f"qf{i}"] = q.float().contiguous()
+            t[f"ok{i}"] = cl.static_k.index_select(2, self._slot)  # the token leaving the window
+            t[f"ov{i}"] = cl.static_v.index_select(2, self._slot)
+        cl.static_k.index_copy_(2, self._slot, k)
+        cl.static_v.index_copy_(2, self._slot, v)
+        cl.static_valid.index_fill_(1, self._slot, True)
+        t[f"q{i}"] = q
+
+    def _op_static_attention(self, i):
+        t, cl = self._t, self.cache.layers[i]
+        S = cl.static_k.shape[2]
+        scaling = self.base.layers[i].self_attn.scaling
+        t[f"od{i}"], t[f"ld{i}"] = attention_with_lse(t[f"q{i}"], cl.static_k, cl.static_v, scaling,
+                                                      cl.static_valid.view(self.B, 1, 1, S))
+
+    def _op_post(self, i):
+        t = self._t
+        layer = self.base.layers[i]
+        if self.kinds[i] == "retrieve":
+            out, _ = merge_partial(t[f"od{i}"], t[f"ld{i}"], t[f"oc{i}"], t[f"lc{i}"])
+        else:
+            out = t[f"od{i}"]
+        self._residual_mlp(layer, out.to(t["x"].dtype).transpose(1, 2).reshape(self.B, 1, -1))
+
+    def _residual_mlp(self, layer, attn_out):
+        """x += o_proj(attn_out); x += mlp(post_norm(x)). attn_out ``[B, 1, Hq * D]``."""
+        x = self._t["x"] + layer.self_attn.o_proj(attn_out)
+        self._t["x"] = x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _op_dense(self, i):
+        """A dense layer: ``update`` (concatenation) + exact SDPA, as the transformers path (eager only)."""
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        layer = self.base.layers[i]
+        q, k, v = self._qkv(i)
+        keys, values = self.cache.layers[i].update(k, v)
+        mask = None
+        if self._padded:  # left padding is never attended
+            mask = (torch.arange(keys.shape[2], device=self.dev).view(1, -1) >= self._pad.view(-1, 1)).view(self.B, 1, 1, -1)
+        out = sdpa_attention_forward(layer.self_attn, q, keys, values, mask, scaling=layer.self_attn.scaling)[0]
+        self._residual_mlp(layer, out.reshape(self.B, 1, -1))
+
+    def _op_final(self):
+        x = self.base.norm(self._t["x"])
+        self._t["logits"] = self.model.lm_head(x)[:, -1].float()
+
+    # ---- host ops -------------------------------------------------------------------------------------
+    def _op_to_host(self, i):
+        """Query and leaving token to (pinned) host memory, then an event: queued before the device
+        attention so the CPU part only waits for these copies."""
+        t = self._t
+        self._q_host.copy_(t[f"qf{i}"], non_blocking=self.cuda)
+        self._old_k_host.copy_(t[f"ok{i}"], non_blocking=self.cuda)
+        self._old_v_host.copy_(t[f"ov{i}"], non_blocking=self.cuda)
+        if self.cuda:
+            self._event.record()
+
+    def _op_cpu_part(self, i):
+        """Evict the overwritten token to the CPU store, then top-k retrieval + attention per sequence."""
+        cl = self.cache.layers[i]
+        cfg = cl.config
+        if self.cuda:
+            self._event.synchronize()
+        slot = self.S1 + self.head
+        valid = self._valid_host[i]
+        for b, store in enumerate(cl.stores):
+            if valid[b, slot]:
+                store.add(self._old_k_host[b].clone(), self._old_v_host[b].clone(), cl.n_query_heads)
+        valid[:, slot] = True
+        st = cl.stats
+        for b, store in enumerate(cl.stores):
+            if store.index is None or store.n == 0:
+                self._oc_host[b].zero_()
+                self._lc_host[b].fill_(float("-inf"))
+                continue
+            t0 = time.perf_counter()
+            o, s, n_scanned = store.attend(self._q_host[b].numpy(), self.group, self.base.layers[i].self_attn.scaling,
+                                           cfg.top_k, **cfg.search_params)
+            self._oc_host[b].copy_(torch.from_numpy(o))
+            self._lc_host[b].copy_(torch.from_numpy(s))
+            st.search_s += time.perf_counter() - t0  # fused retrieval + attention, booked as search (as decode_attention)
+            n_pairs = int(np.prod(n_scanned.shape))
+            st.n_searches += n_pairs
+            st.n_scanned += int(n_scanned.sum())
+            st.n_cpu_keys_at_search += n_pairs * store.n
+        self._t[f"oc{i}"].copy_(self._oc_host, non_blocking=self.cuda)
+        self._t[f"lc{i}"].copy_(self._lc_host, non_blocking=self.cuda)
+
+    # ---- CUDA graphs ----------------------------------------------------------------------------------
+    def _warmup_and_capture(self, input_ids):
+        """First step with ``cuda_graphs``: run it eagerly on a side stream (lazy initialisations), then
+        capture each run of device ops between host ops; on failure warn and stay eager."""
+        cur = torch.cuda.current_stream(self.dev)
+        side = torch.cuda.Stream(self.dev)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            self._t["ids"] = input_ids.to(self.dev)
+            for _, fn in self._ops:
+                fn()
+            logits = self._t["logits"].clone()
+        cur.wait_stream(side)
+        torch.cuda.synchronize(self.dev)
+        self._want_graphs = False
+        ids_buf = torch.zeros((self.B, 1), dtype=torch.long, device=self.dev)
+        try:
+            self._t["ids"] = ids_buf
+            pool = torch.cuda.graph_pool_handle()
+            segments, run = [], []
+
+            def flush():
+                if run:
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=pool, stream=side, capture_error_mode="thread_local"):
+                        for fn in run:
+                            fn()
+                    segments.append(("graph", g))
+                    run.clear()
+
+            # capturing records the device work without running it: the cache is not touched here
+            for kind, fn in self._ops:
+                if kind == _DEV:
+                    run.append(fn)
+                else:
+                    flush()
+                    segments.append((kind, fn))
+            flush()
+            torch.cuda.synchronize(self.dev)
+            self._graphs = segments
+        except Exception as e:  # noqa: BLE001 - any capture problem: stay eager
+            warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly", stacklevel=3)
+            self._graphs = None
+            torch.cuda.synchronize(self.dev)
+        return logits
+
+    # ---- closing --------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Restore the chronological static layout (sink, then window oldest first); idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self._graphs = None
+        if self.head:
+            W, S1 = self.W, self.S1
+            order = torch.cat([torch.arange(S1), S1 + (torch.arange(W) + self.head) % W]).to(self.dev)
+            for l in self.cache.retrieval_layers:
+                l.static_k = l.static_k.index_select(2, order)
+                l.static_v = l.static_v.index_select(2, order)
+                l.static_valid = l.static_valid.index_select(1, order)
+        self.head = 0

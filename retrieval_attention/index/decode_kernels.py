@@ -1,0 +1,201 @@
+"""The decode hot path of ``roar`` in one compiled call: graph search + attention over the retrieved keys.
+
+:func:`search_attend_batch` runs, for every (query head, query) pair of a layer in parallel, exactly the
+beam search of :func:`.kernels.search_batch` (the same :func:`.kernels.search_pair`, so the same ids,
+scores and scanned counts), then the softmax attention over the ``k`` keys it found:
+
+    p_j = exp(scaling * s_j - m),  m = max_j scaling * s_j,  lse = m + log(sum_j p_j),
+    out = sum_j p_j v_j / sum_j p_j
+
+in float64 accumulators, written as float32 (``lse = -inf`` and ``out = 0`` where nothing was found).
+Keys and values are float32 or uint16 arrays holding bfloat16 bits (read through
+:func:`.kernels.elem`). Plain numpy references: :func:`retrieved_attention_ref` (attention over given
+ids/scores, also the generic ``KVIndex.search_attend``) and :func:`.reference.beam_search_ref`.
+
+Per-worker scratch (visited stamps and candidate heaps, O(n_keys) each) is not allocated per call: it
+comes from a process-wide pool (:func:`scratch`) shared by every index, grown to the largest index and
+kept, so an index per layer does not each hold a copy.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import numpy as np
+from numba import njit, prange
+
+from .bf16 import as_float32
+from .kernels import elem, next_stamp, search_pair, sort_results
+
+#: initial capacity of a worker's candidate heap (entries); a search that needs more grows a private copy
+CAND_INIT = 4096
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_head, kv_of_head, entries, k, L,
+                        scaling, visited, stamps, cand_s, cand_i, out, out_lse, out_ns, out_ids, out_sc):
+    """Fused top-``k`` search + attention of every (query head, query) pair of a layer.
+
+    Inputs as :func:`.kernels.search_batch` (adj, keys, n_graph, n_total, queries [Hq, nq, d] float32,
+    graph_of_head / kv_of_head [Hq] int64, entries, k, L = beam width ``ef``, worker scratch visited /
+    stamps / cand_s / cand_i), plus values [Hkv, >= n_total, dv] float32 or uint16 (bfloat16 bits), row
+    ``j`` = value of key id ``j``, and ``scaling`` (scores are ``scaling * q.key``).
+    Writes out [Hq, nq, dv] float32, out_lse [Hq, nq] float32, out_ns [Hq, nq] int64, and the search
+    results out_ids [Hq, nq, k] int64 / out_sc [Hq, nq, k] float32 exactly as ``search_batch`` would.
+    """
+    Hq, nq, d = queries.shape
+    dv = values.shape[2]
+    P = Hq * nq
+    T = visited.shape[0]
+    M = adj.shape[2]
+    for t in prange(T):
+        c_s = cand_s[t]
+        c_i = cand_i[t]
+        w_s = np.empty(L + 1, np.float64)
+        w_i = np.empty(L + 1, np.int64)
+        r_s = np.empty(k + 1, np.float64)
+        r_i = np.empty(k + 1, np.int64)
+        q64 = np.empty(d, np.float64)
+        nbuf = np.empty(M, np.int64)
+        sbuf = np.empty(M, np.float64)
+        pw = np.empty(k, np.float64)
+        acc = np.empty(dv, np.float64)
+        vis = visited[t]
+        for p in range(t, P, T):
+            h = p // nq
+            i = p - h * nq
+            kv = kv_of_head[h]
+            st = next_stamp(vis, stamps, t)
+            for c in range(d):
+                q64[c] = queries[h, i, c]
+            nr, ns, c_s, c_i = search_pair(adj, keys, n_graph, n_total, q64, graph_of_head[h], kv, entries, k, L,
+                                           vis, st, c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf)
+            sort_results(r_s, r_i, nr)
+            for r in range(nr):
+                out_ids[h, i, r] = r_i[r]
+                out_sc[h, i, r] = np.float32(r_s[r])
+            for r in range(nr, k):
+                out_ids[h, i, r] = -1
+                out_sc[h, i, r] = -np.inf
+            out_ns[h, i] = ns
+            _attend_one(values, kv, r_s, r_i, nr, scaling, pw, acc, out, out_lse, h, i)
+
+
+@njit(fastmath={"reassoc", "contract", "nsz", "arcp"}, nogil=True, cache=True)
+def _attend_one(values, kv, r_s, r_i, nr, scaling, pw, acc, out, out_lse, h, i):
+    """Softmax attention of one query over the ``nr`` retrieved keys (scores r_s, ids r_i) of KV head kv."""
+    dv = values.shape[2]
+    if nr == 0:
+        for c in range(dv):
+            out[h, i, c] = 0.0
+        out_lse[h, i] = -np.inf
+        return
+    m = scaling * r_s[0]
+    for r in range(1, nr):
+        m = max(m, scaling * r_s[r])
+    tot = 0.0
+    for r in range(nr):
+        pw[r] = np.exp(scaling * r_s[r] - m)
+        tot += pw[r]
+    for c in range(dv):
+        acc[c] = 0.0
+    for r in range(nr):
+        row = r_i[r]
+        w = pw[r]
+        for c in range(dv):
+            acc[c] += w * elem(values, kv, row, c)
+    inv = 1.0 / tot
+    for c in range(dv):
+        out[h, i, c] = np.float32(acc[c] * inv)
+    out_lse[h, i] = np.float32(m + np.log(tot))
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def bf16_to_f32_kernel(bits):
+    """uint16 bfloat16 bits [n] -> float32 [n] through the kernels' element reader (tests the bit cast)."""
+    n = bits.shape[0]
+    b3 = bits.reshape((1, 1, n))
+    out = np.empty(n, np.float32)
+    for j in prange(n):
+        out[j] = elem(b3, 0, 0, j)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# numpy reference / generic path
+# ---------------------------------------------------------------------------------------------------
+def retrieved_attention_ref(scores: np.ndarray, ids: np.ndarray, values: np.ndarray, kv_of_head: np.ndarray,
+                            scaling: float) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax attention over retrieved keys, plain numpy (float64 math), one query head at a time.
+
+    scores [Hq, L, k] raw inner products (-inf pads), ids [Hq, L, k] int64 (-1 pads), values
+    [Hkv, >= max id + 1, dv] float32/float16 or uint16 bfloat16 bits, kv_of_head [Hq] int.
+    Returns out [Hq, L, dv] float32 (0 where nothing was retrieved) and lse [Hq, L] float32 (-inf there).
+    """
+    Hq, L, k = ids.shape
+    dv = values.shape[2]
+    out = np.zeros((Hq, L, dv), np.float32)
+    lse = np.full((Hq, L), -np.inf, np.float32)
+    for h in range(Hq):
+        ok = ids[h] >= 0
+        s = np.where(ok, scaling * scores[h].astype(np.float64), -np.inf)  # [L, k]
+        m = s.max(axis=-1, initial=-np.inf)
+        found = np.isfinite(m)
+        p = np.exp(s - np.where(found, m, 0.0)[:, None])  # 0 at pads
+        tot = p.sum(-1)
+        v = as_float32(values[kv_of_head[h]][np.where(ok, ids[h], 0)]).astype(np.float64)  # [L, k, dv]
+        o = np.einsum("lk,lkd->ld", p, v) / np.where(found, tot, 1.0)[:, None]
+        out[h] = np.where(found[:, None], o, 0.0)
+        lse[h] = np.where(found, m + np.log(np.where(found, tot, 1.0)), -np.inf)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-worker scratch pool
+# ---------------------------------------------------------------------------------------------------
+class SearchScratch:
+    """Scratch of ``T`` search workers: visited [T, n_vis] int32 stamps (+ stamps [T] int64) and candidate
+    heaps cand_s [T, n_cand] float64 / cand_i [T, n_cand] int64."""
+
+    def __init__(self, T: int, n_vis: int, n_cand: int) -> None:
+        self.visited = np.zeros((T, n_vis), np.int32)
+        self.stamps = np.zeros(T, np.int64)
+        self.cand_s = np.empty((T, n_cand), np.float64)
+        self.cand_i = np.empty((T, n_cand), np.int64)
+
+    def fits(self, T: int, n_vis: int, n_cand: int) -> bool:
+        return self.visited.shape[0] >= T and self.visited.shape[1] >= n_vis and self.cand_s.shape[1] >= n_cand
+
+    @property
+    def nbytes(self) -> int:
+        return self.visited.nbytes + self.stamps.nbytes + self.cand_s.nbytes + self.cand_i.nbytes
+
+
+_POOL: list[SearchScratch] = []
+_POOL_LOCK = threading.Lock()
+
+
+@contextmanager
+def scratch(T: int, n_vis: int, n_cand: int = CAND_INIT):
+    """Borrow scratch for ``T`` workers over ``n_vis`` graph nodes from the process-wide pool (one entry
+    per concurrent search; an entry too small is replaced by one grown to cover both sizes). Yields a
+    :class:`SearchScratch`; slice ``[:T]`` before passing it to a kernel."""
+    with _POOL_LOCK:
+        s = _POOL.pop() if _POOL else None
+    if s is None or not s.fits(T, n_vis, n_cand):
+        if s is not None:
+            T, n_vis = max(T, s.visited.shape[0]), max(n_vis, s.visited.shape[1])
+            n_cand = max(n_cand, s.cand_s.shape[1])
+        s = SearchScratch(T, max(1, n_vis), max(1, n_cand))
+    try:
+        yield s
+    finally:
+        with _POOL_LOCK:
+            _POOL.append(s)
+
+
+def pool_nbytes() -> int:
+    """Bytes held by the idle scratch pool (for reporting)."""
+    with _POOL_LOCK:
+        return sum(s.nbytes for s in _POOL)

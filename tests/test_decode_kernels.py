@@ -1,0 +1,405 @@
+"""The fused decode path: compiled search + attention vs the plain search kernel and numpy/torch references,
+bfloat16 bit handling, ``KVIndex.search_attend`` and ``store.attend``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_attention.attention.cpu import retrieved_attention
+from retrieval_attention.index import decode_kernels as DK
+from retrieval_attention.index import kernels as K
+from retrieval_attention.index import make_index
+from retrieval_attention.index import reference as R
+from retrieval_attention.index.bf16 import bf16_bits_to_f32, f32_to_bf16_bits, tensor_as_numpy
+
+ATOL = 2e-5
+
+
+def _random_graph(rng, G, n, M, cap):
+    adj = np.full((G, cap, M), -1, np.int32)
+    for g in range(G):
+        for v in range(n):
+            deg = rng.integers(0, M + 1)
+            adj[g, v, :deg] = rng.choice(n, size=deg, replace=False)
+    return adj
+
+
+def _bits(x):
+    return tensor_as_numpy(torch.from_numpy(x).to(torch.bfloat16))
+
+
+# ---------------------------------------------------------------------------------------------------
+# bfloat16 bits
+# ---------------------------------------------------------------------------------------------------
+def test_bf16_conversion_exact():
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    want = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy()
+    from retrieval_attention.index.bf16 import bf16_bits_to_f32_np
+
+    got_np = bf16_bits_to_f32_np(bits)
+    got_nb = DK.bf16_to_f32_kernel(bits)
+    finite = np.isfinite(want) | np.isinf(want)
+    np.testing.assert_array_equal(got_np.view(np.uint32), want.view(np.uint32))
+    got_t = bf16_bits_to_f32(bits.reshape(256, 256)[:, ::2])  # strided input
+    np.testing.assert_array_equal(got_t.view(np.uint32)[finite.reshape(256, 256)[:, ::2]],
+                                  want.reshape(256, 256)[:, ::2][finite.reshape(256, 256)[:, ::2]].view(np.uint32))
+    np.testing.assert_array_equal(got_nb[finite].view(np.uint32), want[finite].view(np.uint32))
+    assert np.isnan(got_nb[~finite]).all()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_f32_to_bf16_rounds_like_torch(seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(100_000) * np.exp(rng.uniform(-20, 20, 100_000))).astype(np.float32)
+    # exact ties (the 16 dropped bits are 0x8000): round to even
+    ties = (rng.integers(0, 0x7F00, 1000).astype(np.uint32) << 16 | 0x8000).view(np.float32)
+    x = np.concatenate([x, ties, np.float32([0.0, -0.0, 1.0, -3.5])])
+    want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(f32_to_bf16_bits(x), want)
+    # bf16 -> f32 -> bf16 is the identity
+    y = bf16_bits_to_f32(want)
+    np.testing.assert_array_equal(f32_to_bf16_bits(y), want)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fused kernel
+# ---------------------------------------------------------------------------------------------------
+def _kernel_inputs(rng, graph_per, Hkv=2, group=3, n_graph=400, n_tail=17, d=16, dv=12, M=8, nq=5):
+    n_total = n_graph + n_tail
+    cap = n_total + 9  # capacity > n_total, like a grown store
+    keys = np.zeros((Hkv, cap, d), np.float32)
+    keys[:, :n_total] = rng.standard_normal((Hkv, n_total, d))
+    values = np.zeros((Hkv, cap, dv), np.float32)
+    values[:, :n_total] = rng.standard_normal((Hkv, n_total, dv))
+    queries = rng.standard_normal((Hkv * group, nq, d)).astype(np.float32)
+    G = Hkv * group if graph_per == "query_head" else Hkv
+    adj = _random_graph(rng, G, n_graph, M, cap)
+    entries = np.stack([rng.choice(n_graph, 2, replace=False) for _ in range(G)]).astype(np.int32)
+    entries[0, 1] = -1
+    kv_of_head = np.arange(Hkv * group) // group
+    graph_of_head = np.arange(Hkv * group) if G == Hkv * group else kv_of_head
+    return adj, keys, values, queries, entries, graph_of_head, kv_of_head, n_graph, n_total
+
+
+def _run_search(adj, keys, n_graph, n_total, queries, goh, koh, entries, k, L, T=2):
+    Hq, nq = queries.shape[:2]
+    ids = np.empty((Hq, nq, k), np.int64)
+    sc = np.empty((Hq, nq, k), np.float32)
+    ns = np.empty((Hq, nq), np.int64)
+    w = DK.SearchScratch(T, keys.shape[1], 4)
+    K.search_batch(adj, keys, n_graph, n_total, queries, goh, koh, entries, k, L, w.visited, w.stamps, w.cand_s,
+                   w.cand_i, ids, sc, ns)
+    return ids, sc, ns
+
+
+def _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L, scaling, T=2):
+    Hq, nq = queries.shape[:2]
+    out = np.empty((Hq, nq, values.shape[2]), np.float32)
+    lse = np.empty((Hq, nq), np.float32)
+    ids = np.empty((Hq, nq, k), np.int64)
+    sc = np.empty((Hq, nq, k), np.float32)
+    ns = np.empty((Hq, nq), np.int64)
+    w = DK.SearchScratch(T, keys.shape[1], 3)  # tiny candidate heaps: grown inside
+    w.stamps[1] = K.VISIT_MAX  # second worker wraps its epoch on first use
+    for _ in range(2):  # reused scratch must not leak state between calls
+        DK.search_attend_batch(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L, scaling,
+                               w.visited, w.stamps, w.cand_s, w.cand_i, out, lse, ns, ids, sc)
+    return out, lse, ns, ids, sc
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+@pytest.mark.parametrize("graph_per", ["query_head", "kv_head"])
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_fused_kernel_matches_search_and_reference(seed, graph_per, storage):
+    rng = np.random.default_rng(seed)
+    adj, keys, values, queries, entries, goh, koh, n_graph, n_total = _kernel_inputs(rng, graph_per)
+    keys32, values32 = keys, values
+    if storage == "bfloat16":  # the kernels read the bits; the references get their exact float32 values
+        keys, values = _bits(keys), _bits(values)
+        keys32, values32 = bf16_bits_to_f32(keys), bf16_bits_to_f32(values)
+    scaling = 0.37
+    for k, L in ((10, 10), (7, 25), (40, 40), (30, 6), (50, 1), (1000, 8)):  # k > n_total: padded results
+        ids, sc, ns = _run_search(adj, keys, n_graph, n_total, queries, goh, koh, entries, k, L)
+        out, lse, ns2, ids2, sc2 = _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L,
+                                              scaling)
+        np.testing.assert_array_equal(ids2, ids)
+        np.testing.assert_array_equal(sc2, sc)
+        np.testing.assert_array_equal(ns2, ns)
+        # the search itself against the Python reference (on the float32 view of the stored keys)
+        for h in (0, queries.shape[0] - 1):
+            rid, rsc, rns = R.beam_search_ref(adj[goh[h]], keys32[koh[h]], n_graph, n_total, queries[h, 0],
+                                              entries[goh[h]], k, L)
+            np.testing.assert_array_equal(ids[h, 0], rid)
+            assert ns[h, 0] == rns
+        # attention against numpy (float64) and the torch path used before
+        ro, rl = DK.retrieved_attention_ref(sc, ids, values, koh, scaling)
+        np.testing.assert_allclose(out, ro, rtol=1e-5, atol=ATOL)
+        np.testing.assert_allclose(lse, rl, rtol=1e-5, atol=ATOL)
+        v = torch.from_numpy(values32[koh[:, None, None], np.maximum(ids, 0)])
+        to, tl = retrieved_attention(sc, ids, v, scaling)
+        np.testing.assert_allclose(out, to.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(lse, tl.numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_fused_kernel_empty_graph_gives_no_result():
+    rng = np.random.default_rng(5)
+    adj, keys, values, queries, entries, goh, koh, _, _ = _kernel_inputs(rng, "kv_head")
+    entries[:] = -1  # nothing reachable, no tail
+    out, lse, ns, ids, _ = _run_fused(adj, keys, values, 400, 400, queries, goh, koh, entries, 5, 5, 1.0)
+    assert (ids == -1).all() and (ns == 0).all()
+    assert np.isneginf(lse).all() and (out == 0).all()
+
+
+def test_retrieved_attention_ref_matches_torch():
+    rng = np.random.default_rng(6)
+    Hkv, group, L, k, n, dv = 2, 2, 3, 9, 50, 7
+    values = rng.standard_normal((Hkv, n, dv)).astype(np.float32)
+    ids = rng.integers(0, n, (Hkv * group, L, k)).astype(np.int64)
+    sc = rng.standard_normal((Hkv * group, L, k)).astype(np.float32) * 3
+    ids[0, 1, 4:] = -1
+    sc[0, 1, 4:] = -np.inf
+    ids[1, 2, :] = -1
+    sc[1, 2, :] = -np.inf
+    koh = np.arange(Hkv * group) // group
+    ro, rl = DK.retrieved_attention_ref(sc, ids, values, koh, 0.5)
+    to, tl = retrieved_attention(sc, ids, torch.from_numpy(values[koh[:, None, None], np.maximum(ids, 0)]), 0.5)
+    np.testing.assert_allclose(ro, to.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rl, tl.numpy(), rtol=1e-6, atol=1e-6)
+    assert np.isneginf(rl[1, 2]) and (ro[1, 2] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# KVIndex.search_attend
+# ---------------------------------------------------------------------------------------------------
+def _data(seed, Hkv=2, group=3, n=900, d=16, nq=6):
+    rng = np.random.default_rng(seed)
+    keys = rng.standard_normal((Hkv, n, d)).astype(np.float32)
+    tq = rng.standard_normal((Hkv * group, 300, d)).astype(np.float32)
+    q = rng.standard_normal((Hkv * group, nq, d)).astype(np.float32)
+    values = rng.standard_normal((Hkv, n + 20, d)).astype(np.float32)  # capacity > n
+    return keys, tq, q, values
+
+
+@pytest.mark.parametrize("name,params", [("roar", {}), ("roar", {"graph_per": "query_head"}), ("flat", {}),
+                                         ("hnsw", {})])
+@pytest.mark.parametrize("vdtype", ["float32", "bfloat16", "float16"])
+def test_search_attend_matches_search_plus_attention(name, params, vdtype):
+    keys, tq, q, values = _data(7)
+    ix = make_index(name, **params).build(keys, tq)
+    ix.add(np.random.default_rng(8).standard_normal((2, 11, 16)).astype(np.float32))  # a tail
+    vt = torch.from_numpy(values).to(getattr(torch, vdtype))
+    vnp = tensor_as_numpy(vt)
+    budget = {"ef": 40} if name == "roar" else {}
+    k, scaling = 20, 0.25
+    out, lse, ns = ix.search_attend(q, k, vnp, scaling, **budget)
+    ids, sc, ns_ref = ix.search(q, k, **budget)
+    np.testing.assert_array_equal(ns, ns_ref)
+    koh = np.arange(6) // 3
+    to, tl = retrieved_attention(sc, ids, vt[koh[:, None, None], torch.from_numpy(np.maximum(ids, 0))], scaling)
+    np.testing.assert_allclose(out, to.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(lse, tl.numpy(), rtol=1e-5, atol=1e-4)
+    assert out.dtype == np.float32 and lse.dtype == np.float32 and ns.dtype == np.int64
+
+
+def test_search_attend_rejects_bad_values():
+    keys, tq, q, values = _data(9)
+    ix = make_index("roar").build(keys, tq)
+    from retrieval_attention.index import IndexError_
+
+    with pytest.raises(IndexError_):
+        ix.search_attend(q, 5, values[:, :100], 1.0)  # fewer rows than keys
+    with pytest.raises(IndexError_):
+        ix.search_attend(q, 5, values.astype(np.int32), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# store.attend
+# ---------------------------------------------------------------------------------------------------
+def _store_data(seed, Hkv=2, group=3, n=700, d=16, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(Hkv, n, d, generator=g).to(dtype)
+    v = torch.randn(Hkv, n, d, generator=g).to(dtype)
+    tq = torch.randn(Hkv * group, 200, d, generator=g)
+    q = torch.randn(Hkv * group, 1, d, generator=g).numpy()
+    return k, v, tq, q
+
+
+def _attend_old_way(store, q, group, scaling, k, **budget):
+    ids, sc, ns = store.search(q, k, **budget)
+    out, lse = retrieved_attention(sc, ids, store.gather_values(ids, group), scaling)
+    return out.numpy(), lse.numpy(), ns
+
+
+@pytest.mark.parametrize("index", ["roar", "flat"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_store_attend_matches_search_gather_attention(index, dtype):
+    from retrieval_attention.cache import CPUStore
+    from retrieval_attention.config import RetrievalConfig
+
+    # residual_samples=0: this compares the fused retrieval with the composed one (the residual: test_residual.py)
+    cfg = RetrievalConfig(index=index, residual_samples=0, search_params={"ef": 48} if index == "roar" else {})
+    k, v, tq, q = _store_data(10, dtype=dtype)
+    store = CPUStore(cfg, pin=False)
+    store.build(k[:, :600], v[:, :600], tq)
+    store.add(k[:, 600:], v[:, 600:], n_query_heads=6)  # a tail / grown capacity
+    got = store.attend(q, 3, 0.3, 10, **cfg.search_params)
+    want = _attend_old_way(store, q, 3, 0.3, 10, **cfg.search_params)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+    # a fork: base store + its own exactly scanned tail (empty at first: the base's path)
+    fork = store.fork()
+    for a, b in zip(fork.attend(q, 3, 0.3, 10, **cfg.search_params), want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    g = torch.Generator().manual_seed(11)
+    fork.add(torch.randn(2, 30, 16, generator=g).to(dtype) * 3, torch.randn(2, 30, 16, generator=g).to(dtype), 6)
+    got = fork.attend(q, 3, 0.3, 10, **cfg.search_params)
+    want = _attend_old_way(fork, q, 3, 0.3, 10, **cfg.search_params)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert (got[2] >= 30).all()  # the fork's tail is scanned
+
+
+# ---------------------------------------------------------------------------------------------------
+# bfloat16 key storage
+# ---------------------------------------------------------------------------------------------------
+def test_bf16_storage_equals_float32_storage_on_bf16_keys(tmp_path):
+    from retrieval_attention.index import KVIndex
+
+    keys, tq, q, values = _data(12, n=1500)
+    keys = torch.from_numpy(keys).to(torch.bfloat16).float().numpy()  # a bfloat16 model's keys
+    a = make_index("roar", insert_threshold=64).build(keys, tq)
+    b = make_index("roar", insert_threshold=64, storage="bfloat16").build(keys, tq)
+    assert b.stored_keys().dtype == np.uint16
+    np.testing.assert_array_equal(bf16_bits_to_f32(b.stored_keys()), a.stored_keys())
+    np.testing.assert_array_equal(a._adj, b._adj)
+    assert b.memory_bytes() < a.memory_bytes()
+    new = torch.randn(2, 100, 16, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).float().numpy()
+    for ix in (a, b):
+        ix.add(new[:, :40])  # tail
+        ix.add(new[:, 40:])  # crosses insert_threshold: bulk insertion
+    np.testing.assert_array_equal(a._adj, b._adj)
+    for x, y in zip(a.search(q, 10), b.search(q, 10)):
+        np.testing.assert_array_equal(x, y)
+    vnp = tensor_as_numpy(torch.from_numpy(values).to(torch.bfloat16))
+    vnp = np.concatenate([vnp, vnp[:, :100]], 1)  # capacity for the added keys
+    for x, y in zip(a.search_attend(q, 10, vnp, 0.3), b.search_attend(q, 10, vnp, 0.3)):
+        np.testing.assert_array_equal(x, y)
+    # save / load keeps the storage dtype
+    b.save(tmp_path / "b.npz")
+    c = KVIndex.load(tmp_path / "b.npz")
+    assert c.storage == "bfloat16" and c.stored_keys().dtype == np.uint16
+    for x, y in zip(b.search(q, 10), c.search(q, 10)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_bf16_storage_rounds_float32_keys():
+    keys, tq, q, _ = _data(13)
+    b = make_index("roar", storage="bfloat16").build(keys, tq)
+    np.testing.assert_array_equal(b.stored_keys(), f32_to_bf16_bits(keys))
+    ids, sc, _ = b.search(q, 5)
+    kv = np.arange(6)[:, None, None] // 3
+    want = np.einsum("hld,hlkd->hlk", q.astype(np.float64), bf16_bits_to_f32(b.stored_keys())[kv, ids].astype(np.float64))
+    np.testing.assert_allclose(sc, want, rtol=1e-5, atol=1e-5)  # scores of the stored (rounded) keys
+
+
+def test_storage_param_validated():
+    from retrieval_attention.index import IndexError_
+
+    with pytest.raises(IndexError_):
+        make_index("roar", storage="float16")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_store_keeps_keys_once(dtype):
+    from retrieval_attention.cache import CPUStore
+    from retrieval_attention.config import RetrievalConfig
+
+    k, v, tq, q = _store_data(14, dtype=dtype)
+    store = CPUStore(RetrievalConfig(index="roar"), pin=False)
+    store.build(k[:, :600], v[:, :600], tq)
+    store.add(k[:, 600:], v[:, 600:], n_query_heads=6)
+    assert store._keys is None  # no second host copy
+    assert store.index.storage == ("bfloat16" if dtype == torch.bfloat16 else "float32")
+    assert store.keys.dtype == dtype
+    torch.testing.assert_close(store.keys[:, : store.n], k, rtol=0, atol=0)
+    # exact attention reads them
+    out, lse = store.exact_attention(torch.from_numpy(q), 3, 0.3)
+    from retrieval_attention.cache import _exact_attention
+
+    ro, rl = _exact_attention(torch.from_numpy(q), k, v, 3, 0.3)
+    torch.testing.assert_close(out, ro)
+    torch.testing.assert_close(lse, rl)
+    # a user's explicit storage wins; flat keeps its own host copy of the keys
+    s2 = CPUStore(RetrievalConfig(index="roar", index_params={"storage": "float32"}), pin=False)
+    s2.build(k, v, tq)
+    assert s2.index.storage == "float32" and s2._keys is None
+    s3 = CPUStore(RetrievalConfig(index="flat"), pin=False)
+    s3.build(k, v, tq)
+    assert s3._keys is not None
+    torch.testing.assert_close(s3.keys[:, : s3.n], k, rtol=0, atol=0)
+
+
+def test_context_file_roundtrips_bf16_roar_store(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import VOCAB, tiny_model
+
+    from retrieval_attention.config import RetrievalConfig
+    from retrieval_attention.context import PrefilledContext
+
+    model = tiny_model("llama", seed=11).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    doc = torch.randint(2, VOCAB - 1, (140,), generator=g).tolist()
+    question = torch.randint(2, VOCAB - 1, (5,), generator=g).tolist()
+    cfg = RetrievalConfig(index="roar", n_sink=8, window=16, top_k=8, dense_layers=(0,))
+    ctx = PrefilledContext.prefill(model, doc, cfg)
+    stores = [s for l in ctx.cache.retrieval_layers for s in l.stores]
+    assert stores and all(s.index.storage == "bfloat16" and s._keys is None for s in stores)
+    want, _ = ctx.generate(model, question, max_new_tokens=6)
+    ctx.save(tmp_path / "c")
+    loaded = PrefilledContext.load(tmp_path / "c", model)
+    for s, t in zip(stores, [s for l in loaded.cache.retrieval_layers for s in l.stores]):
+        assert t.index.storage == "bfloat16" and t.index.stored_keys().dtype == np.uint16 and t._keys is None
+        np.testing.assert_array_equal(t.index.stored_keys(), s.index.stored_keys())
+        torch.testing.assert_close(t.keys[:, : t.n], s.keys[:, : s.n], rtol=0, atol=0)
+    got, _ = loaded.generate(model, question, max_new_tokens=6)
+    assert got == want
+
+
+# ---------------------------------------------------------------------------------------------------
+# build: GPU kNN path (run on the CPU device here), candidate cap
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("l2", [False, True])
+@pytest.mark.parametrize("k", [7, 60, 80])
+def test_knn_torch_path_matches_cpu_path(l2, k):
+    from retrieval_attention.index.roar import knn_ip, knn_ip_torch
+
+    rng = np.random.default_rng(15)
+    q = rng.standard_normal((33, 8)).astype(np.float32)
+    keys = rng.standard_normal((60, 8)).astype(np.float32)
+    for excl in (None, rng.integers(-1, 60, 33)):
+        want = knn_ip(q, keys, k, exclude=excl, l2=l2)
+        e = np.full(33, -1, np.int64) if excl is None else excl.astype(np.int64)
+        got = knn_ip_torch(q, keys, k, e, l2, np.full((33, k), -1, np.int32), np.full((33, k), -np.inf, np.float32),
+                           "cpu")
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_knn_cuda_matches_cpu():
+    from retrieval_attention.index.roar import knn_ip, knn_ip_torch
+
+    rng = np.random.default_rng(16)
+    q = rng.standard_normal((500, 64)).astype(np.float32)
+    keys = rng.standard_normal((40000, 64)).astype(np.float32)
+    got = knn_ip(q, keys, 32)  # >= the CUDA threshold
+    e = np.full(500, -1, np.int64)
+    want = knn_ip_torch(q, keys, 32, e, False, np.full((500, 32), -1, np.int32), np.full((500, 32), -np.inf, np.float32),
+                        "cpu")
+    assert (got[0] == want[0]).mean() > 0.99  # GPU and CPU matmuls round differently

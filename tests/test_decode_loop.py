@@ -1,0 +1,152 @@
+"""LeanDecoder: the same logits as the transformers path step by step (ring-buffer window, evictions to
+the CPU store, LSE merge), and a cache the transformers path continues correctly after close()."""
+
+import warnings
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from retrieval_attention.config import RetrievalConfig
+from retrieval_attention.decode_loop import LeanDecoder, unsupported_reason
+from retrieval_attention.generation import cache_kwarg
+from retrieval_attention.integration import enable, make_cache
+from retrieval_attention.prefill import layerwise_prefill
+
+from tiny_models import VOCAB, tiny_model
+
+N_STEPS = 44  # > window: every window slot is overwritten and evicted at least twice
+ATOL = 1e-4
+
+
+def _prefill(model, cfg, ids, mask=None, pos=None, layerwise=False):
+    cache = make_cache(model, cfg)
+    if layerwise:
+        return cache, layerwise_prefill(model, ids, cache, chunk=32, attention_mask=mask)
+    return cache, model(input_ids=ids, attention_mask=mask, position_ids=pos, **{cache_kwarg(model): cache}).logits[:, -1]
+
+
+def _hf(model, cache, tok, mask=None, pos=None):
+    return model(input_ids=tok, attention_mask=mask, position_ids=pos, **{cache_kwarg(model): cache}).logits[:, -1]
+
+
+def _compare(model, cfg, ids, n_steps=N_STEPS, n_after=4, layerwise=False):
+    """Cache A: transformers path only. Cache B: LeanDecoder for n_steps, then the transformers path."""
+    with torch.no_grad(), enable(model):
+        ref_cache, logits = _prefill(model, cfg, ids)
+        cache, _ = _prefill(model, cfg, ids, layerwise=layerwise)
+        tok = logits.argmax(-1, keepdim=True)
+        assert LeanDecoder.supports(model, cache)
+        with LeanDecoder(model, cache) as dec:
+            for step in range(n_steps):
+                a, b = _hf(model, ref_cache, tok), dec.step(tok)
+                assert b.shape == a.shape and b.dtype == torch.float32
+                assert torch.allclose(a, b, atol=ATOL), (step, (a - b).abs().max())
+                tok = a.argmax(-1, keepdim=True)
+        assert dec.closed and dec.head == 0
+        for ra, rb in zip(ref_cache.retrieval_layers, cache.retrieval_layers):
+            assert (ra.total, ra.win_start) == (rb.total, rb.win_start)
+            assert torch.allclose(ra.static_k, rb.static_k, atol=1e-5) and torch.equal(ra.static_valid, rb.static_valid)
+            assert [s.n for s in ra.stores] == [s.n for s in rb.stores]
+        for _ in range(n_after):  # the transformers path continues after close()
+            a, b = _hf(model, ref_cache, tok), _hf(model, cache, tok)
+            assert torch.allclose(a, b, atol=ATOL)
+            tok = a.argmax(-1, keepdim=True)
+    return ref_cache, cache
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_lean_equals_transformers_path_exact_retrieval(arch):
+    model = tiny_model(arch, seed=21)
+    ids = torch.randint(2, VOCAB - 1, (1, 100), generator=torch.Generator().manual_seed(1))
+    cfg = RetrievalConfig(index="flat", n_sink=4, window=16, top_k=4096, dense_layers=())
+    _, cache = _compare(model, cfg, ids)
+    layer = cache.retrieval_layers[0]
+    assert layer.stores[0].n == 100 - 4 - 16 + N_STEPS + 4
+    assert layer.stats.n_searches > 0 and layer.stats.search_s > 0
+
+
+@pytest.mark.parametrize("method,index,dense", [("retrieval", "roar", ()), ("streaming", "flat", ()),
+                                                ("retrieval", "flat", (0,))])
+def test_lean_other_methods_indexes_and_dense_layers(method, index, dense):
+    model = tiny_model("llama", seed=22)
+    ids = torch.randint(2, VOCAB - 1, (1, 120), generator=torch.Generator().manual_seed(2))
+    cfg = RetrievalConfig(method=method, index=index, n_sink=4, window=16, top_k=8, dense_layers=dense)
+    _, cache = _compare(model, cfg, ids, layerwise=True)
+    if method == "streaming":
+        assert all(s.n == 0 for l in cache.retrieval_layers for s in l.stores)
+
+
+def test_lean_left_padded_batch():
+    model = tiny_model("qwen3", seed=23)
+    g = torch.Generator().manual_seed(3)
+    T = 90
+    ids = torch.zeros((2, T), dtype=torch.long)
+    mask = torch.zeros((2, T), dtype=torch.long)
+    for i, n in enumerate((90, 10)):  # the short sequence's first window holds 6 padding slots
+        ids[i, T - n:] = torch.randint(2, VOCAB - 1, (n,), generator=g)
+        mask[i, T - n:] = 1
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cfg = RetrievalConfig(index="flat", n_sink=4, window=16, top_k=4096, dense_layers=(1,))
+    with torch.no_grad(), enable(model):
+        ref_cache, logits = _prefill(model, cfg, ids, mask, pos)
+        cache, _ = _prefill(model, cfg, ids, mask, layerwise=True)
+        tok, p = logits.argmax(-1, keepdim=True), pos[:, -1:]
+        with LeanDecoder(model, cache) as dec:
+            for step in range(30):
+                mask, p = torch.cat([mask, torch.ones((2, 1), dtype=torch.long)], 1), p + 1
+                a, b = _hf(model, ref_cache, tok, mask, p), dec.step(tok)
+                assert torch.allclose(a, b, atol=ATOL), (step, (a - b).abs().max())
+                tok = a.argmax(-1, keepdim=True)
+        for _ in range(3):
+            mask, p = torch.cat([mask, torch.ones((2, 1), dtype=torch.long)], 1), p + 1
+            a, b = _hf(model, ref_cache, tok, mask, p), _hf(model, cache, tok, mask, p)
+            assert torch.allclose(a, b, atol=ATOL)
+            tok = a.argmax(-1, keepdim=True)
+    # the short sequence: 6 padding slots in its first window never enter the store, the 27 later evictions do
+    assert [s.n for s in cache.retrieval_layers[0].stores] == [s.n for s in ref_cache.retrieval_layers[0].stores]
+    assert cache.retrieval_layers[0].stores[1].n == 33 - 6
+
+
+def test_lean_on_a_fork_leaves_the_base_untouched():
+    model = tiny_model("llama", seed=24)
+    ids = torch.randint(2, VOCAB - 1, (1, 80), generator=torch.Generator().manual_seed(4))
+    cfg = RetrievalConfig(index="flat", n_sink=4, window=16, top_k=4096, dense_layers=())
+    with torch.no_grad(), enable(model):
+        base, logits = _prefill(model, cfg, ids)
+        before = [l.static_k.clone() for l in base.retrieval_layers]
+        hf_fork, lean_fork = base.fork(), base.fork()
+        tok = logits.argmax(-1, keepdim=True)
+        with LeanDecoder(model, lean_fork) as dec:
+            for _ in range(20):
+                a, b = _hf(model, hf_fork, tok), dec.step(tok)
+                assert torch.allclose(a, b, atol=ATOL)
+                tok = a.argmax(-1, keepdim=True)
+    for l, k in zip(base.retrieval_layers, before):
+        assert torch.equal(l.static_k, k) and l.total == 80
+    assert all(s.n == 80 - 20 for l in base.retrieval_layers for s in l.stores)
+
+
+def test_supports_and_errors():
+    model = tiny_model("llama", seed=25)
+    cfg = RetrievalConfig(index="flat", n_sink=4, window=16, dense_layers=())
+    assert not LeanDecoder.supports(model, DynamicCache(config=model.config))
+    with torch.no_grad(), enable(model):
+        fresh = make_cache(model, cfg)
+        assert "not offloaded" in unsupported_reason(model, fresh)
+        with pytest.raises(ValueError, match="not offloaded"):
+            LeanDecoder(model, fresh)
+        cache, logits = _prefill(model, cfg, torch.randint(2, VOCAB - 1, (1, 40)))
+        dec = LeanDecoder(model, cache)
+        with pytest.raises(ValueError, match=r"\[B, 1\]"):
+            dec.step(torch.zeros((1, 2), dtype=torch.long))
+        dec.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            dec.step(torch.zeros((1, 1), dtype=torch.long))
+        with warnings.catch_warnings(record=True) as w:  # no CUDA here: warns and decodes eagerly
+            warnings.simplefilter("always")
+            with LeanDecoder(model, cache, cuda_graphs=True) as dec:
+                dec.step(logits.argmax(-1, keepdim=True))
+        assert any("cuda_graphs" in str(x.message) for x in w)
+    gemma = tiny_model("gemma3")
+    assert not LeanDecoder.supports(gemma, make_cache(gemma, RetrievalConfig(index="flat", dense_layers=())))

@@ -1,0 +1,219 @@
+"""Layer-by-layer prefill: chunk attention exact vs one SDPA; logits and cache equal the normal forward."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from retrieval_attention.attention.chunked import _reference_attention_lse, attention_lse, causal_prefix_attention
+from retrieval_attention.cache import CPUStore
+from retrieval_attention.config import RetrievalConfig
+from retrieval_attention.generation import cache_kwarg
+from retrieval_attention.integration import chunked_causal_attention, enable, make_cache
+from retrieval_attention.prefill import layerwise_prefill, unsupported_reason
+
+from tiny_models import VOCAB, tiny_model
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+_GQA2 = SimpleNamespace(num_key_value_groups=2, is_causal=True)  # attention module stand-in: 4 query / 2 KV heads
+
+
+def _full_causal(q, k, v, scaling, pad=None):
+    """Reference: one SDPA over all keys with an explicit bottom-right causal (+ key padding) mask."""
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    G = Hq // k.shape[1]
+    mask = torch.arange(Tk).view(1, -1) <= (torch.arange(Tq) + Tk - Tq).view(-1, 1)
+    mask = mask.view(1, 1, Tq, Tk).expand(B, 1, Tq, Tk)
+    if pad is not None:
+        mask = mask & (torch.arange(Tk).view(1, 1, 1, -1) >= pad.view(-1, 1, 1, 1))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("Tq,Tk", [(7, 7), (7, 30), (16, 17), (1, 9)])
+def test_chunk_attention_exact_vs_one_sdpa(Tq, Tk):
+    g = torch.Generator().manual_seed(Tq * 100 + Tk)
+    q = torch.randn(2, 4, Tq, 16, generator=g)
+    k, v = torch.randn(2, 2, Tk, 16, generator=g), torch.randn(2, 2, Tk, 16, generator=g)
+    ref = _full_causal(q, k, v, 0.25)
+    out = chunked_causal_attention(_GQA2, q, k, v, None, 0.25, 4)
+    assert out.shape == (2, Tq, 4, 16)
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    # the fused-kernel and the reference (fallback) paths agree, also for a causal square
+    for causal, kk, vv in ((False, k, v), (True, k[:, :, -Tq:], v[:, :, -Tq:])):
+        o1, l1 = attention_lse(q, kk, vv, 0.25, causal)
+        o2, l2 = _reference_attention_lse(q, kk, vv, 0.25, causal)
+        assert torch.allclose(o1.float(), o2, atol=1e-5) and torch.allclose(l1, l2, atol=1e-5)
+
+
+def test_chunk_attention_key_padding_mask():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 6, 8, generator=g)
+    k, v = torch.randn(3, 2, 20, 8, generator=g), torch.randn(3, 2, 20, 8, generator=g)
+    pad = torch.tensor([0, 5, 17])  # the last sequence's real tokens start inside the query chunk
+    key_mask = (torch.arange(20).view(1, -1) >= pad.view(-1, 1)).view(3, 1, 1, 20)
+    out = chunked_causal_attention(_GQA2, q, k, v, key_mask, 0.3, 4)
+    ref = _full_causal(q, k, v, 0.3, pad)
+    assert torch.allclose(out[:2], ref[:2], atol=1e-5)
+    assert torch.allclose(out[2, 3:], ref[2, 3:], atol=1e-5)  # queries at padding positions are not compared
+    assert torch.equal(out[2, :3], torch.zeros_like(out[2, :3]))
+
+
+def test_causal_prefix_attention_refuses_fewer_keys():
+    with pytest.raises(ValueError, match="at least as many keys"):
+        causal_prefix_attention(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), 1.0)
+
+
+def _ids(T, seed=0, B=1):
+    return torch.randint(2, VOCAB - 1, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", LLAMA_FAMILY)
+@pytest.mark.parametrize("chunk", [40, 512])  # 40 does not divide 150; 512 > T
+def test_layerwise_full_cache_equals_forward(arch, chunk):
+    model = tiny_model(arch, seed=11)
+    ids = _ids(150)
+    with torch.no_grad():
+        ref_cache = DynamicCache(config=model.config)
+        ref = model(input_ids=ids, **{cache_kwarg(model): ref_cache}).logits[:, -1]
+        cache = DynamicCache(config=model.config)
+        logits = layerwise_prefill(model, ids, cache, chunk=chunk)
+    assert logits.shape == (1, VOCAB) and logits.dtype == torch.float32
+    assert torch.allclose(logits, ref, atol=1e-4), (logits - ref).abs().max()
+    assert cache.get_seq_length() == 150
+    for a, b in zip(ref_cache.layers, cache.layers):
+        assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
+    assert model.config._attn_implementation == "sdpa"  # restored
+
+
+def test_layerwise_offloading_dynamic_cache():
+    """DynamicCache(offloading=True): each layer is offloaded after its last chunk, the flag restored
+    (hidden states in host memory, progress bar on)."""
+    model = tiny_model("llama", seed=12)
+    ids = _ids(90, seed=1)
+    with torch.no_grad():
+        ref_cache = DynamicCache(config=model.config)
+        ref = model(input_ids=ids, **{cache_kwarg(model): ref_cache}).logits[:, -1]
+        cache = DynamicCache(config=model.config, offloading=True)
+        logits = layerwise_prefill(model, ids, cache, chunk=32, offload_hidden=True, progress=True)
+    assert cache.offloading
+    assert torch.allclose(logits, ref, atol=1e-4)
+    for a, b in zip(ref_cache.layers, cache.layers):
+        assert torch.allclose(a.keys, b.keys, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", LLAMA_FAMILY)
+def test_layerwise_retrieval_cache_equals_forward(arch):
+    """flat index + top_k covering the store: same logits, same static/CPU split, same decode steps."""
+    model = tiny_model(arch, seed=13)
+    ids = _ids(150, seed=2)
+    cfg = RetrievalConfig(index="flat", n_sink=8, window=32, top_k=4096, dense_layers=(0,))
+    kw = cache_kwarg(model)
+    with torch.no_grad(), enable(model):
+        ref_cache = make_cache(model, cfg)
+        ref = model(input_ids=ids, **{kw: ref_cache}).logits[:, -1]
+        cache = make_cache(model, cfg)
+        logits = layerwise_prefill(model, ids, cache, chunk=37)
+        assert torch.allclose(logits, ref, atol=1e-4)
+        for a, b in zip(ref_cache.retrieval_layers, cache.retrieval_layers):
+            assert b.offloaded and not b.defer_offload and b.total == a.total == 150 and b.win_start == a.win_start
+            assert torch.allclose(a.static_k, b.static_k, atol=1e-5) and torch.equal(a.static_valid, b.static_valid)
+            assert b.stores[0].n == a.stores[0].n == 150 - 8 - 32
+            assert torch.allclose(a.stores[0].keys[:, : a.stores[0].n], b.stores[0].keys[:, : b.stores[0].n], atol=1e-5)
+        tok = ref.argmax(-1, keepdim=True)
+        for _ in range(8):
+            a = model(input_ids=tok, **{kw: ref_cache}).logits[:, -1]
+            b = model(input_ids=tok, **{kw: cache}).logits[:, -1]
+            assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+            tok = a.argmax(-1, keepdim=True)
+
+
+def test_layerwise_collects_the_same_training_queries(monkeypatch):
+    """The index is trained on the same evenly subsampled prompt queries as the single-forward prefill."""
+    seen = []
+    orig = CPUStore.build
+
+    def spy(self, keys, values, train_queries, background=False):
+        seen.append(train_queries.detach().clone())
+        return orig(self, keys, values, train_queries, background)
+
+    monkeypatch.setattr(CPUStore, "build", spy)
+    model = tiny_model("llama", seed=14)
+    ids = _ids(130, seed=3)
+    cfg = RetrievalConfig(index="flat", n_sink=8, window=16, top_k=4096, dense_layers=(), max_train_queries=23)
+    with torch.no_grad(), enable(model):
+        model(input_ids=ids, **{cache_kwarg(model): make_cache(model, cfg)})
+        n = len(seen)
+        layerwise_prefill(model, ids, make_cache(model, cfg), chunk=29)
+    assert n == 3 and len(seen) == 6
+    for a, b in zip(seen[:3], seen[3:]):
+        assert a.shape == b.shape == (4, 23, 16)
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_layerwise_streaming_and_short_prompt():
+    model = tiny_model("qwen2", seed=15)
+    kw = cache_kwarg(model)
+    with torch.no_grad(), enable(model):
+        cfg = RetrievalConfig(method="streaming", index="flat", n_sink=4, window=16, dense_layers=())
+        cache = make_cache(model, cfg)
+        ids = _ids(60, seed=4)
+        ref = model(input_ids=ids, **{kw: make_cache(model, cfg)}).logits[:, -1]
+        assert torch.allclose(layerwise_prefill(model, ids, cache, chunk=16), ref, atol=1e-4)
+        assert all(l.offloaded and l.stores[0].n == 0 for l in cache.retrieval_layers)
+        short = make_cache(model, RetrievalConfig(index="flat", n_sink=4, window=16, dense_layers=()))
+        layerwise_prefill(model, _ids(15, seed=5), short, chunk=4)  # shorter than n_sink + window: stays dense
+        assert not any(l.offloaded for l in short.retrieval_layers)
+        assert short.get_seq_length() == 15 and short.retrieval_layers[0].keys.shape[2] == 15
+
+
+def test_layerwise_left_padded_batch():
+    model = tiny_model("llama", seed=16)
+    kw = cache_kwarg(model)
+    g = torch.Generator().manual_seed(6)
+    T = 120
+    ids = torch.zeros((2, T), dtype=torch.long)
+    mask = torch.zeros((2, T), dtype=torch.long)
+    for i, n in enumerate((120, 75)):
+        ids[i, T - n:] = torch.randint(2, VOCAB - 1, (n,), generator=g)
+        mask[i, T - n:] = 1
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cfg = RetrievalConfig(index="flat", n_sink=8, window=16, top_k=4096, dense_layers=(0,))
+    with torch.no_grad(), enable(model):
+        ref_cache = make_cache(model, cfg)
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{kw: ref_cache}).logits[:, -1]
+        cache = make_cache(model, cfg)
+        logits = layerwise_prefill(model, ids, cache, chunk=50, attention_mask=mask)
+        assert torch.allclose(logits, ref, atol=1e-4)
+        assert [s.n for s in cache.retrieval_layers[0].stores] == [s.n for s in ref_cache.retrieval_layers[0].stores]
+        tok, p = ref.argmax(-1, keepdim=True), pos[:, -1:]
+        for _ in range(5):
+            mask, p = torch.cat([mask, torch.ones((2, 1), dtype=torch.long)], 1), p + 1
+            a = model(input_ids=tok, attention_mask=mask, position_ids=p, **{kw: ref_cache}).logits[:, -1]
+            b = model(input_ids=tok, attention_mask=mask, position_ids=p, **{kw: cache}).logits[:, -1]
+            assert torch.allclose(a, b, atol=1e-4)
+            tok = a.argmax(-1, keepdim=True)
+
+
+def test_layerwise_errors():
+    gemma = tiny_model("gemma3")
+    assert "gemma3" in unsupported_reason(gemma)
+    with pytest.raises(NotImplementedError, match="gemma3"):
+        layerwise_prefill(gemma, _ids(10), DynamicCache(config=gemma.config))
+    sliding = tiny_model("mistral")
+    sliding.config.sliding_window = 24  # a Mistral-7B-v0.1-style sliding window: not plain causal attention
+    assert "sliding" in unsupported_reason(sliding)
+    model = tiny_model("llama")
+    right = torch.ones((1, 10), dtype=torch.long)
+    right[0, -2:] = 0
+    with pytest.raises(ValueError, match="left padding"):
+        layerwise_prefill(model, _ids(10), DynamicCache(config=model.config), attention_mask=right)
+    cache = DynamicCache(config=model.config)
+    layerwise_prefill(model, _ids(10), cache, chunk=4)
+    with pytest.raises(ValueError, match="empty cache"):
+        layerwise_prefill(model, _ids(10), cache)
+    with pytest.raises(ValueError, match="chunk"):
+        layerwise_prefill(model, _ids(10), DynamicCache(config=model.config), chunk=0)

@@ -1,0 +1,134 @@
+"""The residual estimate (attention mass of the keys retrieval did not return): compiled kernel vs the numpy
+reference, exactness for small stores, unbiasedness, determinism."""
+
+import numpy as np
+import pytest
+
+from retrieval_attention.attention.residual import estimate_residual, residual_attention_ref
+from retrieval_attention.index.bf16 import bf16_bits_to_f32, f32_to_bf16_bits
+
+
+def _data(seed, Hkv=2, G=3, L=2, D=16, n=400, k=20):
+    rng = np.random.default_rng(seed)
+    keys = rng.standard_normal((Hkv, n + 7, D)).astype(np.float32)  # rows past n must never be read
+    vals = rng.standard_normal((Hkv, n + 7, D + 4)).astype(np.float32)
+    keys[:, n:] = np.nan
+    vals[:, n:] = np.nan
+    q = rng.standard_normal((Hkv * G, L, D)).astype(np.float32)
+    kvh = np.arange(Hkv * G) // G
+    top = np.stack([[rng.choice(n, k, replace=False) for _ in range(L)] for _ in range(Hkv * G)]).astype(np.int64)
+    top[0, 0, -3:] = -1  # padding of a short result list
+    return keys, vals, q, kvh, top, n
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("m", [8, 50])
+def test_kernel_matches_reference(bf16, m):
+    for seed in range(3):
+        keys, vals, q, kvh, top, n = _data(seed)
+        if bf16:
+            keys, vals = f32_to_bf16_bits(np.nan_to_num(keys)), f32_to_bf16_bits(np.nan_to_num(vals))
+        o, l = estimate_residual(keys, vals, q, kvh, top, n, m, 0.3, seed=seed)
+        o2, l2 = residual_attention_ref(keys, vals, q, kvh, top, n, m, 0.3, seed)
+        np.testing.assert_allclose(o, o2, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(l, l2, rtol=1e-5, atol=1e-5)
+        assert np.isfinite(o).all() and np.isfinite(l).all()
+
+
+def _exact_residual(keys, vals, q, kvh, top, n, scaling):
+    s = np.einsum("hld,hnd->hln", q.astype(np.float64), keys[kvh, :n].astype(np.float64)) * scaling
+    keep = np.ones_like(s, bool)
+    for h in range(q.shape[0]):
+        for i in range(q.shape[1]):
+            keep[h, i, top[h, i][top[h, i] >= 0]] = False
+    w = np.where(keep, np.exp(s), 0.0)
+    out = np.einsum("hln,hnd->hld", w, vals[kvh, :n].astype(np.float64)) / w.sum(-1, keepdims=True)
+    return out, np.log(w.sum(-1))
+
+
+def test_small_store_is_exact():
+    """n <= k + m: every non-retrieved key is used with weight 1, i.e. the exact attention over the rest."""
+    keys, vals, q, kvh, top, _ = _data(4, n=60, k=20)
+    o, l = estimate_residual(keys, vals, q, kvh, top, 60, 40, 0.3)
+    eo, el = _exact_residual(keys, vals, q, kvh, top, 60, 0.3)
+    np.testing.assert_allclose(o, eo, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(l, el, rtol=1e-5, atol=1e-5)
+
+
+def test_unbiased_numerator_and_denominator():
+    """Averaged over seeds, exp(lse) and exp(lse) * out converge to the exact residual sums."""
+    keys, vals, q, kvh, top, n = _data(5, n=600, k=30)
+    scaling = 0.2
+    eo, el = _exact_residual(keys, vals, q, kvh, top, n, scaling)
+    z = num = 0.0
+    seeds = 600
+    for s in range(seeds):
+        o, l = estimate_residual(keys, vals, q, kvh, top, n, 64, scaling, seed=s)
+        z = z + np.exp(l.astype(np.float64))
+        num = num + np.exp(l.astype(np.float64))[..., None] * o
+    z, num = z / seeds, num / seeds
+    np.testing.assert_allclose(np.log(z), el, atol=0.03)
+    np.testing.assert_allclose(num / z[..., None], eo, atol=0.05)
+
+
+def test_deterministic_and_seeded():
+    keys, vals, q, kvh, top, n = _data(6)
+    a = estimate_residual(keys, vals, q, kvh, top, n, 16, 0.3, seed=1)
+    b = estimate_residual(keys, vals, q, kvh, top, n, 16, 0.3, seed=1)
+    c = estimate_residual(keys, vals, q, kvh, top, n, 16, 0.3, seed=2)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[1], c[1])
+
+
+def test_all_draws_retrieved_or_empty():
+    keys, vals, q, kvh, top, n = _data(7, n=30, k=30)
+    top[:] = np.arange(30)  # everything retrieved: nothing left to estimate
+    o, l = estimate_residual(keys, vals, q, kvh, top, 30, 8, 0.3)
+    assert np.isneginf(l).all() and (o == 0).all()
+    o, l = estimate_residual(keys, vals, q, kvh, top, 0, 8, 0.3)
+    assert np.isneginf(l).all()
+
+
+def test_bf16_bits_exact_roundtrip():
+    x = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    b = f32_to_bf16_bits(x)
+    assert np.array_equal(f32_to_bf16_bits(bf16_bits_to_f32(b)), b)
+
+
+@pytest.mark.parametrize("index", ["flat", "roar"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_store_attend_with_residual(index, dtype):
+    """CPUStore.attend = retrieval + residual: exact over the whole store when k + m >= n; with m = 0 it is the
+    plain top-k attention; a fork's attend agrees with its base store's."""
+    import torch
+
+    from retrieval_attention.cache import CPUStore
+    from retrieval_attention.config import RetrievalConfig
+
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    Hkv, G, D, n = 2, 3, 16, 120
+    keys = torch.randn(Hkv, n, D).to(dt)
+    vals = torch.randn(Hkv, n, D).to(dt)
+    tq = torch.randn(Hkv * G, 64, D)
+    q = torch.randn(Hkv * G, 1, D)
+    kf, vf = keys.float(), vals.float()
+    s = torch.einsum("hld,hnd->hln", q, kf.repeat_interleave(G, 0)) * 0.25
+    exact_lse = torch.logsumexp(s, -1)
+    exact_out = torch.einsum("hln,hnd->hld", torch.softmax(s, -1), vf.repeat_interleave(G, 0))
+
+    def store(m):
+        st = CPUStore(RetrievalConfig(index=index, top_k=10, residual_samples=m), pin=False)
+        st.build(keys, vals, tq)
+        return st
+
+    out, lse, _ = store(200).attend(q.numpy(), G, 0.25, 10)  # k + m >= n: the residual is exact
+    torch.testing.assert_close(torch.from_numpy(out), exact_out, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(torch.from_numpy(lse), exact_lse, rtol=1e-4, atol=1e-4)
+    plain = store(0).attend(q.numpy(), G, 0.25, 10)
+    est = store(32).attend(q.numpy(), G, 0.25, 10)
+    assert (est[1] > plain[1]).all()  # the estimate adds mass: lse grows
+    fork = store(32).fork()
+    f = fork.attend(q.numpy(), G, 0.25, 10)
+    np.testing.assert_allclose(f[0], est[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f[1], est[1], rtol=1e-5, atol=1e-5)
