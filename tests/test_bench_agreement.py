@@ -1,3 +1,4 @@
+import pytest
 """bench agreement: teacher-forced decode matches full attention exactly when retrieval covers everything."""
 
 import torch
@@ -24,4 +25,8 @@ def test_teacher_forced_alignment_and_exactness():
 
 
 def test_parse_methods():
-    assert parse_methods("retrieval:roar,streaming") == [("retrieval", "roar"), ("streaming", "flat")]
+    assert parse_methods("retrieval:roar,streaming") == [("retrieval", "roar", 64), ("streaming", "flat", 64)]
+    assert parse_methods("retrieval:flat@r=0,retrieval", residual=8) == [("retrieval", "flat", 0), ("retrieval", "roar", 8)]
+    for bad in ("retrieval@x=1", "retrieval@r=-2", "full"):
+        with pytest.raises(ValueError):
+            parse_methods(bad)

@@ -18,7 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", default="2048,4096", help="comma-separated prompt lengths in tokens")
     p.add_argument("--n-eval", type=int, default=256, help="teacher-forced decode steps at the end of each prompt")
     p.add_argument("--methods", default="retrieval:roar,retrieval:flat,streaming",
-                   help="comma-separated: retrieval:INDEX or streaming")
+                   help="comma-separated: retrieval:INDEX[@r=M] or streaming (@r=M: residual samples, default "
+                        "--residual-samples; @r=0 = the published method)")
+    p.add_argument("--residual-samples", type=int, default=64,
+                   help="residual samples of retrieval methods without @r= (default 64)")
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--n-sink", type=int, default=128)
     p.add_argument("--window", type=int, default=512)
@@ -32,16 +35,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--update-docs", action="store_true", help="write the table into docs/BENCHMARKS.md")
 
 
-def parse_methods(spec: str) -> list[tuple[str, str]]:
+def parse_methods(spec: str, residual: int = 64) -> list[tuple[str, str, int]]:
+    """``retrieval:INDEX[@r=M]`` / ``streaming`` specs -> ``(method, index, residual_samples)``."""
     out = []
     for m in spec.split(","):
         m = m.strip()
         if not m:
             continue
+        m, _, opt = m.partition("@")
+        r = residual
+        if opt:
+            key, _, val = opt.partition("=")
+            if key != "r" or not val.isdigit():
+                raise ValueError(f"bad option {opt!r} in --methods (use @r=<residual samples>)")
+            r = int(val)
         method, _, index = m.partition(":")
         if method not in ("retrieval", "streaming"):
             raise ValueError(f"unknown method {method!r} in --methods (use retrieval:INDEX or streaming)")
-        out.append((method, index or ("roar" if method == "retrieval" else "flat")))
+        out.append((method, index or ("roar" if method == "retrieval" else "flat"), r))
     return out
 
 
@@ -87,7 +98,7 @@ def run(args) -> int:
     from .common import command_line, machine_line, markdown_table, update_doc_section, write_json, default_docs_path
 
     contexts = [int(c) for c in str(args.context).split(",") if c.strip()]
-    methods = parse_methods(args.methods)
+    methods = parse_methods(args.methods, args.residual_samples)
     if args.n_eval <= 0 or any(c <= args.n_eval + args.n_sink + args.window for c in contexts):
         print("error: every --context must exceed --n-eval + --n-sink + --window, and --n-eval must be positive",
               file=sys.stderr)
@@ -101,12 +112,13 @@ def run(args) -> int:
             # step t of the teacher-forced loop feeds token t and predicts token t + 1: full positions [-n_eval:]
             full_logits = model(input_ids=ids).logits[0, -args.n_eval :].float()
         logp_full = torch.log_softmax(full_logits, -1)
-        for method, index in tqdm(methods, desc=f"agreement @ {ctx_len}", unit="method"):
+        for method, index, residual in tqdm(methods, desc=f"agreement @ {ctx_len}", unit="method"):
             search = {}
             if args.ef is not None:
                 search = {"nprobe": args.ef} if index == "ivf" else {"ef": args.ef}
             cfg = RetrievalConfig(method=method, index=index, top_k=args.top_k, n_sink=args.n_sink,
-                                  window=args.window, dense_layers=dense, search_params=search)
+                                  window=args.window, dense_layers=dense, search_params=search,
+                                  residual_samples=residual)
             t0 = time.perf_counter()
             logp, cache = teacher_forced_logprobs(model, ids, cfg, args.n_eval)
             kl, agree = kl_and_agreement(logp_full, logp)
@@ -114,6 +126,7 @@ def run(args) -> int:
             records.append({
                 "method": method,
                 "index": index if method == "retrieval" else None,
+                "residual_samples": residual if method == "retrieval" else None,
                 "context": ctx_len,
                 "kl_mean": float(kl.mean()),
                 "kl_p95": float(kl.quantile(0.95)),
@@ -124,9 +137,9 @@ def run(args) -> int:
                 "seconds": time.perf_counter() - t0,
             })
             r = records[-1]
-            print(f"{ctx_len:>6} {method:>9} {r['index'] or '-':>5}  KL {r['kl_mean']:.4f}  top-1 {r['top1_agreement']:.3f}",
+            print(f"{ctx_len:>6} {method:>9} {r['index'] or '-':>5} r={r['residual_samples']}  KL {r['kl_mean']:.4f}  top-1 {r['top1_agreement']:.3f}",
                   file=sys.stderr)
-    rows = [[r["context"], r["method"], r["index"] or "—", f"{r['kl_mean']:.4f}", f"{r['kl_p95']:.4f}",
+    rows = [[r["context"], r["method"], (r["index"] or "—") + ("" if r["method"] != "retrieval" else f" (r={r['residual_samples']})"), f"{r['kl_mean']:.4f}", f"{r['kl_p95']:.4f}",
              f"{100 * r['top1_agreement']:.1f}%",
              "—" if r["scanned_fraction"] is None else f"{100 * r['scanned_fraction']:.1f}%"] for r in records]
     table = markdown_table(["context", "method", "index", "KL mean (nats)", "KL p95", "top-1 agreement", "keys scanned"], rows)

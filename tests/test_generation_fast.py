@@ -1,0 +1,78 @@
+"""generate_ids' fast path (layer-by-layer prefill + lean decode loop) gives model.generate's tokens."""
+
+import pytest
+import torch
+
+from retrieval_attention.config import RetrievalConfig
+from retrieval_attention.generation import fast_path_reason, generate_ids
+
+from tiny_models import VOCAB, tiny_model
+
+
+def _cfg(**kw):
+    d = dict(index="flat", n_sink=4, window=16, top_k=8, dense_layers=(0,), prefill_chunk=24)
+    d.update(kw)
+    return RetrievalConfig(**d)
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def put(self, v):
+        self.calls.append(v.clone())
+
+    def end(self):
+        self.calls.append("end")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("cfg", [_cfg(), _cfg(index="roar", residual_samples=0), _cfg(residual_samples=16),
+                                 _cfg(method="streaming")], ids=["flat", "roar", "flat+residual", "streaming"])
+def test_fast_equals_generate(arch, cfg):
+    model = tiny_model(arch)
+    ids = torch.randint(0, VOCAB, (1, 70), generator=torch.Generator().manual_seed(1))
+    assert fast_path_reason(model, cfg, ids, None, {}) is None
+    rec_fast, rec_hf = Recorder(), Recorder()
+    fast, st_fast = generate_ids(model, ids, cfg, max_new_tokens=30, streamer=rec_fast, fast=True)
+    slow, st_slow = generate_ids(model, ids, cfg, max_new_tokens=30, streamer=rec_hf, fast=False)
+    assert torch.equal(fast, slow)
+    assert st_fast["generation_path"] == "fast" and "generation_path" not in st_slow
+    assert st_fast["new_tokens"] == st_slow["new_tokens"] == 30
+    # the streamer sees the same calls: the prompt, then one token at a time, then end()
+    assert len(rec_fast.calls) == len(rec_hf.calls)
+    assert torch.equal(rec_fast.calls[0].view(-1), rec_hf.calls[0].view(-1)) and rec_fast.calls[-1] == "end"
+
+
+def test_fast_batch_left_padding_and_eos():
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(2)
+    a = torch.randint(1, VOCAB, (60,), generator=g)
+    b = torch.randint(1, VOCAB, (45,), generator=g)
+    pad = 0
+    ids = torch.full((2, 60), pad)
+    ids[0], ids[1, 15:] = a, b
+    mask = (torch.arange(60).view(1, -1) >= torch.tensor([[0], [15]])).long()
+    cfg = _cfg()
+    slow, _ = generate_ids(model, ids, cfg, attention_mask=mask, max_new_tokens=12, fast=False, pad_token_id=pad)
+    # stop sequence 0 early: its 4th generated token becomes EOS, sequence 1 continues (padded after EOS)
+    eos = int(slow[0, 60 + 3])
+    slow, _ = generate_ids(model, ids, cfg, attention_mask=mask, max_new_tokens=12, fast=False, pad_token_id=pad,
+                           eos_token_id=eos)
+    fast, _ = generate_ids(model, ids, cfg, attention_mask=mask, max_new_tokens=12, fast=True, pad_token_id=pad,
+                           eos_token_id=eos)
+    assert torch.equal(fast, slow)
+
+
+def test_fast_path_reasons():
+    model = tiny_model("llama")
+    long = torch.zeros(1, 70, dtype=torch.long)
+    assert "full" in fast_path_reason(model, RetrievalConfig(method="full", index="flat"), long, None, {})
+    assert "static" in fast_path_reason(model, _cfg(), long[:, :20], None, {})
+    assert "sampling" in fast_path_reason(model, _cfg(), long, None, {"do_sample": True})
+    assert "options" in fast_path_reason(model, _cfg(), long, None, {"stopping_criteria": [1]})
+    assert "given cache" in fast_path_reason(model, _cfg(), long, object(), {})
+    with pytest.raises(ValueError, match="fast generation path cannot run"):
+        generate_ids(model, long[:, :20], _cfg(), max_new_tokens=2, fast=True)
+    gemma = tiny_model("gemma3")
+    assert fast_path_reason(gemma, _cfg(), long, None, {}) is not None
