@@ -136,7 +136,10 @@ def generate_ids(
     with ctx:
         seqs = model.generate(
             input_ids.to(model.device),
-            attention_mask=None if attention_mask is None else attention_mask.to(model.device),
+            # explicit: without a mask, generate() infers one from pad_token_id, which masks real prompt
+            # tokens when the pad id occurs in the prompt (e.g. SmolLM2's pad = eos = <|im_end|> of the chat
+            # template) and eos_token_id=[] lifts its pad-vs-eos guard
+            attention_mask=(torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(model.device),
             max_new_tokens=max_new_tokens,
             streamer=timer,
             pad_token_id=pad_id,

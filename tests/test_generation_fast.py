@@ -76,3 +76,18 @@ def test_fast_path_reasons():
         generate_ids(model, long[:, :20], _cfg(), max_new_tokens=2, fast=True)
     gemma = tiny_model("gemma3")
     assert fast_path_reason(gemma, _cfg(), long, None, {}) is not None
+
+
+def test_prompt_tokens_equal_to_pad_are_not_masked():
+    """model.generate infers a mask from pad_token_id when given none; a prompt token equal to the pad id
+    (SmolLM2: pad = eos = <|im_end|>, in every chat prompt) must still be attended, also with eos_token_id=[]."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (1, 70), generator=torch.Generator().manual_seed(3))
+    ids[0, 5:65:3] = 2  # "pad" tokens inside the prompt
+    cfg = _cfg(method="streaming")
+    a, _ = generate_ids(model, ids, cfg, max_new_tokens=16, fast=False, pad_token_id=2, eos_token_id=[])
+    b, _ = generate_ids(model, ids, cfg, max_new_tokens=16, fast=True, pad_token_id=2, eos_token_id=[])
+    c, _ = generate_ids(model, ids, cfg, max_new_tokens=16, fast=False, pad_token_id=2, eos_token_id=2)
+    assert torch.equal(a, b)
+    n = min(a.shape[1], c.shape[1])
+    assert torch.equal(a[:, :n], c[:, :n])
