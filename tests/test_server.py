@@ -595,3 +595,23 @@ def test_client_disconnect_stops_generation(model, tok):
         assert h["cancelled"] == 1  # stopped early instead of generating 500 tokens for nobody
         r = chat(client(srv), Q1)  # and the next client is served
         assert r.choices[0].message.content == lib_chat(model, tok, Q1).text
+
+
+def test_residual_samples_is_a_per_request_setting():
+    from retrieval_attention.server.contexts import check_request_config
+    from retrieval_attention.server.errors import ApiError
+    from retrieval_attention.server.protocol import config_with_overrides, parse_overrides
+
+    ov = parse_overrides({"residual_samples": 0, "top_k": 7})
+    cfg = config_with_overrides(RC, ov)
+    assert cfg.residual_samples == 0 and cfg.top_k == 7 and RC.residual_samples == 64
+    with pytest.raises(ApiError):
+        parse_overrides({"residual_samples": -1})
+
+    class Info:  # a context's recorded settings: decode-time ones may change per request
+        id = "ctx-x"
+        config = RC.to_dict()
+
+    check_request_config(Info, {"residual_samples": 16, "top_k": 3, "ef": 8})
+    with pytest.raises(ApiError, match="residual_samples"):
+        check_request_config(Info, {"window": 99})

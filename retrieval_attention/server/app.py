@@ -116,7 +116,7 @@ class ServerState:
                 raise ApiError(409, f"context {info.id!r} cannot be used: {info.error}", param="context_id",
                                code="context_file_invalid")
             check_request_config(info, req.overrides)
-            per_request = {k: v for k, v in req.overrides.items() if k in ("top_k", "ef")}
+            per_request = {k: v for k, v in req.overrides.items() if k in ("top_k", "ef", "residual_samples")}
             config = config_with_overrides(info.retrieval_config(), per_request)
             if req.kind == "chat":
                 if info.mode != "chat":

@@ -362,12 +362,14 @@ def new_info(store: ContextStore, *, mode: str, n_tokens: int, config: Retrieval
 
 
 def check_request_config(info: ContextInfo, overrides: dict[str, Any]) -> None:
-    """A request on a context may change ``top_k`` / ``ef`` only; other settings must match the context."""
+    """A request on a context may change ``top_k`` / ``ef`` / ``residual_samples`` only (decode-time settings);
+    other settings must match the context."""
     c = info.config
     fixed = {"attention": c.get("method"), "index": c.get("index"), "n_sink": c.get("n_sink"),
              "window": c.get("window"), "dense_layers": tuple(c.get("dense_layers", ()))}
     for k, v in overrides.items():
         if k in fixed and (tuple(v) if k == "dense_layers" else v) != fixed[k]:
             raise bad_request(
-                f"context {info.id} was built with {k}={fixed[k]!r}; a request on it can change only top_k and ef "
+                f"context {info.id} was built with {k}={fixed[k]!r}; a request on it can change only top_k, ef "
+                f"and residual_samples "
                 f"(got {k}={v!r})", param=k, code="context_config_mismatch")

@@ -9,6 +9,7 @@ Retrieval-attention extension fields (top level of the JSON body, which is where
 
 ``attention``    ``full`` | ``retrieval`` | ``streaming``
 ``top_k``        keys retrieved per query head per decode step (retrieval)
+``residual_samples``  keys drawn per head and step to estimate the mass of the keys not retrieved (0 = off)
 ``index``        ``roar`` | ``flat`` | ``ivf`` | ``hnsw`` (registered index names)
 ``n_sink``, ``window``  tokens kept on the device
 ``ef``           search budget of graph indexes (``nprobe`` for ``ivf``)
@@ -31,7 +32,7 @@ from ..config import METHODS, RetrievalConfig
 from .errors import ApiError, bad_request
 
 #: extension fields that change the retrieval configuration of one request
-CONFIG_FIELDS = ("attention", "top_k", "index", "n_sink", "window", "ef", "dense_layers")
+CONFIG_FIELDS = ("attention", "top_k", "index", "n_sink", "window", "ef", "dense_layers", "residual_samples")
 EXTENSION_FIELDS = CONFIG_FIELDS + ("context_id", "ignore_eos")
 #: accepted and ignored (bookkeeping fields of the OpenAI API that do not change the output)
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options")
@@ -151,6 +152,8 @@ def parse_overrides(body: dict) -> dict[str, Any]:
     for name in ("top_k", "n_sink", "window", "ef"):
         if body.get(name) is not None:
             out[name] = _int(body[name], name, lo=1)
+    if body.get("residual_samples") is not None:
+        out["residual_samples"] = _int(body["residual_samples"], "residual_samples", lo=0)
     if body.get("index") is not None:
         out["index"] = _str(body["index"], "index")
     if body.get("dense_layers") is not None:
@@ -168,7 +171,7 @@ def config_with_overrides(base: RetrievalConfig, overrides: dict[str, Any]) -> R
     kw: dict[str, Any] = {}
     if "attention" in overrides:
         kw["method"] = overrides["attention"]
-    for name in ("top_k", "index", "n_sink", "window", "dense_layers"):
+    for name in ("top_k", "index", "n_sink", "window", "dense_layers", "residual_samples"):
         if name in overrides:
             kw[name] = overrides[name]
     index = kw.get("index", base.index)
