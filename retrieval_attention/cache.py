@@ -44,9 +44,11 @@ class CPUStore:
     model as bfloat16, else float32), and in :attr:`keys` only for indexes that do not keep them exactly.
     """
 
-    def __init__(self, config: RetrievalConfig, pin: bool):
+    def __init__(self, config: RetrievalConfig, pin: bool, layer_idx: int = 0):
         self.config = config
         self.pin = pin
+        #: seed of the residual draws: the configured one mixed with the layer, so layers draw different keys
+        self.residual_seed = config.residual_seed * _LAYER_SEED_STRIDE + layer_idx
         self._index: KVIndex | None = None
         self._pending = None  # Future of a background build (CUDA: overlaps the next layers' prefill)
         self._keys: torch.Tensor | None = None  # [Hkv, capacity, D], model dtype; None when the index holds them
@@ -202,7 +204,7 @@ class CPUStore:
             return idx.search_attend(queries, k, values, scaling, **budget)
         out, lse, ns, ids = idx.search_attend(queries, k, values, scaling, return_ids=True, **budget)
         out, lse = _add_residual(out, lse, self.key_array(), values, queries, group, ids, self.n, m, scaling,
-                                 self.config.residual_seed)
+                                 self.residual_seed)
         return out, lse, ns
 
     def key_array(self) -> np.ndarray:
@@ -243,7 +245,7 @@ def _attend_by_search(store, queries: np.ndarray, group: int, scaling: float, k:
     if base is not None and m > 0 and store.base_n > k and base.index is not None:
         # the base's non-retrieved keys (retrieved tail ids are >= base_n: never drawn)
         out, lse = _add_residual(out, lse, base.key_array(), tensor_as_numpy(base.values), queries, group, ids,
-                                 store.base_n, m, scaling, store.config.residual_seed)
+                                 store.base_n, m, scaling, base.residual_seed)
     return out, lse, n_scanned
 
 
@@ -264,6 +266,8 @@ def _add_residual(out, lse, keys, values, queries, group, ids, n, m, scaling, se
 
 
 _EXECUTOR = None
+#: residual seeds of layers: residual_seed * stride + layer index (distinct for any layer count below it)
+_LAYER_SEED_STRIDE = 1_000_003
 
 
 def _build_executor():
@@ -518,7 +522,7 @@ class RetrievalLayer(DynamicLayer):
         self.stores = []
         for b in range(B):
             lo, hi = int(self.sink_end[b]), win_start
-            store = CPUStore(cfg, pin)
+            store = CPUStore(cfg, pin, self.layer_idx)
             if self.retrieve and hi > lo:
                 tq = queries[b] if per_seq else queries[b, :, int(pad[b]) :]
                 tq = _subsample(tq, cfg.max_train_queries)

@@ -254,7 +254,7 @@ def cache_from_state(model, config: RetrievalConfig, tensors: dict, layout: list
             pin = torch.cuda.is_available() and dev.type == "cuda"
             layer.stores = []
             for b, st in enumerate(entry["stores"]):
-                store = CPUStore(config, pin)
+                store = CPUStore(config, pin, i)
                 if st["index"] is not None:
                     spec = st["index"]
                     idx = make_index(spec["name"], **spec["params"])

@@ -132,3 +132,25 @@ def test_store_attend_with_residual(index, dtype):
     f = fork.attend(q.numpy(), G, 0.25, 10)
     np.testing.assert_allclose(f[0], est[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(f[1], est[1], rtol=1e-5, atol=1e-5)
+
+
+def test_draws_are_stratified_and_layers_differ():
+    """One draw per stratum of n/m positions (the whole context is covered); stores of different layers draw
+    different positions for the same step (a region missed by one layer is not missed by all)."""
+    from retrieval_attention.attention.residual import draw_ids
+    from retrieval_attention.cache import CPUStore
+    from retrieval_attention.config import RetrievalConfig
+
+    n, m = 1000, 64
+    out = np.empty(m, np.int64)
+    for seed in range(5):
+        draw_ids(seed, n, 0, 0, m, out)
+        t = np.arange(m)
+        assert (out >= (t * n) // m).all() and (out < -(-(t + 1) * n // m)).all()  # draw t inside stratum t
+    counts = np.zeros(n)
+    for seed in range(3000):
+        draw_ids(seed, n, 1, 0, m, out)
+        counts[out] += 1
+    np.testing.assert_allclose(counts / 3000, m / n, atol=0.03)  # every key drawn with probability m / n
+    cfg = RetrievalConfig(index="flat")
+    assert CPUStore(cfg, False, 3).residual_seed != CPUStore(cfg, False, 4).residual_seed

@@ -5,15 +5,19 @@ the probability mass of every other key is dropped. On models whose attention is
 this drop shifts the output (SmolLM2-135M at 4K: exact top-100, top-400 too, loses needles that full
 attention finds; keeping layers 15-22 dense, or this estimate, recovers them — docs/RESULTS.md).
 
-The estimate: draw ``m`` key ids uniformly (with replacement) from the ``n`` keys of the store; a draw that
-hits a retrieved id contributes nothing, any other contributes ``exp(s) v`` with weight ``n / m``. That is an
+The estimate: draw ``m`` key ids from the ``n`` keys of the store, one uniformly inside each of ``m`` equal
+strata of positions (stratified sampling: every key is drawn with probability ``m / n``, and the draws cover
+the whole context, which lowers the variance where neighbouring tokens have similar scores); a draw that hits
+a retrieved id contributes nothing, any other contributes ``exp(s) v`` with weight ``n / m``. That is an
 unbiased estimate of the numerator and of the denominator of the residual's softmax (each sum over the
 non-retrieved keys), returned as a partial attention ``(out, lse)`` whose ``lse`` carries the weight, so
 :func:`retrieval_attention.attention.merge.merge_partial` merges it with the other parts exactly like a real
 partial result. When ``n <= k + m`` the residual is small enough to be computed exactly (weight 1, no draw).
 
 Draws are deterministic: a splitmix64 stream seeded from ``(seed, n, head, query)``, so greedy decoding
-stays reproducible and independent of thread scheduling.
+stays reproducible and independent of thread scheduling. Give each layer its own ``seed`` (the cache does:
+the configured seed mixed with the layer index): with one seed for all layers every layer would draw the same
+positions, and a region they all miss would be missed everywhere at once.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ..index.kernels import elem
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
+_INV_2_53 = 1.0 / 9007199254740992.0  # 2**-53: 53 random bits -> a float64 in [0, 1)
 
 
 @njit(nogil=True, cache=True)
@@ -49,11 +54,14 @@ def _seed(seed, n, h, i):
 
 @njit(nogil=True, cache=True)
 def draw_ids(seed, n, h, i, m, out):
-    """``m`` ids uniform in ``[0, n)`` for (head ``h``, query ``i``) into ``out[:m]`` (the kernel's stream)."""
+    """``m`` stratified ids in ``[0, n)`` for (head ``h``, query ``i``) into ``out[:m]``: draw ``t`` is uniform
+    in ``[t n / m, (t + 1) n / m)`` (the kernel's stream; every id has probability ``m / n``)."""
     st = _seed(seed, n, h, i)
     for t in range(m):
         st, z = _splitmix(st)
-        out[t] = np.int64(z % np.uint64(n))
+        u = np.float64(z >> np.uint64(11)) * _INV_2_53  # uniform in [0, 1) from the top 53 bits
+        j = np.int64((t + u) * n / m)
+        out[t] = min(j, n - 1)
 
 
 @njit(nogil=True, cache=True)
