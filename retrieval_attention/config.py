@@ -74,3 +74,16 @@ class RetrievalConfig:
         d = asdict(self)
         d["dense_layers"] = list(self.dense_layers)
         return d
+
+
+def split_residual_option(spec: str) -> tuple[str, int | None]:
+    """A method spec's ``@r=<m>`` suffix (residual samples): ``"retrieval:roar@r=0"`` -> ``("retrieval:roar", 0)``;
+    without a suffix ``(spec, None)``. Shared by ``eval --methods`` and ``bench agreement --methods``."""
+    spec, _, opt = spec.partition("@")
+    if not opt:
+        return spec, None
+    key, _, val = opt.partition("=")
+    if key != "r" or not val.isdigit():
+        raise ValueError(f"bad method option {opt!r}: use @r=<residual samples>, e.g. retrieval:roar@r=0")
+    return spec, int(val)
+

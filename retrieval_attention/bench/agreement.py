@@ -37,18 +37,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_methods(spec: str, residual: int = 64) -> list[tuple[str, str, int]]:
     """``retrieval:INDEX[@r=M]`` / ``streaming`` specs -> ``(method, index, residual_samples)``."""
+    from ..config import split_residual_option
+
     out = []
     for m in spec.split(","):
         m = m.strip()
         if not m:
             continue
-        m, _, opt = m.partition("@")
-        r = residual
-        if opt:
-            key, _, val = opt.partition("=")
-            if key != "r" or not val.isdigit():
-                raise ValueError(f"bad option {opt!r} in --methods (use @r=<residual samples>)")
-            r = int(val)
+        m, r_given = split_residual_option(m)
+        r = residual if r_given is None else r_given
         method, _, index = m.partition(":")
         if method not in ("retrieval", "streaming"):
             raise ValueError(f"unknown method {method!r} in --methods (use retrieval:INDEX or streaming)")

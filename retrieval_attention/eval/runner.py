@@ -81,6 +81,7 @@ def parse_methods(
     With ``budget_sweep``, every retrieval method also runs at each listed top-k (labelled
     ``retrieval:<index>@k=<k>``; the ``--top-k`` run keeps the plain label).
     """
+    from ..config import split_residual_option
     from ..index import available_indexes
 
     indexes = available_indexes()
@@ -89,13 +90,8 @@ def parse_methods(
         spec = raw.strip().lower()
         if not spec:
             continue
-        spec, _, opt = spec.partition("@")
-        r = residual
-        if opt:
-            key, _, val = opt.partition("=")
-            if key != "r" or not val.isdigit():
-                raise ValueError(f"bad method option in {raw!r}: use @r=<residual samples>, e.g. retrieval:roar@r=0")
-            r = int(val)
+        spec, r_given = split_residual_option(spec)
+        r = residual if r_given is None else r_given
         name, _, index = spec.partition(":")
         if name in indexes and not index:
             name, index = "retrieval", name
@@ -106,12 +102,12 @@ def parse_methods(
             index = index or "roar"
             if index not in indexes:
                 raise ValueError(f"unknown index {index!r} in method {raw!r}; available: {', '.join(indexes)}")
-            base = f"retrieval:{index}" + (f"@r={r}" if opt else "")
+            base = f"retrieval:{index}" + ("" if r_given is None else f"@r={r}")
             out.append(MethodSpec("retrieval", index, top_k, n_sink, window, base, r))
             for k in budget_sweep or []:
                 if k != top_k:
                     out.append(MethodSpec("retrieval", index, k, n_sink, window, f"{base}@k={k}", r))
-        elif opt:
+        elif r_given is not None:
             raise ValueError(f"method {name!r} takes no @r= option (got {raw!r})")
         elif index:
             raise ValueError(f"method {name!r} takes no index (got {raw!r})")

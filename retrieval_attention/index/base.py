@@ -114,6 +114,12 @@ class KVIndex(ABC):
 
     def search(self, queries, k: int, **budget):
         """Top-``k`` keys by inner product for each query; see the module docstring for shapes."""
+        q, k = self._check_search(queries, k, budget)
+        return self._search(q, k, **budget)
+
+    def _check_search(self, queries, k, budget: dict) -> tuple[np.ndarray, int]:
+        """Validated ``(queries [Hq, L, D] float32, k)`` of a search; raises on an empty index, bad shapes,
+        a bad ``k`` or budget parameters this index does not take."""
         if self.n_keys == 0:
             raise IndexError_("search on an empty index: call build() first")
         q = as_f32_3d(queries, "queries", self.head_dim)
@@ -126,7 +132,7 @@ class KVIndex(ABC):
             raise IndexError_(
                 f"{self.name} does not take budget parameter(s) {sorted(unknown)}; it takes {list(self.budget_params)}"
             )
-        return self._search(q, int(k), **budget)
+        return q, int(k)
 
     def search_attend(self, queries, k: int, values: np.ndarray, scaling: float, return_ids: bool = False, **budget):
         """Top-``k`` search + softmax attention over the retrieved keys' values.

@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from .bf16 import as_float32
-from .kernels import elem, next_stamp, search_pair, sort_results
+from .kernels import elem, emit_results, next_stamp, search_pair
 
 #: initial capacity of a worker's candidate heap (entries); a search that needs more grows a private copy
 CAND_INIT = 4096
@@ -71,13 +71,7 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
                 q64[c] = queries[h, i, c]
             nr, ns, c_s, c_i = search_pair(adj, keys, n_graph, n_total, q64, graph_of_head[h], kv, entries, k, L,
                                            vis, st, c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf)
-            sort_results(r_s, r_i, nr)
-            for r in range(nr):
-                out_ids[h, i, r] = r_i[r]
-                out_sc[h, i, r] = np.float32(r_s[r])
-            for r in range(nr, k):
-                out_ids[h, i, r] = -1
-                out_sc[h, i, r] = -np.inf
+            emit_results(r_s, r_i, nr, k, out_ids, out_sc, h, i)
             out_ns[h, i] = ns
             _attend_one(values, kv, r_s, r_i, nr, scaling, pw, acc, out, out_lse, h, i)
 

@@ -321,6 +321,19 @@ def sort_results(r_s, r_i, nr):
 
 
 @njit(nogil=True, cache=True)
+def emit_results(r_s, r_i, nr, k, out_ids, out_sc, h, i):
+    """Sort a result heap (:func:`sort_results`) into ``out_ids[h, i]`` / ``out_sc[h, i]``, best first,
+    padded with -1 / -inf up to ``k``."""
+    sort_results(r_s, r_i, nr)
+    for r in range(nr):
+        out_ids[h, i, r] = r_i[r]
+        out_sc[h, i, r] = np.float32(r_s[r])
+    for r in range(nr, k):
+        out_ids[h, i, r] = -1
+        out_sc[h, i, r] = -np.inf
+
+
+@njit(nogil=True, cache=True)
 def next_stamp(vis, stamps, t):
     """The next visited-epoch stamp of worker ``t`` (clears its row when the stamps wrap)."""
     st = stamps[t] + 1
@@ -374,13 +387,7 @@ def search_batch(adj, keys, n_graph, n_total, queries, graph_of_head, kv_of_head
                 q64[c] = queries[h, i, c]
             nr, ns, c_s, c_i = search_pair(adj, keys, n_graph, n_total, q64, graph_of_head[h], kv_of_head[h],
                                            entries, k, L, vis, st, c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf)
-            sort_results(r_s, r_i, nr)
-            for r in range(nr):
-                out_ids[h, i, r] = r_i[r]
-                out_sc[h, i, r] = np.float32(r_s[r])
-            for r in range(nr, k):
-                out_ids[h, i, r] = -1
-                out_sc[h, i, r] = -np.inf
+            emit_results(r_s, r_i, nr, k, out_ids, out_sc, h, i)
             out_ns[h, i] = ns
 
 

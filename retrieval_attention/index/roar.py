@@ -51,7 +51,7 @@ import torch
 
 from . import decode_kernels as DK
 from . import kernels as K
-from .base import IndexError_, KVIndex, as_f32_3d, register_index
+from .base import IndexError_, KVIndex, register_index
 from .bf16 import as_float32, bits_as_tensor, f32_to_bf16_bits
 
 GRAPH_PER = ("query_head", "kv_head")
@@ -378,14 +378,7 @@ class RoarIndex(KVIndex):
         if values.dtype not in (np.float32, np.uint16) or budget:
             return super().search_attend(queries, k, values, scaling, return_ids=return_ids,
                                          **({} if ef is None else {"ef": ef}), **budget)
-        if self.n_keys == 0:
-            raise IndexError_("search on an empty index: call build() first")
-        q = as_f32_3d(queries, "queries", self.head_dim)
-        if q.shape[0] % self.n_kv_heads != 0:
-            raise IndexError_(f"queries have {q.shape[0]} heads, not a multiple of the {self.n_kv_heads} KV heads")
-        if not isinstance(k, (int, np.integer)) or k <= 0:
-            raise IndexError_(f"k must be a positive integer, got {k!r}")
-        k = int(k)
+        q, k = self._check_search(queries, k, {})
         L = self.ef if ef is None else _pos_int("ef", ef)
         Hq, nq, _ = q.shape
         graph_of_head, kv_of_head = self._graph_maps(Hq)
