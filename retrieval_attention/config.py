@@ -7,6 +7,10 @@ from typing import Any
 
 METHODS = ("full", "retrieval", "streaming")
 
+#: residual draws per query head and step. SmolLM2 at 4K (bench agreement, CPU): 64 draws KL 0.0016 / top-1
+#: 98.4%, 256 draws 0.0003 / 99.6%, 1024 draws 0.0001 / 100%; 256 also recovers a needle that 64 and 128 lose
+DEFAULT_RESIDUAL_SAMPLES = 256
+
 
 @dataclass
 class RetrievalConfig:
@@ -41,7 +45,7 @@ class RetrievalConfig:
     prefill_chunk: int = 2048
     dense_layers: tuple[int, ...] = (0, 1)
     max_train_queries: int = 4096
-    residual_samples: int = 64
+    residual_samples: int = DEFAULT_RESIDUAL_SAMPLES
     residual_seed: int = 0
 
     def __post_init__(self) -> None:

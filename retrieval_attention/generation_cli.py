@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from .config import DEFAULT_RESIDUAL_SAMPLES
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,7 +17,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default="retrieval", choices=["full", "retrieval", "streaming"], help="attention method")
     p.add_argument("--index", default="roar", help="index for retrieval: roar, flat, ivf, hnsw")
     p.add_argument("--top-k", type=int, default=100, help="keys retrieved per query head per step")
-    p.add_argument("--residual-samples", type=int, default=64,
+    p.add_argument("--residual-samples", type=int, default=DEFAULT_RESIDUAL_SAMPLES,
                    help="keys drawn per head and step to estimate the attention of the keys not retrieved "
                         "(0 = the published method, which drops them)")
     p.add_argument("--n-sink", type=int, default=128, help="initial tokens kept on the device")

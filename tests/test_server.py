@@ -20,7 +20,7 @@ import transformers as tf
 
 openai = pytest.importorskip("openai")
 
-from retrieval_attention.config import RetrievalConfig  # noqa: E402
+from retrieval_attention.config import DEFAULT_RESIDUAL_SAMPLES, RetrievalConfig  # noqa: E402
 from retrieval_attention.generation import generate, generate_ids  # noqa: E402
 from retrieval_attention.server.app import ServerThread, create_app  # noqa: E402
 from retrieval_attention.server.contexts import parse_size  # noqa: E402
@@ -604,7 +604,7 @@ def test_residual_samples_is_a_per_request_setting():
 
     ov = parse_overrides({"residual_samples": 0, "top_k": 7})
     cfg = config_with_overrides(RC, ov)
-    assert cfg.residual_samples == 0 and cfg.top_k == 7 and RC.residual_samples == 64
+    assert cfg.residual_samples == 0 and cfg.top_k == 7 and RC.residual_samples == DEFAULT_RESIDUAL_SAMPLES
     with pytest.raises(ApiError):
         parse_overrides({"residual_samples": -1})
 

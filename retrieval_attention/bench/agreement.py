@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from ..config import DEFAULT_RESIDUAL_SAMPLES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,8 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="retrieval:roar,retrieval:flat,streaming",
                    help="comma-separated: retrieval:INDEX[@r=M] or streaming (@r=M: residual samples, default "
                         "--residual-samples; @r=0 = the published method)")
-    p.add_argument("--residual-samples", type=int, default=64,
-                   help="residual samples of retrieval methods without @r= (default 64)")
+    p.add_argument("--residual-samples", type=int, default=DEFAULT_RESIDUAL_SAMPLES,
+                   help="residual samples of retrieval methods without @r= (default %(default)s)")
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--n-sink", type=int, default=128)
     p.add_argument("--window", type=int, default=512)
@@ -35,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--update-docs", action="store_true", help="write the table into docs/BENCHMARKS.md")
 
 
-def parse_methods(spec: str, residual: int = 64) -> list[tuple[str, str, int]]:
+def parse_methods(spec: str, residual: int = DEFAULT_RESIDUAL_SAMPLES) -> list[tuple[str, str, int]]:
     """``retrieval:INDEX[@r=M]`` / ``streaming`` specs -> ``(method, index, residual_samples)``."""
     from ..config import split_residual_option
 

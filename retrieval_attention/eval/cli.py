@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from ..config import DEFAULT_RESIDUAL_SAMPLES
 
 #: presets fill the settings the user did not give explicitly
 PRESETS = {
@@ -75,9 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--n-sink", type=int, default=128, help="initial tokens kept on the device (default: 128)")
     b.add_argument("--window", type=int, default=512, help="recent tokens kept on the device (default: 512)")
     b.add_argument("--top-k", type=int, default=100, help="keys retrieved per head and step (default: 100)")
-    b.add_argument("--residual-samples", type=int, default=64,
+    b.add_argument("--residual-samples", type=int, default=DEFAULT_RESIDUAL_SAMPLES,
                    help="keys drawn per head and step to estimate the attention of the keys not retrieved "
-                        "(default: 64; 0 = the published method; per method: retrieval:roar@r=0)")
+                        "(default: %(default)s; 0 = the published method; per method: retrieval:roar@r=0)")
     b.add_argument("--budget-sweep", type=lambda s: [int(x) for x in _csv(s)], default=None, metavar="K,K,...",
                    help="also run every retrieval method at these top-k values, e.g. 10,50,100,200")
 

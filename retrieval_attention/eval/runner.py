@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .tasks import DEFAULT_TASKS, TASKS, Haystack, LengthTooSmall, make_task, prompt_ids, sample_rng
+from ..config import DEFAULT_RESIDUAL_SAMPLES
 
 RESULTS_FILE = "results.jsonl"
 FORMAT_VERSION = 1
@@ -145,7 +146,7 @@ class EvalSettings:
     n_sink: int = 128
     window: int = 512
     top_k: int = 100
-    residual_samples: int = 64
+    residual_samples: int = DEFAULT_RESIDUAL_SAMPLES
     budget_sweep: list[int] = field(default_factory=list)
     max_new_tokens: int | None = None
     haystack_files: list[str] | None = None
