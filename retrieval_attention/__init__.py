@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 
 from .config import RetrievalConfig  # noqa: E402
 
-__all__ = ["RetrievalConfig", "RetrievalCache", "enable", "make_cache", "generate", "generate_batch", "load_model"]
+__all__ = ["RetrievalConfig", "RetrievalCache", "enable", "make_cache", "generate", "generate_batch", "generate_many",
+           "load_model"]
 
 
 def __getattr__(name):  # lazy: keep `import retrieval_attention` light (no transformers import)
@@ -17,7 +18,7 @@ def __getattr__(name):  # lazy: keep `import retrieval_attention` light (no tran
         from . import integration
 
         return getattr(integration, name)
-    if name in ("generate", "generate_batch"):
+    if name in ("generate", "generate_batch", "generate_many"):
         from . import generation
 
         return getattr(generation, name)

@@ -411,6 +411,10 @@ class RetrievalLayer(DynamicLayer):
         self._lw_queries = None  # per sequence: list of [Hq, m, D] collected queries
         self._lw_kbuf = self._lw_vbuf = None  # [B, Hkv, prompt_len, D] preallocated dense K/V
         self._lw_heads = None  # (Hq, D, dtype) of the collected queries
+        # keep_prefill: finish_layerwise keeps (keys, values, queries, pad) in prefill_snapshot instead of
+        # offloading (one prefill shared by several methods: retrieval_attention.generation.generate_ids_many)
+        self.keep_prefill = False
+        self.prefill_snapshot = None
 
     # ---- transformers API -------------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -603,9 +607,26 @@ class RetrievalLayer(DynamicLayer):
         Hq, D, dtype = self._lw_heads
         self.defer_offload = False
         self._lw_kbuf = self._lw_vbuf = self._lw_pick = self._lw_queries = None
+        empty = torch.empty((Hq, 0, D), dtype=dtype, device=self.keys.device)
+        queries = [torch.cat(q, dim=1) if q else empty for q in queries]
+        if self.keep_prefill:
+            self.prefill_snapshot = (self.keys, self.values, queries, pad)
+            return
         if self.should_offload():
-            empty = torch.empty((Hq, 0, D), dtype=dtype, device=self.keys.device)
-            self.offload_prefill([torch.cat(q, dim=1) if q else empty for q in queries], pad)
+            self.offload_prefill(queries, pad)
+
+    def load_prefill(self, keys: torch.Tensor, values: torch.Tensor, queries: list[torch.Tensor],
+                     pad: torch.Tensor) -> None:
+        """Take a finished prefill computed elsewhere (a ``keep_prefill`` layer's ``prefill_snapshot``) and
+        offload it as this layer's own prefill would: keys/values ``[B, Hkv, T, D]`` (not modified: the
+        layer keeps references or copies), queries a list of ``B`` ``[Hq, m, D]`` index-training queries,
+        ``pad [B]`` left padding (CPU long)."""
+        if self.offloaded or self.total:
+            raise ValueError(f"layer {self.layer_idx}: load_prefill needs an empty cache layer")
+        DynamicLayer.update(self, keys, values)
+        self.total = keys.shape[-2]
+        if self.should_offload():
+            self.offload_prefill(queries, pad)
 
     def _evict(self, n: int) -> None:
         """Hand the ``n`` oldest window columns to the CPU stores (when retrieving); ``update`` drops them."""

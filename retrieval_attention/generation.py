@@ -191,14 +191,8 @@ def fast_path_reason(model, config: RetrievalConfig, input_ids: torch.Tensor, ca
     return unsupported_reason(model)
 
 
-def _generate_fast(model, input_ids, config, attention_mask, max_new_tokens, streamer, progress, gen_kwargs):
-    """Greedy generation by layer-by-layer prefill + :class:`~.decode_loop.LeanDecoder` (see the module
-    docstring); same return value as :func:`generate_ids`. Finished sequences (EOS) are padded like
-    ``model.generate`` does, and the loop stops when all are finished."""
-    from .decode_loop import LeanDecoder
-    from .prefill import layerwise_prefill
-
-    dev = model.device
+def _eos_pad(model, gen_kwargs) -> tuple[list[int], int]:
+    """(EOS ids, pad id) of a greedy generation, as ``model.generate`` resolves them."""
     eos = gen_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     pad_id = gen_kwargs.get("pad_token_id")
@@ -206,45 +200,45 @@ def _generate_fast(model, input_ids, config, attention_mask, max_new_tokens, str
         pad_id = model.generation_config.pad_token_id
     if pad_id is None:
         pad_id = eos[0] if eos else 0
-    cache = make_cache(model, config)
-    if progress:
-        cache.set_progress(True)
-    ids = input_ids.to(dev)
-    mask = None if attention_mask is None else attention_mask.to(dev)
-    B = ids.shape[0]
-    eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
-    finished = torch.zeros(B, dtype=torch.bool, device=dev)
-    new = []
+    return eos, pad_id
 
-    def emit(tok):  # tok [B, 1]
-        nonlocal finished
-        tok = torch.where(finished.view(B, 1), torch.full_like(tok, pad_id), tok)
-        new.append(tok)
-        if streamer is not None:
-            streamer.put(tok.view(-1).cpu())
-        finished = finished | torch.isin(tok.view(-1), eos_t)
+
+class _GreedyTokens:
+    """The new tokens of a greedy generation: finished sequences (EOS) are padded as ``model.generate`` pads."""
+
+    def __init__(self, B: int, eos: list[int], pad_id: int, device, streamer=None):
+        self.eos = torch.tensor(eos, dtype=torch.long, device=device)
+        self.pad_id = pad_id
+        self.finished = torch.zeros(B, dtype=torch.bool, device=device)
+        self.streamer = streamer
+        self.new: list[torch.Tensor] = []
+
+    def emit(self, tok: torch.Tensor) -> torch.Tensor:  # tok [B, 1]
+        tok = torch.where(self.finished.view(-1, 1), torch.full_like(tok, self.pad_id), tok)
+        self.new.append(tok)
+        if self.streamer is not None:
+            self.streamer.put(tok.view(-1).cpu())
+        self.finished = self.finished | torch.isin(tok.view(-1), self.eos)
         return tok
 
-    t0 = time.perf_counter()
-    if streamer is not None:
-        streamer.put(ids.cpu())
-    logits = layerwise_prefill(model, ids, cache, chunk=config.prefill_chunk, attention_mask=mask)
-    tok = emit(logits.argmax(-1, keepdim=True))
-    t_first = time.perf_counter()
-    if progress:
-        cache.set_progress(False)
+    def done(self, max_new_tokens: int) -> bool:
+        return len(self.new) >= max_new_tokens or bool(self.finished.all())
+
+
+def _lean_decode(model, cache, toks: _GreedyTokens, tok: torch.Tensor, max_new_tokens: int) -> None:
+    """Greedy decode with :class:`~.decode_loop.LeanDecoder` from the first new token ``tok [B, 1]``."""
+    from .decode_loop import LeanDecoder
+
     if not LeanDecoder.supports(model, cache):  # not expected after fast_path_reason: say why
         from .decode_loop import unsupported_reason
 
         raise RuntimeError(f"lean decode loop unavailable after prefill: {unsupported_reason(model, cache)}")
     with LeanDecoder(model, cache) as dec:
-        while len(new) < max_new_tokens and not bool(finished.all()):
-            tok = emit(dec.step(tok).argmax(-1, keepdim=True))
-    if streamer is not None:
-        streamer.end()
-    t_end = time.perf_counter()
-    seqs = torch.cat([ids] + new, dim=1)
-    n_new = len(new)
+        while not toks.done(max_new_tokens):
+            tok = toks.emit(dec.step(tok).argmax(-1, keepdim=True))
+
+
+def _fast_stats(config, ids, n_new, t0, t_first, t_end, cache) -> dict:
     stats = {
         "method": config.method,
         "index": config.index if config.method == "retrieval" else None,
@@ -254,8 +248,161 @@ def _generate_fast(model, input_ids, config, attention_mask, max_new_tokens, str
         "decode_tokens_per_s": (n_new - 1) / (t_end - t_first) if n_new > 1 and t_end > t_first else float("nan"),
         "generation_path": "fast",
     }
-    stats.update(cache.stats())
-    return seqs, stats
+    if hasattr(cache, "stats"):
+        stats.update(cache.stats())
+    else:
+        stats.update(index_build_s=0.0, kv_device_bytes=_dense_bytes(cache), kv_cpu_bytes=0)
+    return stats
+
+
+def _generate_fast(model, input_ids, config, attention_mask, max_new_tokens, streamer, progress, gen_kwargs):
+    """Greedy generation by layer-by-layer prefill + :class:`~.decode_loop.LeanDecoder` (see the module
+    docstring); same return value as :func:`generate_ids`. Finished sequences (EOS) are padded like
+    ``model.generate`` does, and the loop stops when all are finished."""
+    from .prefill import layerwise_prefill
+
+    dev = model.device
+    eos, pad_id = _eos_pad(model, gen_kwargs)
+    cache = make_cache(model, config)
+    if progress:
+        cache.set_progress(True)
+    ids = input_ids.to(dev)
+    mask = None if attention_mask is None else attention_mask.to(dev)
+    toks = _GreedyTokens(ids.shape[0], eos, pad_id, dev, streamer)
+    t0 = time.perf_counter()
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    logits = layerwise_prefill(model, ids, cache, chunk=config.prefill_chunk, attention_mask=mask)
+    tok = toks.emit(logits.argmax(-1, keepdim=True))
+    t_first = time.perf_counter()
+    if progress:
+        cache.set_progress(False)
+    _lean_decode(model, cache, toks, tok, max_new_tokens)
+    if streamer is not None:
+        streamer.end()
+    t_end = time.perf_counter()
+    seqs = torch.cat([ids] + toks.new, dim=1)
+    return seqs, _fast_stats(config, ids, len(toks.new), t0, t_first, t_end, cache)
+
+
+_FULL = RetrievalConfig(method="full", index="flat")
+
+
+def shared_prefill_reason(model, configs: list[RetrievalConfig], input_ids: torch.Tensor,
+                          gen_kwargs: dict | None = None) -> str | None:
+    """Why :func:`generate_ids_many` must run ``configs`` one by one (None: one prefill serves them all).
+    A ``None`` configuration means full attention (as in :func:`generate_ids`)."""
+    from .prefill import unsupported_reason
+
+    gen_kwargs = gen_kwargs or {}
+    if len(configs) < 2:
+        return "fewer than two methods"
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        return "a batch (the shared prefill takes one unpadded sequence)"
+    configs = [_FULL if c is None else c for c in configs]
+    chunks = {c.prefill_chunk for c in configs if c.method != "full"}  # full's own prefill is model.generate's
+    if len(chunks) > 1:
+        return f"different prefill_chunk values {sorted(chunks)}"
+    trains = {c.max_train_queries for c in configs if c.method == "retrieval"}
+    if len(trains) > 1:
+        return f"different max_train_queries values {sorted(trains)}"
+    for c in configs:
+        if c.method == "full":
+            if gen_kwargs.get("do_sample"):
+                return "sampling"
+            continue
+        reason = fast_path_reason(model, c, input_ids, None, gen_kwargs)
+        if reason is not None:
+            return f"{c.method}: {reason}"
+    return unsupported_reason(model)
+
+
+@torch.no_grad()
+def generate_ids_many(model, input_ids: torch.Tensor, configs: list[RetrievalConfig], *,
+                      max_new_tokens: int = 64, shared: bool | None = None, **gen_kwargs) -> list[tuple]:
+    """Greedy generation of one prompt ``input_ids [1, T]`` under several configurations (methods, budgets,
+    indexes) from **one** exact prefill. Returns ``[(sequences, stats), ...]`` in the order of ``configs``.
+
+    The prompt runs once layer by layer (:func:`~.prefill.layerwise_prefill`) with every layer keeping its
+    keys, values and index-training queries; then each configuration takes them as its own prefill would
+    have left them (``retrieval`` / ``streaming``: :meth:`~.cache.RetrievalLayer.load_prefill`, i.e. offload
+    + index build; ``full``: a ``DynamicCache``) and decodes greedily from the prefill's first token
+    (retrieval / streaming with the lean decode loop, full with ``model.generate``). The tokens equal
+    :func:`generate_ids` for retrieval / streaming (same prefill, same offload, same decode); for ``full`` the
+    prefill is the layer-by-layer one instead of ``model.generate``'s single forward (same exact attention,
+    float rounding may differ). ``stats["prefill_s"]`` counts the shared prefill plus the method's own offload
+    and build; ``stats["shared_prefill_s"]`` the shared part. When :func:`shared_prefill_reason` finds a
+    reason (or ``shared=False``) each configuration runs through :func:`generate_ids` instead; ``shared=True``
+    raises ``ValueError`` with the reason then.
+    """
+    from transformers import DynamicCache
+
+    from .cache import RetrievalLayer
+    from .prefill import layerwise_prefill
+
+    configs = [_FULL if c is None else c for c in configs]
+    if shared is not False:
+        reason = shared_prefill_reason(model, configs, input_ids, gen_kwargs)
+        if reason is not None and shared:
+            raise ValueError(f"one shared prefill cannot serve these configurations: {reason}")
+    else:
+        reason = "shared=False"
+    if reason is not None:
+        return [generate_ids(model, input_ids, c, max_new_tokens=max_new_tokens, **gen_kwargs) for c in configs]
+
+    dev = model.device
+    eos, pad_id = _eos_pad(model, gen_kwargs)
+    ids = input_ids.to(dev)
+    train = next((c.max_train_queries for c in configs if c.method == "retrieval"), RetrievalConfig.max_train_queries)
+    chunk = next((c.prefill_chunk for c in configs if c.method != "full"), RetrievalConfig.prefill_chunk)
+    capture = make_cache(model, RetrievalConfig(index="flat", dense_layers=(), prefill_chunk=chunk,
+                                                max_train_queries=train, residual_samples=0))
+    for layer in capture.layers:
+        layer.keep_prefill = True
+    t0 = time.perf_counter()
+    logits = layerwise_prefill(model, ids, capture, chunk=chunk)
+    first = logits.argmax(-1, keepdim=True)
+    snaps = [layer.prefill_snapshot for layer in capture.layers]
+    del capture
+    shared_s = time.perf_counter() - t0
+
+    results = []
+    for config in configs:
+        t1 = time.perf_counter()
+        cache = make_cache(model, config)
+        toks = _GreedyTokens(1, eos, pad_id, dev)
+        if config.method == "full":
+            for i, (k, v, _, _) in enumerate(snaps):
+                cache.update(k, v, i)
+            tok = toks.emit(first)
+            t_first = time.perf_counter()
+            if not toks.done(max_new_tokens):
+                kw = {k: v for k, v in gen_kwargs.items() if k not in ("pad_token_id", "eos_token_id")}
+                kw.setdefault("do_sample", False)
+                kw.update(temperature=None, top_p=None, top_k=None)
+                seq = torch.cat([ids, tok], dim=1)
+                out = model.generate(seq, attention_mask=torch.ones_like(seq), max_new_tokens=max_new_tokens - 1,
+                                     pad_token_id=pad_id, eos_token_id=eos,
+                                     **{cache_kwarg(model): cache}, **kw)
+                for j in range(seq.shape[1], out.shape[1]):
+                    toks.emit(out[:, j : j + 1])
+        else:
+            for i, (k, v, q, pad) in enumerate(snaps):
+                layer = cache.layers[i]
+                if isinstance(layer, RetrievalLayer):
+                    layer.load_prefill(k, v, q, pad)
+                else:
+                    layer.update(k, v)
+            tok = toks.emit(first)
+            t_first = time.perf_counter()
+            _lean_decode(model, cache, toks, tok, max_new_tokens)
+        t_end = time.perf_counter()
+        seqs = torch.cat([ids] + toks.new, dim=1)
+        stats = _fast_stats(config, ids, len(toks.new), t1 - shared_s, t_first, t_end, cache)
+        stats.update(shared_prefill_s=shared_s, generation_path="shared-prefill", elapsed_s=shared_s + t_end - t1)
+        results.append((seqs, stats))
+        del cache
+    return results
 
 
 def _dense_bytes(cache) -> int:
@@ -294,6 +441,29 @@ def generate(
     )
     new = seqs[0, len(ids) :].tolist()
     return GenerationOutput(tokenizer.decode(new, skip_special_tokens=True), new, len(ids), stats)
+
+
+def generate_many(
+    model,
+    tokenizer,
+    prompt,
+    configs: list[RetrievalConfig],
+    *,
+    max_new_tokens: int = 64,
+    chat: bool = True,
+    allow_extrapolation: bool = False,
+    **gen_kwargs,
+) -> list[GenerationOutput]:
+    """Greedy answers to one ``prompt`` under several configurations from one shared prefill (see
+    :func:`generate_ids_many`); one :class:`GenerationOutput` per configuration, in order."""
+    ids = encode_prompt(tokenizer, prompt, chat)
+    check_length(model, len(ids), max_new_tokens, allow_extrapolation)
+    outs = []
+    for seqs, stats in generate_ids_many(model, torch.tensor([ids]), configs, max_new_tokens=max_new_tokens,
+                                         **gen_kwargs):
+        new = seqs[0, len(ids) :].tolist()
+        outs.append(GenerationOutput(tokenizer.decode(new, skip_special_tokens=True), new, len(ids), stats))
+    return outs
 
 
 def generate_batch(

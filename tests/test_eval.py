@@ -325,6 +325,24 @@ def test_end_to_end_and_resume(tmp_path, tokenizer, tiny_model, haystack, monkey
     assert len(calls) == 4 * 3 and all(c is not None and c.window == 24 for c in calls)  # full is reused
 
 
+def test_shared_prefill_gives_the_per_method_outputs(tmp_path, tokenizer, tiny_model, haystack, monkeypatch):
+    """The default generation (one prefill per sample for all methods) answers as one prefill per method."""
+    monkeypatch.setattr(Haystack, "essays", classmethod(lambda cls, files=None: haystack))
+    load = lambda name, device=None, dtype=None: (tiny_model, tokenizer)  # noqa: E731
+    kw = dict(tasks=["niah", "kv_retrieval"], max_new_tokens=6)
+    shared = run_eval(_settings(tmp_path / "shared", **kw), load_model_fn=load, write_reports=False)
+    alone = run_eval(_settings(tmp_path / "alone", shared_prefill=False, **kw), load_model_fn=load,
+                     write_reports=False)
+    assert shared.n_errors == alone.n_errors == 0 and len(shared.records) == len(alone.records) == 3 * 4
+    by_id = {r["id"]: r for r in alone.records}
+    for r in shared.records:
+        a = by_id[r["id"]]
+        assert r["prompt_sha"] == a["prompt_sha"]
+        assert r["shared_prefill_s"] > 0 and "shared_prefill_s" not in a
+        if r["base_method"] != "full":  # same prefill code, offload and decode: the same tokens
+            assert r["output"] == a["output"] and r["kv_cpu_bytes"] == a["kv_cpu_bytes"], r["id"]
+
+
 def test_generation_errors_are_recorded_and_retried(tmp_path, tokenizer, tiny_model, haystack, monkeypatch):
     monkeypatch.setattr(Haystack, "essays", classmethod(lambda cls, files=None: haystack))
     load = lambda name, device=None, dtype=None: (tiny_model, tokenizer)  # noqa: E731

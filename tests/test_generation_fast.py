@@ -91,3 +91,50 @@ def test_prompt_tokens_equal_to_pad_are_not_masked():
     assert torch.equal(a, b)
     n = min(a.shape[1], c.shape[1])
     assert torch.equal(a[:, :n], c[:, :n])
+
+
+# ---- one shared prefill for several configurations (generate_ids_many; the eval's default) -----------------
+from retrieval_attention.generation import generate_ids_many, shared_prefill_reason  # noqa: E402
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_shared_prefill_equals_separate_runs(arch):
+    """Every configuration gets the tokens (and retrieval stats) of its own run from one shared prefill."""
+    model = tiny_model(arch, seed=5)
+    ids = torch.randint(0, VOCAB, (1, 90), generator=torch.Generator().manual_seed(3))
+    cfgs = [RetrievalConfig(method="full", index="flat", prefill_chunk=24), _cfg(index="roar", residual_samples=16),
+            _cfg(), _cfg(top_k=2, dense_layers=()), _cfg(method="streaming"), _cfg(n_sink=8, window=8)]
+    assert shared_prefill_reason(model, cfgs, ids) is None
+    many = generate_ids_many(model, ids, cfgs, max_new_tokens=20, shared=True)
+    assert len(many) == len(cfgs)
+    for cfg, (seqs, stats) in zip(cfgs, many):
+        alone, st = generate_ids(model, ids, cfg, max_new_tokens=20)
+        assert torch.equal(seqs, alone), cfg
+        assert stats["generation_path"] == "shared-prefill" and stats["shared_prefill_s"] > 0
+        assert stats["prefill_s"] >= stats["shared_prefill_s"]
+        if cfg.method == "retrieval":  # same stores, same searches
+            assert stats["kv_cpu_bytes"] == st["kv_cpu_bytes"] and stats["n_searches"] == st["n_searches"]
+    # the configurations really differ (the test would be void if all generated the same tokens)
+    assert len({tuple(s[0].tolist()) for s, _ in many}) > 1
+
+
+def test_shared_prefill_eos_and_fallbacks():
+    model = tiny_model("llama", seed=6)
+    ids = torch.randint(0, VOCAB, (1, 70), generator=torch.Generator().manual_seed(4))
+    cfgs = [RetrievalConfig(method="full", index="flat", prefill_chunk=24), _cfg()]
+    ref = [generate_ids(model, ids, c, max_new_tokens=12)[0] for c in cfgs]
+    eos = int(ref[0][0, 70 + 2])  # full's third token: full stops there, retrieval wherever it emits it
+    many = generate_ids_many(model, ids, cfgs, max_new_tokens=12, eos_token_id=eos, shared=True)
+    for c, (seqs, _) in zip(cfgs, many):
+        alone, _ = generate_ids(model, ids, c, max_new_tokens=12, eos_token_id=eos)
+        assert torch.equal(seqs, alone)
+    assert many[0][0].shape[1] == 70 + 3
+    # reasons to run one by one: said, and the results still come (from separate runs)
+    assert "prefill_chunk" in shared_prefill_reason(model, [cfgs[1], _cfg(prefill_chunk=16)], ids)
+    assert shared_prefill_reason(model, [None, _cfg(prefill_chunk=16)], ids) is None  # full: any chunk
+    assert "batch" in shared_prefill_reason(model, cfgs, ids.repeat(2, 1))
+    assert "static tokens" in shared_prefill_reason(model, cfgs, ids[:, :10])
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        generate_ids_many(model, ids, [cfgs[1], _cfg(prefill_chunk=16)], max_new_tokens=4, shared=True)
+    out = generate_ids_many(model, ids, [cfgs[1], _cfg(prefill_chunk=16)], max_new_tokens=4)
+    assert all(st.get("generation_path") == "fast" for _, st in out)

@@ -98,6 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "and the same device; useful on a GPU host with many cores; default: 1)")
     r.add_argument("--shard", default=None, metavar="I/N",
                    help="run only shard I of N of the samples (what each --workers process does)")
+    r.add_argument("--no-shared-prefill", action="store_true",
+                   help="prefill the prompt once per method (default: one exact prefill serves all methods of a "
+                        "sample when they allow it; 'full' then decodes from the layer-by-layer prefill)")
     r.add_argument("--report-only", action="store_true",
                    help="only rebuild summary.json, results.md and the plots from --out/results.jsonl")
     r.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
@@ -125,7 +128,7 @@ def resolve_settings(args):
         top_k=args.top_k, residual_samples=args.residual_samples, budget_sweep=args.budget_sweep or [], max_new_tokens=args.max_new_tokens,
         haystack_files=args.haystack, answer_prefix=not args.no_answer_prefix, device=args.device, dtype=args.dtype,
         allow_extrapolation=args.allow_extrapolation, progress=not args.no_progress,
-        shard=parse_shard(args.shard) if args.shard else None,
+        shard=parse_shard(args.shard) if args.shard else None, shared_prefill=not args.no_shared_prefill,
     )
 
 

@@ -157,6 +157,9 @@ class EvalSettings:
     progress: bool = True
     #: ``(i, n)``: run only the samples of shard ``i`` of ``n`` (parallel workers sharing one ``out_dir``)
     shard: tuple[int, int] | None = None
+    #: run a sample's methods from one shared prefill (:func:`retrieval_attention.generation.generate_many`)
+    #: when the default generation function is used and the methods allow it
+    shared_prefill: bool = True
 
     def validate(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -280,6 +283,12 @@ def default_generate_fn() -> Callable:
     return generate
 
 
+def default_generate_many_fn() -> Callable:
+    from ..generation import generate_many
+
+    return generate_many
+
+
 def call_generate(fn, model, tokenizer, ids, config, max_new_tokens, allow_extrapolation):
     """Run one generation through ``fn`` (the contract of :func:`retrieval_attention.generation.generate`),
     given prompt token ids. Returns ``(text, new_token_count, stats)``."""
@@ -292,7 +301,8 @@ def call_generate(fn, model, tokenizer, ids, config, max_new_tokens, allow_extra
     return out.text, (len(token_ids) if token_ids is not None else stats.get("new_tokens")), stats
 
 
-_STAT_KEYS = ("prefill_s", "decode_tokens_per_s", "index_build_s", "kv_device_bytes", "kv_cpu_bytes")
+_STAT_KEYS = ("prefill_s", "decode_tokens_per_s", "index_build_s", "kv_device_bytes", "kv_cpu_bytes",
+              "shared_prefill_s")
 
 
 def _model_positions(model) -> int | None:
@@ -371,6 +381,7 @@ def run_eval(
     if n_skipped:
         _log(f"resuming: {n_skipped} of {len(plan)} generations already in {results_path}")
 
+    many_fn = default_generate_many_fn() if generate_fn is None and settings.shared_prefill else None
     generate_fn = generate_fn or default_generate_fn()
     if load_model_fn is None:
         from ..models import load_model as load_model_fn
@@ -428,14 +439,29 @@ def run_eval(
                     continue
                 ids = prompt_ids(tokenizer, sample)
                 prompt_sha = hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:12]
-                for m, rid in items:
+                shared = None
+                if many_fn is not None and len(items) > 1:
+                    try:  # one prefill for all methods of this sample
+                        shared = many_fn(model, tokenizer, list(ids), [m.config() for m, _ in items],
+                                         max_new_tokens=max_new, chat=False,
+                                         allow_extrapolation=settings.allow_extrapolation)
+                    except (KeyboardInterrupt, SystemExit):
+                        raise
+                    except Exception as e:  # each method then runs (and fails or not) on its own
+                        _log(f"shared prefill failed for {key.text}: {type(e).__name__}: {e}; running methods one by one")
+                for j, (m, rid) in enumerate(items):
                     rec = dict(id=rid, **base, **_method_fields(m), prompt_tokens=len(ids), prompt_sha=prompt_sha,
                                depth_actual=sample.meta.get("depth_actual"), answers=sample.answers,
                                max_new_tokens=max_new)
                     t1 = time.perf_counter()
                     try:
-                        text, n_new, stats = call_generate(generate_fn, model, tokenizer, ids, m.config(), max_new,
-                                                           settings.allow_extrapolation)
+                        if shared is not None:
+                            out = shared[j]
+                            text, n_new, stats = out.text, len(out.token_ids), dict(out.stats)
+                            t1 -= stats.get("elapsed_s", 0.0)  # time_s = shared prefill + this method's part
+                        else:
+                            text, n_new, stats = call_generate(generate_fn, model, tokenizer, ids, m.config(),
+                                                               max_new, settings.allow_extrapolation)
                     except (KeyboardInterrupt, SystemExit):
                         raise
                     except Exception as e:  # keep going; the record is retried on resume
