@@ -345,7 +345,8 @@ def test_prune_occludes():
 
     def scratch(P, R=4):
         return (np.zeros(4, np.int32), np.empty(P, np.int64), np.empty(P, np.int64), np.empty(P, np.float32),
-                np.empty(P, np.uint64), np.empty(3, np.int32), np.empty(R + 2, np.int64))
+                np.empty(P, np.uint64), np.empty(3, np.int32), np.empty(R + 2, np.int64),
+                np.empty((P + 1, keys.shape[2]), np.float32), np.empty(3, np.int64))
 
     K._prune_into(0, np.array([2, 1, 3, 1], np.int32), 4, keys, 0, 3, 1.0, False, False, 1 << 30, out, *scratch(4))
     assert out.tolist() == [1, 3, -1]

@@ -131,6 +131,34 @@ def _l2(keys, h, a, b):
     return np.float64(s)
 
 
+@njit(fastmath=_FM, nogil=True, cache=True)
+def _load_row(keys, h, j, rows, i):
+    """rows[i] = keys[h, j] as float32 (bfloat16 bits converted once, not at every distance)."""
+    for t in range(keys.shape[2]):
+        rows[i, t] = elem(keys, h, j, t)
+
+
+@njit(fastmath=_FM, nogil=True, cache=True)
+def _l2_rows(rows, a, b):
+    """Squared L2 distance of rows[a] and rows[b] (float32 [*, d] contiguous), float32 sum, as float64
+    (the same sum as :func:`_l2` of the keys the rows were loaded from)."""
+    s = np.float32(0.0)
+    for t in range(rows.shape[1]):
+        x = rows[a, t] - rows[b, t]
+        s += x * x
+    return np.float64(s)
+
+
+@njit(fastmath=_FM, nogil=True, cache=True)
+def _l2_row_key(rows, a, keys, h, j):
+    """Squared L2 distance of rows[a] and keys[h, j], float32 sum, as float64."""
+    s = np.float32(0.0)
+    for t in range(rows.shape[1]):
+        x = rows[a, t] - elem(keys, h, j, t)
+        s += x * x
+    return np.float64(s)
+
+
 # ---------------------------------------------------------------------------------------------------
 # search (decode hot path)
 # ---------------------------------------------------------------------------------------------------
@@ -488,7 +516,7 @@ _ID_MASK = (1 << ID_BITS) - 1
 
 @njit(nogil=True, cache=True)
 def _prune_into(pivot, pool, npool, keys, h, M, alpha2, fill, by_count, max_cand, out_row,
-                mark, cand, cnt, dist, skey, sel, hist):
+                mark, cand, cnt, dist, skey, sel, hist, rows, selrow):
     """Occlusion pruning of candidate ids pool[:npool] (duplicates allowed) for ``pivot``; writes <= M ids
     into out_row (rest -1).
 
@@ -501,7 +529,9 @@ def _prune_into(pivot, pool, npool, keys, h, M, alpha2, fill, by_count, max_cand
     (distances are non-negative float32, whose bit patterns order like their values).
 
     Scratch (per worker): mark [>= n] int32, all zero (left zero); cand/cnt int64, dist float32 and skey
-    uint64 of length >= npool; sel [M] int32; hist [>= max count + 2] int64. pool is not modified.
+    uint64 of length >= npool; sel [M] int32; hist [>= max count + 2] int64; rows float32
+    [>= min(npool, max_cand) + 1, d] (the pivot's and the examined candidates' rows, converted once; the
+    pruning tests read them contiguously); selrow [M] int64. pool is not modified.
     """
     nc = 0
     for i in range(npool):
@@ -540,6 +570,8 @@ def _prune_into(pivot, pool, npool, keys, h, M, alpha2, fill, by_count, max_cand
         hist[c] = start
     ntot = pos
     dbits = dist.view(np.uint32)
+    prow = rows.shape[0] - 1  # the pivot's row; candidates take rows 0, 1, ... in ranking order
+    _load_row(keys, h, pivot, rows, prow)
     for i in range(min(nc, PREFETCH_AHEAD)):
         _prefetch_row(keys, h, cand[i])
     for i in range(nc):
@@ -547,7 +579,7 @@ def _prune_into(pivot, pool, npool, keys, h, M, alpha2, fill, by_count, max_cand
             _prefetch_row(keys, h, cand[i + PREFETCH_AHEAD])
         c = cnt[i]
         if c >= cut:
-            dist[i] = np.float32(_l2(keys, h, pivot, cand[i]))
+            dist[i] = np.float32(_l2_row_key(rows, prow, keys, h, cand[i]))
             skey[hist[c]] = (np.uint64(dbits[i]) << np.uint64(ID_BITS)) | np.uint64(cand[i])
             hist[c] += 1
     s0 = 0
@@ -561,13 +593,18 @@ def _prune_into(pivot, pool, npool, keys, h, M, alpha2, fill, by_count, max_cand
     for oi in range(nuse):
         c = np.int64(skey[oi] & np.uint64(_ID_MASK))
         dpc = np.float64(_bits_as_f32(skey[oi] >> np.uint64(ID_BITS)))
+        if nsel:
+            _load_row(keys, h, c, rows, oi)
         ok = True
         for r in range(nsel):
-            if alpha2 * _l2(keys, h, sel[r], c) < dpc:
+            if alpha2 * _l2_rows(rows, selrow[r], oi) < dpc:
                 ok = False
                 break
         if ok:
+            if nsel == 0:
+                _load_row(keys, h, c, rows, oi)
             sel[nsel] = c
+            selrow[nsel] = oi
             nsel += 1
             if nsel == M:
                 break
@@ -649,6 +686,8 @@ def project(knn_ids, own, keys, kv_of_graph, n, M, alpha, fill, by_count, max_ca
         skey = np.empty(P, np.uint64)
         sel = np.empty(M, np.int32)
         hist = np.empty(R + 2, np.int64)
+        rows = np.empty((min(P, max_cand) + 1, keys.shape[2]), np.float32)
+        selrow = np.empty(M, np.int64)
         for pi in range(t * npiv // T, (t + 1) * npiv // T):
             p = piv[pi]
             g = p // n
@@ -662,7 +701,7 @@ def project(knn_ids, own, keys, kv_of_graph, n, M, alpha, fill, by_count, max_ca
                     pool[npool] = knn_ids[g, q, j]
                     npool += 1
             _prune_into(b, pool, npool, keys, kv_of_graph[g], M, alpha2, fill, by_count, max_cand, adj[g, b],
-                        mark, cand, cnt, dist, skey, sel, hist)
+                        mark, cand, cnt, dist, skey, sel, hist, rows, selrow)
     return adj
 
 
@@ -706,6 +745,8 @@ def merge_edges(adj, src, dst, esize, keys, kv_of_graph, n, alpha, fill, max_can
         skey = np.empty(P, np.uint64)
         sel = np.empty(M, np.int32)
         hist = np.empty(3, np.int64)
+        rows = np.empty((min(P, max_cand) + 1, keys.shape[2]), np.float32)
+        selrow = np.empty(M, np.int64)
         for p in range(t, G * n, T):
             g = p // n
             v = p - g * n
@@ -735,7 +776,7 @@ def merge_edges(adj, src, dst, esize, keys, kv_of_graph, n, alpha, fill, max_can
                     adj[g, v, r] = pool[r] if r < npool else -1
             else:
                 _prune_into(v, pool, npool, keys, kv_of_graph[g], M, alpha2, fill, False, max_cand, adj[g, v],
-                            mark, cand, cnt, dist, skey, sel, hist)
+                            mark, cand, cnt, dist, skey, sel, hist, rows, selrow)
 
 
 @njit(parallel=True, nogil=True, cache=True)
