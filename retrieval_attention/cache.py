@@ -143,16 +143,16 @@ class CPUStore:
         tq = train_queries.detach().float().cpu().numpy()
         if tq.shape[0] % k32.shape[0] != 0:
             raise ValueError(f"train queries have {tq.shape[0]} heads for {k32.shape[0]} KV heads")
-        params = dict(self.config.index_params)
-        if self.config.index == "roar" and keys.dtype == torch.bfloat16:
+        name, params = self.index_choice(keys.shape[1])
+        if name == "roar" and keys.dtype == torch.bfloat16:
             params.setdefault("storage", "bfloat16")  # exact for bfloat16 keys, half the host memory
-        self._index_spec = (self.config.index, params)
+        self._index_spec = (name, params)
         self._append(keys.detach().cpu(), values.detach().cpu())
         self.n = keys.shape[1]
 
         def job():
             t0 = time.perf_counter()
-            idx = make_index(self.config.index, **params).build(k32, tq)
+            idx = make_index(name, **params).build(k32, tq)
             return idx, time.perf_counter() - t0
 
         if background:
@@ -160,6 +160,20 @@ class CPUStore:
             return 0.0
         self._index, self.build_s = job()
         return self.build_s
+
+    def index_choice(self, n: int) -> tuple[str, dict]:
+        """(index name, constructor params) for a store of ``n`` keys: the configured index, or ``flat``
+        (exact) below ``config.exact_below`` keys."""
+        if n < self.config.exact_below and self.config.index != "flat":
+            return "flat", {}
+        return self.config.index, dict(self.config.index_params)
+
+    def search_budget(self, config: RetrievalConfig) -> dict:
+        """``config.search_params`` (``ef``, ``nprobe``) when this store uses ``config.index``; nothing for a
+        store that fell back to exact search (``exact_below``)."""
+        if self._index_spec is not None and self._index_spec[0] != config.index:
+            return {}
+        return config.search_params
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, n_query_heads: int) -> None:
         """Append ``[Hkv, m, D]`` keys/values (tokens leaving the window)."""
@@ -313,6 +327,9 @@ class ForkedStore:
     @property
     def index(self):  # truthy when anything is searchable
         return self if self.n > 0 else None
+
+    def search_budget(self, config: RetrievalConfig) -> dict:
+        return self.base.search_budget(config)
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, n_query_heads: int) -> None:
         m = keys.shape[1]

@@ -27,7 +27,8 @@ from .integration import enable, make_cache
 
 FORMAT_VERSION = 1
 #: config fields that shape the stored KV/indexes (others, like top_k, may differ per request)
-BUILD_FIELDS = ("method", "n_sink", "window", "index", "index_params", "dense_layers", "max_train_queries")
+BUILD_FIELDS = ("method", "n_sink", "window", "index", "index_params", "dense_layers", "max_train_queries",
+                "exact_below")
 
 
 class ContextFileError(ValueError):
@@ -166,9 +167,13 @@ class PrefilledContext:
         fp = model_fingerprint(model)
         if meta.get("model_fingerprint") != fp:
             raise ContextFileError(f"context {d} was made with another model (fingerprint mismatch); re-create it")
-        saved_cfg = RetrievalConfig(**{**meta["config"], "dense_layers": tuple(meta["config"]["dense_layers"])})
-        if config is not None and build_identity(config) != meta["build"]:
-            diff = {k: (meta["build"][k], build_identity(config)[k]) for k in BUILD_FIELDS if meta["build"][k] != build_identity(config)[k]}
+        # contexts saved before exact_below existed indexed every store: they read as exact_below=0
+        saved_cfg = RetrievalConfig(**{"exact_below": 0, **meta["config"],
+                                       "dense_layers": tuple(meta["config"]["dense_layers"])})
+        saved_build = {"exact_below": 0, **meta["build"]}
+        if config is not None and build_identity(config) != saved_build:
+            want = build_identity(config)
+            diff = {k: (saved_build.get(k), want[k]) for k in BUILD_FIELDS if saved_build.get(k) != want[k]}
             raise ContextFileError(f"context {d} was built with another configuration (saved vs requested: {diff})")
         f = d / "kv.safetensors"
         try:

@@ -305,7 +305,7 @@ class LeanDecoder:
                 continue
             t0 = time.perf_counter()
             o, s, n_scanned = store.attend(self._q_host[b].numpy(), self.group, self.base.layers[i].self_attn.scaling,
-                                           cfg.top_k, **cfg.search_params)
+                                           cfg.top_k, **store.search_budget(cfg))
             self._oc_host[b].copy_(torch.from_numpy(o))
             self._lc_host[b].copy_(torch.from_numpy(s))
             st.search_s += time.perf_counter() - t0  # fused retrieval + attention, booked as search (as decode_attention)

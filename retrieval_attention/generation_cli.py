@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from .config import DEFAULT_RESIDUAL_SAMPLES
+from .config import DEFAULT_EXACT_BELOW, DEFAULT_RESIDUAL_SAMPLES
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +25,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ef", type=int, default=None, help="search beam width of graph indexes (roar/hnsw); nprobe for ivf")
     p.add_argument("--dense-layers", default=None, help="comma-separated layers kept exact (default 0,1); '' for none")
     p.add_argument("--prefill-chunk", type=int, default=2048, help="queries per exact-attention chunk during prefill")
+    p.add_argument("--exact-below", type=int, default=DEFAULT_EXACT_BELOW,
+                   help="layers with fewer CPU keys than this are searched exactly instead of indexed "
+                        "(default %(default)s; 0 = always build --index)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
 
 
@@ -46,6 +49,7 @@ def config_from_args(args):
         window=args.window,
         search_params=search,
         prefill_chunk=args.prefill_chunk,
+        exact_below=args.exact_below,
         **kw,
     )
 

@@ -157,7 +157,7 @@ def decode_attention(layer, query: torch.Tensor, scaling: float) -> torch.Tensor
             continue
         t0 = time.perf_counter()
         # fused top-k retrieval + attention over the retrieved keys: its time is all booked as search_s
-        o, s, n_scanned = store.attend(q_host[b].numpy(), group, scaling, cfg.top_k, **cfg.search_params)
+        o, s, n_scanned = store.attend(q_host[b].numpy(), group, scaling, cfg.top_k, **store.search_budget(cfg))
         out_c[b], lse_c[b] = torch.from_numpy(o), torch.from_numpy(s)
         st = layer.stats
         st.search_s += time.perf_counter() - t0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from retrieval_attention.bench.agreement import kl_and_agreement, parse_methods, teacher_forced_logprobs
-from retrieval_attention.config import RetrievalConfig
+from retrieval_attention.config import DEFAULT_RESIDUAL_SAMPLES, RetrievalConfig
 
 from tiny_models import VOCAB, tiny_model
 
@@ -25,7 +25,8 @@ def test_teacher_forced_alignment_and_exactness():
 
 
 def test_parse_methods():
-    assert parse_methods("retrieval:roar,streaming") == [("retrieval", "roar", 64), ("streaming", "flat", 64)]
+    d = DEFAULT_RESIDUAL_SAMPLES
+    assert parse_methods("retrieval:roar,streaming") == [("retrieval", "roar", d), ("streaming", "flat", d)]
     assert parse_methods("retrieval:flat@r=0,retrieval", residual=8) == [("retrieval", "flat", 0), ("retrieval", "roar", 8)]
     for bad in ("retrieval@x=1", "retrieval@r=-2", "full"):
         with pytest.raises(ValueError):

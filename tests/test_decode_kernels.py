@@ -239,7 +239,7 @@ def test_store_attend_matches_search_gather_attention(index, dtype):
     from retrieval_attention.config import RetrievalConfig
 
     # residual_samples=0: this compares the fused retrieval with the composed one (the residual: test_residual.py)
-    cfg = RetrievalConfig(index=index, residual_samples=0, search_params={"ef": 48} if index == "roar" else {})
+    cfg = RetrievalConfig(index=index, residual_samples=0, exact_below=0, search_params={"ef": 48} if index == "roar" else {})
     k, v, tq, q = _store_data(10, dtype=dtype)
     store = CPUStore(cfg, pin=False)
     store.build(k[:, :600], v[:, :600], tq)
@@ -318,7 +318,7 @@ def test_store_keeps_keys_once(dtype):
     from retrieval_attention.config import RetrievalConfig
 
     k, v, tq, q = _store_data(14, dtype=dtype)
-    store = CPUStore(RetrievalConfig(index="roar"), pin=False)
+    store = CPUStore(RetrievalConfig(index="roar", exact_below=0), pin=False)
     store.build(k[:, :600], v[:, :600], tq)
     store.add(k[:, 600:], v[:, 600:], n_query_heads=6)
     assert store._keys is None  # no second host copy
@@ -333,7 +333,7 @@ def test_store_keeps_keys_once(dtype):
     torch.testing.assert_close(out, ro)
     torch.testing.assert_close(lse, rl)
     # a user's explicit storage wins; flat keeps its own host copy of the keys
-    s2 = CPUStore(RetrievalConfig(index="roar", index_params={"storage": "float32"}), pin=False)
+    s2 = CPUStore(RetrievalConfig(index="roar", index_params={"storage": "float32"}, exact_below=0), pin=False)
     s2.build(k, v, tq)
     assert s2.index.storage == "float32" and s2._keys is None
     s3 = CPUStore(RetrievalConfig(index="flat"), pin=False)
@@ -356,7 +356,7 @@ def test_context_file_roundtrips_bf16_roar_store(tmp_path):
     g = torch.Generator().manual_seed(3)
     doc = torch.randint(2, VOCAB - 1, (140,), generator=g).tolist()
     question = torch.randint(2, VOCAB - 1, (5,), generator=g).tolist()
-    cfg = RetrievalConfig(index="roar", n_sink=8, window=16, top_k=8, dense_layers=(0,))
+    cfg = RetrievalConfig(index="roar", n_sink=8, window=16, top_k=8, dense_layers=(0,), exact_below=0)
     ctx = PrefilledContext.prefill(model, doc, cfg)
     stores = [s for l in ctx.cache.retrieval_layers for s in l.stores]
     assert stores and all(s.index.storage == "bfloat16" and s._keys is None for s in stores)

@@ -71,7 +71,7 @@ def test_lean_equals_transformers_path_exact_retrieval(arch):
 def test_lean_other_methods_indexes_and_dense_layers(method, index, dense):
     model = tiny_model("llama", seed=22)
     ids = torch.randint(2, VOCAB - 1, (1, 120), generator=torch.Generator().manual_seed(2))
-    cfg = RetrievalConfig(method=method, index=index, n_sink=4, window=16, top_k=8, dense_layers=dense)
+    cfg = RetrievalConfig(method=method, index=index, n_sink=4, window=16, top_k=8, dense_layers=dense, exact_below=0)
     _, cache = _compare(model, cfg, ids, layerwise=True)
     if method == "streaming":
         assert all(s.n == 0 for l in cache.retrieval_layers for s in l.stores)

@@ -230,6 +230,11 @@ def test_parse_methods():
     for bad in (["retrieval@x=1"], ["retrieval@r=-1"], ["streaming@r=0"], ["full@r=4"]):
         with pytest.raises(ValueError):
             parse_methods(bad)
+    # exact_below reaches the config and the fingerprint (0 keeps the ids of runs made before the option)
+    a, b = (parse_methods(["retrieval"], residual=32, exact_below=x)[0] for x in (0, 2048))
+    assert (a.config().exact_below, b.config().exact_below) == (0, 2048)
+    assert a.fingerprint == "retrieval:roar[s128,w512,k100,r32]" and b.fingerprint.endswith(",x2048]")
+    assert parse_methods(["streaming"], exact_below=2048)[0].fingerprint == "streaming[s128,w512]"
 
 
 # --------------------------------------------------------------------------- end to end on a tiny model

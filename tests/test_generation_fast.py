@@ -10,7 +10,7 @@ from tiny_models import VOCAB, tiny_model
 
 
 def _cfg(**kw):
-    d = dict(index="flat", n_sink=4, window=16, top_k=8, dense_layers=(0,), prefill_chunk=24)
+    d = dict(index="flat", n_sink=4, window=16, top_k=8, dense_layers=(0,), prefill_chunk=24, exact_below=0)
     d.update(kw)
     return RetrievalConfig(**d)
 

@@ -123,3 +123,20 @@ def test_attention_implementation_restored():
     with enable(model):
         assert model.config._attn_implementation == "retrieval_attention"
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_small_stores_are_scanned_exactly():
+    """exact_below: a layer whose prompt leaves fewer CPU keys than the threshold gets exact top-k (flat) and
+    ignores the index's search budget; at or above it, the configured index; same tokens as flat below."""
+    model = tiny_model("llama", seed=7)
+    ids = torch.randint(2, VOCAB - 1, (1, 150), generator=torch.Generator().manual_seed(5))
+    n_cpu = 150 - 8 - 32
+    base = dict(n_sink=8, window=32, top_k=8, dense_layers=(), search_params={"ef": 16}, residual_samples=0)
+    out_small, cache = _generate(model, ids, RetrievalConfig(index="roar", exact_below=n_cpu + 1, **base), 8)
+    assert all(s.index.name == "flat" for l in cache.retrieval_layers for s in l.stores)
+    flat, _ = _generate(model, ids, RetrievalConfig(index="flat", **{**base, "search_params": {}}), 8)
+    assert torch.equal(out_small.sequences, flat.sequences)
+    _, cache = _generate(model, ids, RetrievalConfig(index="roar", exact_below=n_cpu, **base), 8)
+    assert all(s.index.name == "roar" for l in cache.retrieval_layers for s in l.stores)
+    with pytest.raises(ValueError, match="exact_below"):
+        RetrievalConfig(exact_below=-1)

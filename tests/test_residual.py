@@ -118,7 +118,7 @@ def test_store_attend_with_residual(index, dtype):
     exact_out = torch.einsum("hln,hnd->hld", torch.softmax(s, -1), vf.repeat_interleave(G, 0))
 
     def store(m):
-        st = CPUStore(RetrievalConfig(index=index, top_k=10, residual_samples=m), pin=False)
+        st = CPUStore(RetrievalConfig(index=index, top_k=10, residual_samples=m, exact_below=0), pin=False)
         st.build(keys, vals, tq)
         return st
 

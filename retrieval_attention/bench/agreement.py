@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--residual-samples", type=int, default=DEFAULT_RESIDUAL_SAMPLES,
                    help="residual samples of retrieval methods without @r= (default %(default)s)")
     p.add_argument("--top-k", type=int, default=100)
+    p.add_argument("--exact-below", type=int, default=0,
+                   help="RetrievalConfig.exact_below (default 0 here: the named index at every length)")
     p.add_argument("--n-sink", type=int, default=128)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--ef", type=int, default=None, help="search budget of graph indexes")
@@ -116,7 +118,7 @@ def run(args) -> int:
                 search = {"nprobe": args.ef} if index == "ivf" else {"ef": args.ef}
             cfg = RetrievalConfig(method=method, index=index, top_k=args.top_k, n_sink=args.n_sink,
                                   window=args.window, dense_layers=dense, search_params=search,
-                                  residual_samples=residual)
+                                  residual_samples=residual, exact_below=args.exact_below)
             t0 = time.perf_counter()
             logp, cache = teacher_forced_logprobs(model, ids, cfg, args.n_eval)
             kl, agree = kl_and_agreement(logp_full, logp)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from ..config import DEFAULT_RESIDUAL_SAMPLES
+from ..config import DEFAULT_EXACT_BELOW, DEFAULT_RESIDUAL_SAMPLES
 
 #: presets fill the settings the user did not give explicitly
 PRESETS = {
@@ -79,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--residual-samples", type=int, default=DEFAULT_RESIDUAL_SAMPLES,
                    help="keys drawn per head and step to estimate the attention of the keys not retrieved "
                         "(default: %(default)s; 0 = the published method; per method: retrieval:roar@r=0)")
+    b.add_argument("--exact-below", type=int, default=DEFAULT_EXACT_BELOW,
+                   help="retrieval layers with fewer CPU keys than this search exactly instead of building the "
+                        "index (default: %(default)s; 0 = always the index, as before this option existed)")
     b.add_argument("--budget-sweep", type=lambda s: [int(x) for x in _csv(s)], default=None, metavar="K,K,...",
                    help="also run every retrieval method at these top-k values, e.g. 10,50,100,200")
 
@@ -125,7 +128,7 @@ def resolve_settings(args):
     return EvalSettings(
         out_dir=args.out, models=vals["models"], tasks=tasks, methods=vals["methods"], lengths=vals["lengths"],
         depths=vals["depths"], samples=vals["samples"], seed=args.seed, n_sink=args.n_sink, window=args.window,
-        top_k=args.top_k, residual_samples=args.residual_samples, budget_sweep=args.budget_sweep or [], max_new_tokens=args.max_new_tokens,
+        top_k=args.top_k, residual_samples=args.residual_samples, exact_below=args.exact_below, budget_sweep=args.budget_sweep or [], max_new_tokens=args.max_new_tokens,
         haystack_files=args.haystack, answer_prefix=not args.no_answer_prefix, device=args.device, dtype=args.dtype,
         allow_extrapolation=args.allow_extrapolation, progress=not args.no_progress,
         shard=parse_shard(args.shard) if args.shard else None, shared_prefill=not args.no_shared_prefill,
@@ -176,7 +179,7 @@ def run(args) -> int:
         from .runner import parse_methods
 
         parse_methods(settings.methods, settings.n_sink, settings.window, settings.top_k, settings.budget_sweep,
-                      settings.residual_samples)
+                      settings.residual_samples, settings.exact_below)
         settings.validate()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -217,7 +220,7 @@ def expected_generations(settings) -> int:
     from .tasks import TASKS
 
     n_methods = len(parse_methods(settings.methods, settings.n_sink, settings.window, settings.top_k,
-                                  settings.budget_sweep, settings.residual_samples))
+                                  settings.budget_sweep, settings.residual_samples, settings.exact_below))
     per_model = sum(len(task_sample_keys(TASKS[t], L, settings.samples, settings.depths))
                     for L in settings.lengths for t in settings.tasks)
     return per_model * n_methods * len(settings.models)

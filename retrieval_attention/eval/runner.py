@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .tasks import DEFAULT_TASKS, TASKS, Haystack, LengthTooSmall, make_task, prompt_ids, sample_rng
-from ..config import DEFAULT_RESIDUAL_SAMPLES
+from ..config import DEFAULT_EXACT_BELOW, DEFAULT_RESIDUAL_SAMPLES
 
 RESULTS_FILE = "results.jsonl"
 FORMAT_VERSION = 1
@@ -47,6 +47,7 @@ class MethodSpec:
     window: int | None = None
     label: str = ""
     residual: int | None = None  # residual_samples of retrieval methods
+    exact_below: int = 0  # RetrievalConfig.exact_below of retrieval methods (0: always the index)
 
     @property
     def fingerprint(self) -> str:
@@ -54,7 +55,8 @@ class MethodSpec:
             return "full"
         if self.method == "streaming":
             return f"streaming[s{self.n_sink},w{self.window}]"
-        return f"retrieval:{self.index}[s{self.n_sink},w{self.window},k{self.top_k},r{self.residual}]"
+        x = f",x{self.exact_below}" if self.exact_below else ""  # records from before exact_below keep their ids
+        return f"retrieval:{self.index}[s{self.n_sink},w{self.window},k{self.top_k},r{self.residual}{x}]"
 
     def config(self):
         """The :class:`~retrieval_attention.config.RetrievalConfig` (``None`` = plain full attention)."""
@@ -66,13 +68,13 @@ class MethodSpec:
             return RetrievalConfig(method="streaming", n_sink=self.n_sink, window=self.window, index="flat")
         return RetrievalConfig(
             method="retrieval", n_sink=self.n_sink, window=self.window, top_k=self.top_k, index=self.index,
-            residual_samples=self.residual,
+            residual_samples=self.residual, exact_below=self.exact_below,
         )
 
 
 def parse_methods(
     specs: list[str], n_sink: int = 128, window: int = 512, top_k: int = 100, budget_sweep: list[int] | None = None,
-    residual: int = 64,
+    residual: int = DEFAULT_RESIDUAL_SAMPLES, exact_below: int = 0,
 ) -> list[MethodSpec]:
     """Method specs -> :class:`MethodSpec` list.
 
@@ -104,10 +106,10 @@ def parse_methods(
             if index not in indexes:
                 raise ValueError(f"unknown index {index!r} in method {raw!r}; available: {', '.join(indexes)}")
             base = f"retrieval:{index}" + ("" if r_given is None else f"@r={r}")
-            out.append(MethodSpec("retrieval", index, top_k, n_sink, window, base, r))
+            out.append(MethodSpec("retrieval", index, top_k, n_sink, window, base, r, exact_below))
             for k in budget_sweep or []:
                 if k != top_k:
-                    out.append(MethodSpec("retrieval", index, k, n_sink, window, f"{base}@k={k}", r))
+                    out.append(MethodSpec("retrieval", index, k, n_sink, window, f"{base}@k={k}", r, exact_below))
         elif r_given is not None:
             raise ValueError(f"method {name!r} takes no @r= option (got {raw!r})")
         elif index:
@@ -147,6 +149,7 @@ class EvalSettings:
     window: int = 512
     top_k: int = 100
     residual_samples: int = DEFAULT_RESIDUAL_SAMPLES
+    exact_below: int = DEFAULT_EXACT_BELOW
     budget_sweep: list[int] = field(default_factory=list)
     max_new_tokens: int | None = None
     haystack_files: list[str] | None = None
@@ -346,7 +349,7 @@ def run_eval(
     """
     settings.validate()
     methods = parse_methods(settings.methods, settings.n_sink, settings.window, settings.top_k,
-                            settings.budget_sweep, settings.residual_samples)
+                            settings.budget_sweep, settings.residual_samples, settings.exact_below)
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / RESULTS_FILE
@@ -497,7 +500,8 @@ def run_eval(
 
 def _method_fields(m: MethodSpec) -> dict:
     return dict(method=m.label, base_method=m.method, index=m.index, top_k=m.top_k, n_sink=m.n_sink,
-                window=m.window, residual_samples=m.residual)
+                window=m.window, residual_samples=m.residual,
+                exact_below=m.exact_below if m.method == "retrieval" else None)
 
 
 def _latest(records) -> list[dict]:
