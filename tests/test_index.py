@@ -269,7 +269,7 @@ def test_search_kernel_matches_reference(seed):
                         rid, rsc, rns = R.beam_search_ref(adj[graph_of_head[h]], keys[kv_of_head[h]], n_graph,
                                                           n_total, queries[h, i], entries[graph_of_head[h]], k, L)
                         np.testing.assert_array_equal(ids[h, i], rid)
-                        np.testing.assert_allclose(sc[h, i], rsc, rtol=1e-6)
+                        np.testing.assert_allclose(sc[h, i], rsc, rtol=1e-6, atol=1e-5)  # float32 sums
                         assert ns[h, i] == rns
 
 

@@ -56,7 +56,7 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
         w_i = np.empty(L + 1, np.int64)
         r_s = np.empty(k + 1, np.float64)
         r_i = np.empty(k + 1, np.int64)
-        q64 = np.empty(d, np.float64)
+        qv = np.empty(d, np.float32)
         nbuf = np.empty(M, np.int64)
         sbuf = np.empty(M, np.float64)
         pw = np.empty(k, np.float64)
@@ -68,8 +68,8 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
             kv = kv_of_head[h]
             st = next_stamp(vis, stamps, t)
             for c in range(d):
-                q64[c] = queries[h, i, c]
-            nr, ns, c_s, c_i = search_pair(adj, keys, n_graph, n_total, q64, graph_of_head[h], kv, entries, k, L,
+                qv[c] = queries[h, i, c]
+            nr, ns, c_s, c_i = search_pair(adj, keys, n_graph, n_total, qv, graph_of_head[h], kv, entries, k, L,
                                            vis, st, c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf)
             emit_results(r_s, r_i, nr, k, out_ids, out_sc, h, i)
             out_ns[h, i] = ns
