@@ -1,4 +1,4 @@
-"""``retrieval-attention`` command line: generate, eval, serve, bench {recall, agreement, decode}.
+"""``retrieval-attention`` command line: generate, eval, serve, bench {recall, agreement, decode, kernels}.
 
 Each sub-command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 modules keep heavy imports inside ``run`` so ``--help`` stays fast.
@@ -21,6 +21,8 @@ BENCH_COMMANDS = {
     "recall": ("retrieval_attention.bench.recall", "index recall vs scanned keys on real model vectors"),
     "agreement": ("retrieval_attention.bench.agreement", "KL / top-1 agreement of retrieval decoding with full attention"),
     "decode": ("retrieval_attention.bench.decode", "decode latency, memory and index build at long contexts"),
+    "kernels": ("retrieval_attention.bench.kernels",
+                "index build and per-layer search + attention time on synthetic keys of a model's shape"),
 }
 
 

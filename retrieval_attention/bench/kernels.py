@@ -1,0 +1,137 @@
+"""``bench kernels``: index build time (kNN / projection / repair) and the per-layer decode call (search +
+attention over the retrieved keys, all query heads of one layer) on synthetic out-of-distribution keys of a
+model's shape, at sizes no real capture of this machine reaches (128K+ keys per head).
+
+The data is :func:`retrieval_attention.index.reference.make_ood_data` (queries decided by directions in
+which keys barely differ, as decode queries are); recall@k is measured against exact top-k of the same
+queries. Timings are medians over ``--steps`` decode steps (one query per head per step, as in decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+#: decode steps used to warm up the compiled kernels before timing
+WARMUP_STEPS = 2
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keys", default="8K,32K,128K", help="comma-separated keys per KV head (K = 1024)")
+    p.add_argument("--shape", default="llama3-8b", help="model shape for heads and head_dim (see bench decode)")
+    p.add_argument("--index", default="roar", help="index spec, e.g. roar or roar:M=16 (see bench recall)")
+    p.add_argument("--ef", default="64,100,128", help="comma-separated search budgets (ef; nprobe for ivf)")
+    p.add_argument("--top-k", type=int, default=100)
+    p.add_argument("--storage", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="key and value precision on the host (roar key storage; bfloat16 as for bf16 models)")
+    p.add_argument("--train-queries", type=int, default=4096, help="training queries per query head")
+    p.add_argument("--steps", type=int, default=20, help="timed decode steps (median reported)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
+    p.add_argument("--json", default=None, help="write the records here")
+    p.add_argument("--markdown", default=None, help="write the table here")
+
+
+def run(args) -> int:
+    from ..threads import configure_threads
+
+    threads = configure_threads(args.threads)
+    import numpy as np
+    import torch
+
+    from ..index import make_index
+    from ..index.bf16 import tensor_as_numpy
+    from ..index.reference import make_ood_data
+    from .common import command_line, machine_info, machine_line, markdown_table, parse_index_spec, write_json
+    from .decode import SHAPES, parse_contexts
+
+    if args.shape not in SHAPES:
+        print(f"error: unknown --shape {args.shape!r}; choose from {', '.join(sorted(SHAPES))}", file=sys.stderr)
+        return 2
+    try:
+        sizes = parse_contexts(args.keys)
+        efs = [int(x) for x in args.ef.split(",") if x.strip()]
+        name, params = parse_index_spec(args.index)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not efs or min(efs) < 1 or args.steps < 1 or args.top_k < 1:
+        print("error: --ef, --steps and --top-k must be positive", file=sys.stderr)
+        return 2
+    shape = SHAPES[args.shape]
+    Hkv = shape["num_key_value_heads"]
+    group = shape["num_attention_heads"] // Hkv
+    d = shape.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
+    scaling = d ** -0.5
+    budget_key = "nprobe" if name == "ivf" else "ef"
+    if name == "flat":  # exact: no budget to sweep
+        efs = [None]
+    if name == "roar":
+        params.setdefault("storage", args.storage)
+    records = []
+    for n in sizes:
+        if n < args.top_k:
+            print(f"error: {n} keys < --top-k {args.top_k}", file=sys.stderr)
+            return 2
+        t0 = time.perf_counter()
+        keys, tq, te = make_ood_data(n_kv_heads=Hkv, group=group, n_keys=n, n_train=min(args.train_queries, n),
+                                     n_test=args.steps + WARMUP_STEPS, d=d, seed=args.seed)
+        values = np.random.default_rng(args.seed + 1).standard_normal((Hkv, n, d)).astype(np.float32)
+        if args.storage == "bfloat16":
+            values = tensor_as_numpy(torch.from_numpy(values).bfloat16())
+        print(f"{n} keys x {Hkv} KV heads (d {d}, {group} query heads each): data in {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        idx = make_index(name, **params).build(keys, tq)
+        build_s = time.perf_counter() - t0
+        stats = dict(getattr(idx, "build_stats", {}) or {})
+        exact = make_index("flat").build(keys)
+        true_ids, _, _ = exact.search(te, args.top_k)
+        for ef in efs:
+            times, scanned, recall = [], [], []
+            for step in range(te.shape[1]):
+                q = np.ascontiguousarray(te[:, step : step + 1])
+                t1 = time.perf_counter()
+                budget = {} if ef is None else {budget_key: ef}
+                _, _, ns, ids = idx.search_attend(q, args.top_k, values, scaling, return_ids=True, **budget)
+                dt = time.perf_counter() - t1
+                if step < WARMUP_STEPS:
+                    continue
+                times.append(dt)
+                scanned.append(float(ns.mean()) / n)
+                tr = true_ids[:, step : step + 1]
+                hit = [len(set(a.tolist()) & set(b.tolist())) / args.top_k
+                       for a, b in zip(ids.reshape(-1, args.top_k), tr.reshape(-1, args.top_k))]
+                recall.append(float(np.mean(hit)))
+            rec = {
+                "index": args.index, "keys": n, "shape": args.shape, "kv_heads": Hkv, "query_heads": Hkv * group,
+                "head_dim": d, "storage": args.storage, budget_key: ef, "top_k": args.top_k, "threads": threads,
+                "build_s": build_s, "knn_s": stats.get("knn_s"), "graph_s": stats.get("graph_s"),
+                "repair_s": stats.get("repair_s"), "memory_bytes": idx.memory_bytes(),
+                "layer_ms": 1e3 * float(np.median(times)), "layer_ms_p90": 1e3 * float(np.quantile(times, 0.9)),
+                "scanned_fraction": float(np.mean(scanned)), "recall_at_k": float(np.mean(recall)),
+            }
+            records.append(rec)
+            print(f"  {budget_key}={ef}: {rec['layer_ms']:.2f} ms per layer call, scanned {100 * rec['scanned_fraction']:.2f}%, "
+                  f"recall@{args.top_k} {rec['recall_at_k']:.3f}", file=sys.stderr, flush=True)
+    headers = ["keys / KV head", "budget", "layer call ms (median / p90)", "scanned %", f"recall@{args.top_k}",
+               "build s (kNN / graph / repair)", "index MiB"]
+    rows = []
+    for r in records:
+        parts = "/".join(f"{r[k]:.2f}" if r[k] is not None else "-" for k in ("knn_s", "graph_s", "repair_s"))
+        rows.append([r["keys"], "exact" if r[budget_key] is None else f"{budget_key}={r[budget_key]}", f"{r['layer_ms']:.2f} / {r['layer_ms_p90']:.2f}",
+                     f"{100 * r['scanned_fraction']:.2f}", f"{r['recall_at_k']:.3f}", f"{r['build_s']:.2f} ({parts})",
+                     f"{r['memory_bytes'] / 2**20:.0f}"])
+    table = markdown_table(headers, rows)
+    info = machine_info()
+    text = (f"Command: `{command_line(['bench', 'kernels'])}`  \nMachine: {machine_line(info)}; threads: {threads}.\n\n"
+            f"One layer call = search + attention of all {Hkv * group} query heads ({Hkv} KV heads, d {d}) for one "
+            f"decode step.\n\n{table}\n")
+    print(text)
+    if args.json:
+        write_json(args.json, {"machine": info, "command": command_line(["bench", "kernels"]), "records": records})
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(text)
+    return 0

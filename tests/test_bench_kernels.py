@@ -1,0 +1,32 @@
+"""bench kernels: runs end to end on a tiny shape, records what it claims, exact search has recall 1."""
+
+import json
+
+from retrieval_attention.cli import main
+
+
+def test_bench_kernels_records(tmp_path, capsys):
+    out = tmp_path / "k.json"
+    rc = main(["bench", "kernels", "--keys", "1K", "--shape", "tiny", "--ef", "16,64", "--steps", "2",
+               "--threads", "1", "--json", str(out), "--markdown", str(tmp_path / "k.md")])
+    assert rc == 0
+    recs = json.loads(out.read_text())["records"]
+    assert [r["ef"] for r in recs] == [16, 64]
+    for r in recs:
+        assert r["keys"] == 1024 and r["query_heads"] == 4 and r["kv_heads"] == 2 and r["head_dim"] == 32
+        assert 0 < r["scanned_fraction"] <= 1 and 0 <= r["recall_at_k"] <= 1 and r["layer_ms"] > 0
+        assert r["build_s"] >= r["knn_s"] >= 0 and r["memory_bytes"] > 0
+    assert recs[1]["scanned_fraction"] > recs[0]["scanned_fraction"]  # a wider beam scans more
+    assert "| keys / KV head |" in (tmp_path / "k.md").read_text()
+
+    assert main(["bench", "kernels", "--keys", "1K", "--shape", "tiny", "--index", "flat", "--ef", "1",
+                 "--steps", "2", "--threads", "1", "--json", str(out), "--storage", "float32"]) == 0
+    (rec,) = json.loads(out.read_text())["records"]
+    assert rec["recall_at_k"] == 1.0 and rec["scanned_fraction"] == 1.0
+
+
+def test_bench_kernels_bad_input(capsys):
+    assert main(["bench", "kernels", "--shape", "nope"]) == 2
+    assert "unknown --shape" in capsys.readouterr().err
+    assert main(["bench", "kernels", "--keys", "64", "--shape", "tiny"]) == 2
+    assert "--top-k" in capsys.readouterr().err
