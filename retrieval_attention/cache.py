@@ -136,22 +136,27 @@ class CPUStore:
         Returns the build seconds, or 0 when ``background`` (the build then runs in a worker thread and
         :attr:`index` waits for it on first use; ``build_s`` holds its time afterwards).
         """
-        k32 = keys.detach().float().cpu().numpy()
         if train_queries is None or train_queries.shape[1] == 0:
             # no prompt queries (e.g. first eviction of a short sequence): the keys stand in for them
-            train_queries = keys.detach().float().cpu()
-        tq = train_queries.detach().float().cpu().numpy()
-        if tq.shape[0] % k32.shape[0] != 0:
-            raise ValueError(f"train queries have {tq.shape[0]} heads for {k32.shape[0]} KV heads")
+            train_queries = keys
+        if train_queries.shape[0] % keys.shape[0] != 0:
+            raise ValueError(f"train queries have {train_queries.shape[0]} heads for {keys.shape[0]} KV heads")
+        # the synchronous part (on CUDA it holds up the next layer's prefill) only moves data off the device,
+        # in the model's dtype (bfloat16: half the bytes of float32); the float32 copies for the build are
+        # made by the build job (a background thread on CUDA)
+        k_host = keys.detach().to("cpu")
+        tq_host = train_queries.detach().to("cpu")
         name, params = self.index_choice(keys.shape[1])
         if name == "roar" and keys.dtype == torch.bfloat16:
             params.setdefault("storage", "bfloat16")  # exact for bfloat16 keys, half the host memory
         self._index_spec = (name, params)
-        self._append(keys.detach().cpu(), values.detach().cpu())
+        self._append(k_host, values.detach())  # values go straight into the (pinned) host array
         self.n = keys.shape[1]
 
         def job():
             t0 = time.perf_counter()
+            k32 = k_host.float().numpy()
+            tq = tq_host.float().numpy()
             idx = make_index(name, **params).build(k32, tq)
             return idx, time.perf_counter() - t0
 
