@@ -72,3 +72,25 @@ def test_ratio_lines_use_the_same_run():
     assert "0.50x the time of full (no budget)" in line and "10.0x faster than offload" in line
     assert "device KV 2.00% of full's" in line
     assert ratio_lines(recs[:1]) == []
+
+
+def test_host_memory_guard_records_instead_of_crashing(tmp_path, monkeypatch):
+    """A method whose CPU-resident KV cannot fit the host's memory is recorded as OOM (host memory), not run."""
+    import retrieval_attention.bench.decode as D
+
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**D.SHAPES["llama3-8b"])
+    # 128K tokens of an 8B model in bf16: 16 GiB of KV, plus 32 layers x 8 graphs x 24 edges x 4 bytes per token
+    assert D.host_bytes_needed(cfg, "offload", 131072, 2) == 16 * 2**30
+    assert D.host_bytes_needed(cfg, "retrieval", 131072, 2) == 16 * 2**30 + 32 * 8 * 131072 * 24 * 4
+    assert D.host_bytes_needed(cfg, "full", 131072, 2) == D.host_bytes_needed(cfg, "streaming", 131072, 2) == 0
+    monkeypatch.setattr(D, "available_host_bytes", lambda: 1 << 20)  # 1 MiB "available"
+    js = tmp_path / "d.json"
+    rc = main(["bench", "decode", "--shape", "tiny", "--context", "600", "--steps", "2", "--warmup", "1",
+               "--methods", "retrieval,streaming", "--index", "flat", "--n-sink", "16", "--window", "64",
+               "--json", str(js)])
+    assert rc == 0
+    ret, stream = json.loads(js.read_text())
+    assert ret["oom"] and ret["oom_reason"] == "host memory" and ret["host_bytes_needed"] > 1 << 20
+    assert not stream["oom"] and stream["decode_ms_per_token"] > 0  # device-resident KV: not limited

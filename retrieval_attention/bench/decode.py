@@ -100,6 +100,39 @@ def host_rss() -> int:
     return 0
 
 
+#: out-degree of roar graphs assumed by the host-memory estimate (the index's default ``M``)
+GRAPH_DEGREE = 24
+#: share of the available host memory a run may plan to use (the rest: the process, allocator slack)
+HOST_MEMORY_SHARE = 0.9
+
+
+def available_host_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def host_bytes_needed(model_config, method: str, ctx: int, dtype_bytes: int) -> int:
+    """Host memory the CPU-resident KV of ``method`` needs at ``ctx`` tokens: keys + values of every layer
+    (``offload``, ``retrieval``) plus one roar graph per KV head and layer (``retrieval``); 0 for methods that
+    keep their KV on the device."""
+    cfg = model_config
+    heads = cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * heads * ctx * d * dtype_bytes
+    if method == "offload":
+        return kv
+    if method == "retrieval":
+        return kv + cfg.num_hidden_layers * heads * ctx * GRAPH_DEGREE * 4
+    return 0
+
+
 def build_model(args, device, dtype):
     import torch
     import transformers as tf
@@ -266,11 +299,20 @@ def run(args) -> int:
     records = []
 
     def one(method, index, ctx, budget_label):
-        rec = run_one(model, method, index, ctx, args, device)
+        need = host_bytes_needed(model.config, method, ctx, torch.tensor([], dtype=dtype).element_size())
+        avail = available_host_bytes()
+        if need and avail is not None and need > HOST_MEMORY_SHARE * avail:
+            # a host OOM would kill the whole run (and its JSON): record the method as not fitting instead
+            rec = {"method": method, "index": index if method == "retrieval" else None, "context": ctx, "oom": True,
+                   "oom_reason": "host memory", "host_bytes_needed": need, "host_bytes_available": avail,
+                   "error": f"needs ~{need / 2**30:.0f} GiB of host memory, {avail / 2**30:.0f} GiB available",
+                   "peak_gpu_bytes": 0, "host_bytes": host_rss(), "prefill_mode": None, "decode_mode": None}
+        else:
+            rec = run_one(model, method, index, ctx, args, device)
         rec.update(model=label, dtype=str(dtype).replace("torch.", ""), device=device, gpu_memory_budget=budget_label,
                    cuda_graphs=bool(getattr(args, "cuda_graphs", False)) and rec.get("decode_mode") == "lean")
         records.append(rec)
-        msg = "OOM" if rec["oom"] else (f"{rec['decode_ms_per_token']:.1f} ms/token ({rec['decode_mode']} decode), "
+        msg = f"OOM ({rec.get('oom_reason', 'GPU memory')})" if rec["oom"] else (f"{rec['decode_ms_per_token']:.1f} ms/token ({rec['decode_mode']} decode), "
                                         f"prefill {rec['prefill_s']:.1f} s ({rec['prefill_mode']})")
         tag = "" if budget_label == args.gpu_memory_budget else " [no budget]"
         print(f"{ctx:>8} {method:>9} {index or '':>5}{tag}: {msg}", file=sys.stderr, flush=True)
@@ -279,7 +321,8 @@ def run(args) -> int:
     for ctx in contexts:
         for method, index in runs:
             rec = one(method, index, ctx, args.gpu_memory_budget)
-            if rec["oom"] and fraction is not None and getattr(args, "unbudgeted_reference", False):
+            if (rec["oom"] and rec.get("oom_reason") != "host memory" and fraction is not None
+                    and getattr(args, "unbudgeted_reference", False)):
                 torch.cuda.set_per_process_memory_fraction(1.0)
                 try:
                     one(method, index, ctx, None)
@@ -296,7 +339,7 @@ def run(args) -> int:
         rows.append([
             r["context"], r["method"] + (f"/{r['index']}" if r["index"] else "")
             + ("" if r.get("gpu_memory_budget") == args.gpu_memory_budget else " (no budget)") + f" [{mode}]",
-            "OOM" if r["oom"] else f"{r['decode_ms_per_token']:.1f}",
+            (f"OOM ({r['oom_reason']})" if r.get("oom_reason") else "OOM") if r["oom"] else f"{r['decode_ms_per_token']:.1f}",
             "—" if r["oom"] else f"{r['prefill_s']:.1f}", "—" if r["oom"] else f"{r['index_build_s']:.1f}",
             f"{b['cpu_search']:.1f} / {b['cpu_attention']:.1f} / {b['rest_of_step']:.1f}" if b else "—",
             f"{r['peak_gpu_bytes'] / 2**30:.1f}" if r["peak_gpu_bytes"] else "—",
