@@ -4,6 +4,8 @@ Generation runs through the normal ``model.generate()``, except for greedy retri
 on Llama-family models from a fresh cache with a prompt longer than the static tokens: that takes the fast
 path, layer-by-layer prefill (:mod:`.prefill`) and the lean decode loop (:mod:`.decode_loop`), which give the
 same tokens (tested) with less device memory and framework overhead. ``fast=False`` forces ``generate()``.
+:func:`generate_many` answers one prompt under several configurations from one shared exact prefill (the
+eval's default: three methods cost about one prefill).
 This module also builds the cache, switches the attention implementation, applies the chat template and
 measures.
 """
