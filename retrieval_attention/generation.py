@@ -152,20 +152,7 @@ def generate_ids(
     if hasattr(cache, "set_progress"):
         cache.set_progress(False)
     n_new = seqs.shape[1] - input_ids.shape[1]
-    t_first = timer.t_first or t_end
-    stats = {
-        "method": config.method,
-        "index": config.index if config.method == "retrieval" else None,
-        "prompt_tokens": int(input_ids.shape[1]),
-        "new_tokens": int(n_new),
-        "prefill_s": t_first - t0,
-        "decode_tokens_per_s": (n_new - 1) / (t_end - t_first) if n_new > 1 and t_end > t_first else float("nan"),
-    }
-    if hasattr(cache, "stats"):
-        stats.update(cache.stats())
-    else:
-        stats.update(index_build_s=0.0, kv_device_bytes=_dense_bytes(cache), kv_cpu_bytes=0)
-    return seqs, stats
+    return seqs, _generation_stats(config, input_ids, n_new, t0, timer.t_first or t_end, t_end, cache)
 
 
 #: generation options the fast path implements (greedy decoding; the sampling ones only when unset/off)
@@ -240,7 +227,9 @@ def _lean_decode(model, cache, toks: _GreedyTokens, tok: torch.Tensor, max_new_t
             tok = toks.emit(dec.step(tok).argmax(-1, keepdim=True))
 
 
-def _fast_stats(config, ids, n_new, t0, t_first, t_end, cache) -> dict:
+def _generation_stats(config, ids, n_new, t0, t_first, t_end, cache) -> dict:
+    """The stats of a generation: method, token counts, prefill seconds (start ``t0`` to first token
+    ``t_first``), decode tokens/s, and the cache's own stats (KV bytes, index build, searches)."""
     stats = {
         "method": config.method,
         "index": config.index if config.method == "retrieval" else None,
@@ -248,7 +237,6 @@ def _fast_stats(config, ids, n_new, t0, t_first, t_end, cache) -> dict:
         "new_tokens": int(n_new),
         "prefill_s": t_first - t0,
         "decode_tokens_per_s": (n_new - 1) / (t_end - t_first) if n_new > 1 and t_end > t_first else float("nan"),
-        "generation_path": "fast",
     }
     if hasattr(cache, "stats"):
         stats.update(cache.stats())
@@ -284,7 +272,9 @@ def _generate_fast(model, input_ids, config, attention_mask, max_new_tokens, str
         streamer.end()
     t_end = time.perf_counter()
     seqs = torch.cat([ids] + toks.new, dim=1)
-    return seqs, _fast_stats(config, ids, len(toks.new), t0, t_first, t_end, cache)
+    stats = _generation_stats(config, ids, len(toks.new), t0, t_first, t_end, cache)
+    stats["generation_path"] = "fast"
+    return seqs, stats
 
 
 _FULL = RetrievalConfig(method="full", index="flat")
@@ -400,7 +390,7 @@ def generate_ids_many(model, input_ids: torch.Tensor, configs: list[RetrievalCon
             _lean_decode(model, cache, toks, tok, max_new_tokens)
         t_end = time.perf_counter()
         seqs = torch.cat([ids] + toks.new, dim=1)
-        stats = _fast_stats(config, ids, len(toks.new), t1 - shared_s, t_first, t_end, cache)
+        stats = _generation_stats(config, ids, len(toks.new), t1 - shared_s, t_first, t_end, cache)
         stats.update(shared_prefill_s=shared_s, generation_path="shared-prefill", elapsed_s=shared_s + t_end - t1)
         results.append((seqs, stats))
         del cache

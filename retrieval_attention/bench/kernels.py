@@ -42,7 +42,7 @@ def run(args) -> int:
 
     from ..index import make_index
     from ..index.bf16 import tensor_as_numpy
-    from ..index.reference import make_ood_data
+    from ..index.reference import make_ood_data, recall_at_k
     from .common import command_line, machine_info, machine_line, markdown_table, parse_index_spec, write_json
     from .decode import SHAPES, parse_contexts
 
@@ -101,9 +101,7 @@ def run(args) -> int:
                 times.append(dt)
                 scanned.append(float(ns.mean()) / n)
                 tr = true_ids[:, step : step + 1]
-                hit = [len(set(a.tolist()) & set(b.tolist())) / args.top_k
-                       for a, b in zip(ids.reshape(-1, args.top_k), tr.reshape(-1, args.top_k))]
-                recall.append(float(np.mean(hit)))
+                recall.append(float(recall_at_k(ids, tr).mean()))
             rec = {
                 "index": args.index, "keys": n, "shape": args.shape, "kv_heads": Hkv, "query_heads": Hkv * group,
                 "head_dim": d, "storage": args.storage, budget_key: ef, "top_k": args.top_k, "threads": threads,
