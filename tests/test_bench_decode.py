@@ -6,6 +6,7 @@ import pytest
 
 from retrieval_attention.bench.decode import parse_contexts, parse_size
 from retrieval_attention.cli import main
+from retrieval_attention.config import DEFAULT_RESIDUAL_SAMPLES
 
 
 def test_parsers():
@@ -30,7 +31,20 @@ def test_bench_decode_tiny_writes_json_and_plot(tmp_path):
         assert r["decode_ms_per_token"] > 0 and not r["oom"]
     ret = recs[1]
     assert ret["kv_cpu_bytes"] > 0 and 0 < ret["kv_device_bytes"] < recs[0]["kv_device_bytes"]
+    assert ret["residual_samples"] == DEFAULT_RESIDUAL_SAMPLES and ret["search_params"] == {}
     assert png.stat().st_size > 1000
+
+
+def test_bench_decode_residual_and_ef_options(tmp_path):
+    js = tmp_path / "d.json"
+    args = ["bench", "decode", "--shape", "tiny", "--context", "2K", "--steps", "2", "--warmup", "1",
+            "--methods", "retrieval", "--index", "roar", "--n-sink", "16", "--window", "64", "--json", str(js)]
+    assert main(args + ["--residual-samples", "0", "--ef", "8"]) == 0
+    (narrow,) = json.loads(js.read_text())
+    assert narrow["residual_samples"] == 0 and narrow["search_params"] == {"ef": 8}
+    assert main(args + ["--ef", "64"]) == 0
+    (wide,) = json.loads(js.read_text())
+    assert wide["scanned_fraction"] > narrow["scanned_fraction"]  # the beam width reaches the search
 
 
 def test_bench_decode_rejects_unknown_method():

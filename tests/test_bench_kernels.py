@@ -3,6 +3,7 @@
 import json
 
 from retrieval_attention.cli import main
+from retrieval_attention.config import DEFAULT_RESIDUAL_SAMPLES
 
 
 def test_bench_kernels_records(tmp_path, capsys):
@@ -16,13 +17,16 @@ def test_bench_kernels_records(tmp_path, capsys):
         assert r["keys"] == 1024 and r["query_heads"] == 4 and r["kv_heads"] == 2 and r["head_dim"] == 32
         assert 0 < r["scanned_fraction"] <= 1 and 0 <= r["recall_at_k"] <= 1 and r["layer_ms"] > 0
         assert r["build_s"] >= r["knn_s"] >= 0 and r["memory_bytes"] > 0
+        assert r["residual_samples"] == DEFAULT_RESIDUAL_SAMPLES and 0 < r["residual_ms"] < r["layer_ms"]
     assert recs[1]["scanned_fraction"] > recs[0]["scanned_fraction"]  # a wider beam scans more
     assert "| keys / KV head |" in (tmp_path / "k.md").read_text()
 
     assert main(["bench", "kernels", "--keys", "1K", "--shape", "tiny", "--index", "flat", "--ef", "1",
-                 "--steps", "2", "--threads", "1", "--json", str(out), "--storage", "float32"]) == 0
+                 "--steps", "2", "--threads", "1", "--json", str(out), "--storage", "float32",
+                 "--residual-samples", "0"]) == 0
     (rec,) = json.loads(out.read_text())["records"]
     assert rec["recall_at_k"] == 1.0 and rec["scanned_fraction"] == 1.0
+    assert rec["residual_samples"] == 0 and rec["residual_ms"] == 0.0
 
 
 def test_bench_kernels_bad_input(capsys):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..index.kernels import elem
+from ..index.kernels import PREFETCH_AHEAD, _prefetch_row, elem
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -102,7 +102,12 @@ def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scalin
         s = np.empty(cnt, np.float64)
         keep = np.zeros(cnt, np.bool_)
         mx = -np.inf
+        # the draws are random rows: keep PREFETCH_AHEAD of them in flight (the loop is bound by DRAM latency)
+        for t in range(min(cnt, PREFETCH_AHEAD)):
+            _prefetch_row(keys, kv, ids[t])
         for t in range(cnt):
+            if t + PREFETCH_AHEAD < cnt:
+                _prefetch_row(keys, kv, ids[t + PREFETCH_AHEAD])
             j = ids[t]
             pos = np.searchsorted(taken, j)
             if pos < k and taken[pos] == j:
@@ -121,7 +126,11 @@ def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scalin
                 out[h, i, c] = 0.0
             continue
         z = 0.0
+        for t in range(min(cnt, PREFETCH_AHEAD)):
+            _prefetch_row(values, kv, ids[t])
         for t in range(cnt):
+            if t + PREFETCH_AHEAD < cnt:
+                _prefetch_row(values, kv, ids[t + PREFETCH_AHEAD])
             if not keep[t]:
                 continue
             w = np.exp(s[t] - mx)

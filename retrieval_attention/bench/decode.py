@@ -21,6 +21,8 @@ import statistics
 import sys
 import time
 
+from ..config import DEFAULT_RESIDUAL_SAMPLES
+
 SHAPES = {
     # real Llama-3-8B sizes
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -67,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-sink", type=int, default=128)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--dense-layers", default="", help="layers kept exact (default none for timing)")
+    p.add_argument("--residual-samples", type=int, default=None,
+                   help="residual draws per query head and step (default: the library's, "
+                        f"{DEFAULT_RESIDUAL_SAMPLES}; 0 = the published method)")
+    p.add_argument("--ef", type=int, default=None, help="beam width of the roar search (default: the index's)")
     p.add_argument("--steps", type=int, default=64, help="timed decode steps (median reported)")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--device", default=None)
@@ -181,8 +187,14 @@ def run_one(model, method, index, ctx, args, device):
     elif method == "offload":
         cache, ctxm = DynamicCache(config=model.config, offloading=True), nullcontext()
     else:
+        residual = getattr(args, "residual_samples", None)
+        ef = getattr(args, "ef", None)
         cfg = RetrievalConfig(method=method, index=index or "flat", top_k=args.top_k, n_sink=args.n_sink, window=args.window,
-                              dense_layers=dense)
+                              dense_layers=dense, search_params={"ef": ef} if ef and index == "roar" else {},
+                              exact_below=0,  # time the named index at every context
+                              **({} if residual is None else {"residual_samples": residual}))
+        if method == "retrieval":
+            rec["residual_samples"], rec["search_params"] = cfg.residual_samples, dict(cfg.search_params)
         cache, ctxm = make_cache(model, cfg), enable(model)
     kw = {cache_kwarg(model): cache}
     prefill_mode = getattr(args, "prefill", None) or ("layerwise" if unsupported_reason(model) is None else "forward")
@@ -312,8 +324,13 @@ def run(args) -> int:
         rec.update(model=label, dtype=str(dtype).replace("torch.", ""), device=device, gpu_memory_budget=budget_label,
                    cuda_graphs=bool(getattr(args, "cuda_graphs", False)) and rec.get("decode_mode") == "lean")
         records.append(rec)
+        if args.json:  # after every record: a run stopped by a time limit keeps what it measured
+            write_json(args.json, records)
         msg = f"OOM ({rec.get('oom_reason', 'GPU memory')})" if rec["oom"] else (f"{rec['decode_ms_per_token']:.1f} ms/token ({rec['decode_mode']} decode), "
-                                        f"prefill {rec['prefill_s']:.1f} s ({rec['prefill_mode']})")
+                                        f"prefill {rec['prefill_s']:.1f} s ({rec['prefill_mode']})"
+                                        + (f", scanned {100 * rec['scanned_fraction']:.2f}%" if rec.get("scanned_fraction") else "")
+                                        + (f", search/attn {rec['breakdown_ms']['cpu_search']:.1f}/{rec['breakdown_ms']['cpu_attention']:.1f} ms"
+                                           if rec.get("breakdown_ms") else ""))
         tag = "" if budget_label == args.gpu_memory_budget else " [no budget]"
         print(f"{ctx:>8} {method:>9} {index or '':>5}{tag}: {msg}", file=sys.stderr, flush=True)
         return rec

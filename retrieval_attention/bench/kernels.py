@@ -1,5 +1,5 @@
 """``bench kernels``: index build time (kNN / projection / repair) and the per-layer decode call (search +
-attention over the retrieved keys, all query heads of one layer) on synthetic out-of-distribution keys of a
+attention over the retrieved keys, all query heads of one layer, then the residual estimate as decoding does it) on synthetic out-of-distribution keys of a
 model's shape, at sizes no real capture of this machine reaches (128K+ keys per head).
 
 The data is :func:`retrieval_attention.index.reference.make_ood_data` (queries decided by directions in
@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default="bfloat16", choices=["bfloat16", "float32"],
                    help="key and value precision on the host (roar key storage; bfloat16 as for bf16 models)")
     p.add_argument("--train-queries", type=int, default=4096, help="training queries per query head")
+    p.add_argument("--residual-samples", type=int, default=None,
+                   help="residual draws per query head timed after the search as decoding does (default: the "
+                        "library's; 0 = none)")
     p.add_argument("--steps", type=int, default=20, help="timed decode steps (median reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
@@ -42,6 +45,8 @@ def run(args) -> int:
 
     from ..index import make_index
     from ..index.bf16 import tensor_as_numpy
+    from ..attention.residual import estimate_residual
+    from ..config import DEFAULT_RESIDUAL_SAMPLES
     from ..index.reference import make_ood_data, recall_at_k
     from .common import command_line, machine_info, machine_line, markdown_table, parse_index_spec, write_json
     from .decode import SHAPES, parse_contexts
@@ -69,6 +74,8 @@ def run(args) -> int:
         efs = [None]
     if name == "roar":
         params.setdefault("storage", args.storage)
+    m_res = DEFAULT_RESIDUAL_SAMPLES if args.residual_samples is None else args.residual_samples
+    kv_of_head = np.arange(Hkv * group) // group
     records = []
     for n in sizes:
         if n < args.top_k:
@@ -86,19 +93,25 @@ def run(args) -> int:
         idx = make_index(name, **params).build(keys, tq)
         build_s = time.perf_counter() - t0
         stats = dict(getattr(idx, "build_stats", {}) or {})
+        res_keys = idx.stored_keys() if hasattr(idx, "stored_keys") else keys
         exact = make_index("flat").build(keys)
         true_ids, _, _ = exact.search(te, args.top_k)
         for ef in efs:
-            times, scanned, recall = [], [], []
+            times, res_times, scanned, recall = [], [], [], []
             for step in range(te.shape[1]):
                 q = np.ascontiguousarray(te[:, step : step + 1])
                 t1 = time.perf_counter()
                 budget = {} if ef is None else {budget_key: ef}
                 _, _, ns, ids = idx.search_attend(q, args.top_k, values, scaling, return_ids=True, **budget)
+                t2 = time.perf_counter()
+                if m_res > 0:
+                    estimate_residual(res_keys, values, q, kv_of_head, ids, n, m_res, scaling, seed=step)
                 dt = time.perf_counter() - t1
+                dt_res = time.perf_counter() - t2
                 if step < WARMUP_STEPS:
                     continue
                 times.append(dt)
+                res_times.append(dt_res)
                 scanned.append(float(ns.mean()) / n)
                 tr = true_ids[:, step : step + 1]
                 recall.append(float(recall_at_k(ids, tr).mean()))
@@ -107,25 +120,27 @@ def run(args) -> int:
                 "head_dim": d, "storage": args.storage, budget_key: ef, "top_k": args.top_k, "threads": threads,
                 "build_s": build_s, "knn_s": stats.get("knn_s"), "graph_s": stats.get("graph_s"),
                 "repair_s": stats.get("repair_s"), "memory_bytes": idx.memory_bytes(),
+                "residual_samples": m_res, "residual_ms": 1e3 * float(np.median(res_times)) if m_res > 0 else 0.0,
                 "layer_ms": 1e3 * float(np.median(times)), "layer_ms_p90": 1e3 * float(np.quantile(times, 0.9)),
                 "scanned_fraction": float(np.mean(scanned)), "recall_at_k": float(np.mean(recall)),
             }
             records.append(rec)
             print(f"  {budget_key}={ef}: {rec['layer_ms']:.2f} ms per layer call, scanned {100 * rec['scanned_fraction']:.2f}%, "
                   f"recall@{args.top_k} {rec['recall_at_k']:.3f}", file=sys.stderr, flush=True)
-    headers = ["keys / KV head", "budget", "layer call ms (median / p90)", "scanned %", f"recall@{args.top_k}",
+    headers = ["keys / KV head", "budget", "layer call ms (median / p90)", "of it residual ms", "scanned %", f"recall@{args.top_k}",
                "build s (kNN / graph / repair)", "index MiB"]
     rows = []
     for r in records:
         parts = "/".join(f"{r[k]:.2f}" if r[k] is not None else "-" for k in ("knn_s", "graph_s", "repair_s"))
         rows.append([r["keys"], "exact" if r[budget_key] is None else f"{budget_key}={r[budget_key]}", f"{r['layer_ms']:.2f} / {r['layer_ms_p90']:.2f}",
+                     f"{r['residual_ms']:.2f} ({r['residual_samples']} draws)" if r["residual_samples"] else "—",
                      f"{100 * r['scanned_fraction']:.2f}", f"{r['recall_at_k']:.3f}", f"{r['build_s']:.2f} ({parts})",
                      f"{r['memory_bytes'] / 2**20:.0f}"])
     table = markdown_table(headers, rows)
     info = machine_info()
     text = (f"Command: `{command_line(['bench', 'kernels'])}`  \nMachine: {machine_line(info)}; threads: {threads}.\n\n"
             f"One layer call = search + attention of all {Hkv * group} query heads ({Hkv} KV heads, d {d}) for one "
-            f"decode step.\n\n{table}\n")
+            f"decode step" + (f", then the residual estimate ({m_res} draws per head)" if m_res else "") + f".\n\n{table}\n")
     print(text)
     if args.json:
         write_json(args.json, {"machine": info, "command": command_line(["bench", "kernels"]), "records": records})

@@ -310,7 +310,10 @@ def search_pair(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis, st,
         if nw == L and nr == k and _worse(cs, node, w_s[0], w_i[0]):
             break
         nc = _max_pop(c_s, c_i, nc)
-        # gather the unvisited neighbours first, then score them (independent loads overlap)
+        if nc > 0:  # the likely next expansion: its adjacency row loads while this one is scored
+            _prefetch(adj, g, c_i[0], 0)
+        # gather the unvisited neighbours first and prefetch their key rows, then score them: the rows'
+        # DRAM loads overlap instead of one row per distance (search is bound by memory latency)
         nn = 0
         for m in range(M):
             nb = adj[g, node, m]
@@ -320,6 +323,7 @@ def search_pair(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis, st,
                 vis[nb] = st
                 nbuf[nn] = nb
                 nn += 1
+                _prefetch_row(keys, kv, nb)
         for m in range(nn):
             sbuf[m] = _dot(qv, keys, kv, nbuf[m])
         ns += nn
