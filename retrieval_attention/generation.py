@@ -122,17 +122,9 @@ def generate_ids(
     if progress and hasattr(cache, "set_progress"):
         cache.set_progress(True)
     timer = _Timer(streamer)
-    gen_kwargs.setdefault("do_sample", False)
-    if not gen_kwargs["do_sample"]:
-        gen_kwargs.setdefault("temperature", None)
-        gen_kwargs.setdefault("top_p", None)
-        gen_kwargs.setdefault("top_k", None)
-    pad_id = gen_kwargs.pop("pad_token_id", None)
-    if pad_id is None:
-        pad_id = model.generation_config.pad_token_id
-        if pad_id is None:
-            eos = model.generation_config.eos_token_id
-            pad_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+    _greedy_defaults(gen_kwargs)
+    pad_id = _eos_pad(model, gen_kwargs)[1]
+    gen_kwargs.pop("pad_token_id", None)
     t0 = time.perf_counter()
     ctx = enable(model) if config.method != "full" else nullcontext()
     with ctx:
@@ -178,6 +170,16 @@ def fast_path_reason(model, config: RetrievalConfig, input_ids: torch.Tensor, ca
     if all(i in config.dense_layers for i in range(n_layers)):
         return "every layer is dense"
     return unsupported_reason(model)
+
+
+def _greedy_defaults(gen_kwargs: dict) -> dict:
+    """Greedy unless ``do_sample=True``: unset sampling options become None (so the model's generation
+    config does not warn about or apply them). Updates and returns ``gen_kwargs``."""
+    gen_kwargs.setdefault("do_sample", False)
+    if not gen_kwargs["do_sample"]:
+        for name in ("temperature", "top_p", "top_k"):
+            gen_kwargs.setdefault(name, None)
+    return gen_kwargs
 
 
 def _eos_pad(model, gen_kwargs) -> tuple[list[int], int]:
@@ -369,9 +371,7 @@ def generate_ids_many(model, input_ids: torch.Tensor, configs: list[RetrievalCon
             tok = toks.emit(first)
             t_first = time.perf_counter()
             if not toks.done(max_new_tokens):
-                kw = {k: v for k, v in gen_kwargs.items() if k not in ("pad_token_id", "eos_token_id")}
-                kw.setdefault("do_sample", False)
-                kw.update(temperature=None, top_p=None, top_k=None)
+                kw = _greedy_defaults({k: v for k, v in gen_kwargs.items() if k not in ("pad_token_id", "eos_token_id")})
                 seq = torch.cat([ids, tok], dim=1)
                 out = model.generate(seq, attention_mask=torch.ones_like(seq), max_new_tokens=max_new_tokens - 1,
                                      pad_token_id=pad_id, eos_token_id=eos,

@@ -14,8 +14,10 @@ non-retrieved keys), returned as a partial attention ``(out, lse)`` whose ``lse`
 :func:`retrieval_attention.attention.merge.merge_partial` merges it with the other parts exactly like a real
 partial result. When ``n <= k + m`` the residual is small enough to be computed exactly (weight 1, no draw).
 
-Draws are deterministic: a splitmix64 stream seeded from ``(seed, n, head, query)``, so greedy decoding
-stays reproducible and independent of thread scheduling. Give each layer its own ``seed`` (the cache does:
+Draws are deterministic: a splitmix64 stream seeded from ``(seed, n, KV head, query)``, so greedy decoding
+stays reproducible and independent of thread scheduling. The query heads of one KV head share its draws (each
+head's estimate stays unbiased; the kernel reads every drawn key and value row once for the whole GQA group:
+the residual's random reads, its whole cost, shrink by the group size). Give each layer its own ``seed`` (the cache does:
 the configured seed mixed with the layer index): with one seed for all layers every layer would draw the same
 positions, and a region they all miss would be missed everywhere at once.
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..index.kernels import PREFETCH_AHEAD, _prefetch_row, elem
+from ..index.kernels import PREFETCH_AHEAD, _dot, _prefetch_row, elem
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -54,7 +56,7 @@ def _seed(seed, n, h, i):
 
 @njit(nogil=True, cache=True)
 def draw_ids(seed, n, h, i, m, out):
-    """``m`` stratified ids in ``[0, n)`` for (head ``h``, query ``i``) into ``out[:m]``: draw ``t`` is uniform
+    """``m`` stratified ids in ``[0, n)`` for (KV head ``h``, query ``i``) into ``out[:m]``: draw ``t`` is uniform
     in ``[t n / m, (t + 1) n / m)`` (the kernel's stream; every id has probability ``m / n``)."""
     st = _seed(seed, n, h, i)
     for t in range(m):
@@ -78,30 +80,47 @@ def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scalin
     keys / values ``[Hkv, >= n, D]`` float32 or uint16 (bfloat16 bits); queries ``[Hq, L, D]`` float32;
     kv_of_head ``[Hq]`` int64; topk_ids ``[Hq, L, k]`` int64 (the retrieved ids, -1 padding, any order).
     Writes out ``[Hq, L, Dv]`` float32 and lse ``[Hq, L]`` float32 (-inf and 0 when nothing contributes).
+
+    Parallel over (KV head, query): the query heads of one KV head share its draws, so every drawn key and
+    value row is read from memory once for the whole group (the loop is bound by those random reads).
     """
     Hq, L, D = queries.shape
+    Hkv = keys.shape[0]
     Dv = values.shape[2]
     k = topk_ids.shape[2]
     exact = n <= k + m
-    P = Hq * L
+    cnt = n if exact else m
+    weight = 1.0 if exact else n / m
+    P = Hkv * L
     for p in prange(P):
-        h = p // L
-        i = p - h * L
-        kv = kv_of_head[h]
-        kb = np.empty(D, np.float32)
-        vb = np.empty(Dv, np.float32)
-        acc = np.zeros(Dv, np.float64)
-        taken = np.sort(topk_ids[h, i])
-        cnt = n if exact else m
+        kv = p // L
+        i = p - kv * L
+        G = 0
+        for h in range(Hq):
+            if kv_of_head[h] == kv:
+                G += 1
+        if G == 0:
+            continue
+        heads = np.empty(G, np.int64)
+        g = 0
+        for h in range(Hq):
+            if kv_of_head[h] == kv:
+                heads[g] = h
+                g += 1
+        taken = np.empty((G, k), np.int64)
+        for g in range(G):
+            taken[g] = np.sort(topk_ids[heads[g], i])
         ids = np.empty(cnt, np.int64)
         if exact:
             for t in range(n):
                 ids[t] = t
         else:
-            draw_ids(seed, n, h, i, m, ids)
-        s = np.empty(cnt, np.float64)
-        keep = np.zeros(cnt, np.bool_)
-        mx = -np.inf
+            draw_ids(seed, n, kv, i, m, ids)
+        vb = np.empty(Dv, np.float32)
+        s = np.empty((G, cnt), np.float64)
+        keep = np.zeros((G, cnt), np.bool_)
+        any_keep = np.zeros(cnt, np.bool_)
+        mx = np.full(G, -np.inf)
         # the draws are random rows: keep PREFETCH_AHEAD of them in flight (the loop is bound by DRAM latency)
         for t in range(min(cnt, PREFETCH_AHEAD)):
             _prefetch_row(keys, kv, ids[t])
@@ -109,39 +128,43 @@ def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scalin
             if t + PREFETCH_AHEAD < cnt:
                 _prefetch_row(keys, kv, ids[t + PREFETCH_AHEAD])
             j = ids[t]
-            pos = np.searchsorted(taken, j)
-            if pos < k and taken[pos] == j:
-                continue
-            _row(keys, kv, j, kb)
-            d = 0.0
-            for c in range(D):
-                d += np.float64(queries[h, i, c]) * kb[c]
-            s[t] = d * scaling
-            keep[t] = True
-            if s[t] > mx:
-                mx = s[t]
-        if mx == -np.inf:
-            lse[h, i] = -np.inf
-            for c in range(Dv):
-                out[h, i, c] = 0.0
-            continue
-        z = 0.0
+            for g in range(G):
+                pos = np.searchsorted(taken[g], j)
+                if pos < k and taken[g, pos] == j:
+                    continue
+                # the search's dot: float32 sums, vectorised (a float64 chain made this loop compute-bound)
+                s[g, t] = _dot(queries[heads[g], i], keys, kv, j) * scaling
+                keep[g, t] = True
+                any_keep[t] = True
+                if s[g, t] > mx[g]:
+                    mx[g] = s[g, t]
+        acc = np.zeros((G, Dv), np.float64)
+        z = np.zeros(G, np.float64)
         for t in range(min(cnt, PREFETCH_AHEAD)):
             _prefetch_row(values, kv, ids[t])
         for t in range(cnt):
             if t + PREFETCH_AHEAD < cnt:
                 _prefetch_row(values, kv, ids[t + PREFETCH_AHEAD])
-            if not keep[t]:
+            if not any_keep[t]:
                 continue
-            w = np.exp(s[t] - mx)
-            z += w
             _row(values, kv, ids[t], vb)
+            for g in range(G):
+                if not keep[g, t]:
+                    continue
+                w = np.exp(s[g, t] - mx[g])
+                z[g] += w
+                for c in range(Dv):
+                    acc[g, c] += w * vb[c]
+        for g in range(G):
+            h = heads[g]
+            if mx[g] == -np.inf:
+                lse[h, i] = -np.inf
+                for c in range(Dv):
+                    out[h, i, c] = 0.0
+                continue
+            lse[h, i] = mx[g] + np.log(z[g] * weight)
             for c in range(Dv):
-                acc[c] += w * vb[c]
-        weight = 1.0 if exact else n / m
-        lse[h, i] = mx + np.log(z * weight)
-        for c in range(Dv):
-            out[h, i, c] = acc[c] / z
+                out[h, i, c] = acc[g, c] / z[g]
 
 
 def residual_attention_ref(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed):
@@ -160,7 +183,7 @@ def residual_attention_ref(keys, values, queries, kv_of_head, topk_ids, n, m, sc
             if exact:
                 ids = np.arange(n)
             else:
-                draw_ids(seed, n, h, i, m, buf)
+                draw_ids(seed, n, kv_of_head[h], i, m, buf)  # the heads of a KV head share its draws
                 ids = buf[:m].copy()
             ids = ids[~np.isin(ids, topk_ids[h, i])]
             if len(ids) == 0:
