@@ -39,9 +39,10 @@ def test_bench_decode_residual_and_ef_options(tmp_path):
     js = tmp_path / "d.json"
     args = ["bench", "decode", "--shape", "tiny", "--context", "2K", "--steps", "2", "--warmup", "1",
             "--methods", "retrieval", "--index", "roar", "--n-sink", "16", "--window", "64", "--json", str(js)]
-    assert main(args + ["--residual-samples", "0", "--ef", "8"]) == 0
+    assert main(args + ["--residual-samples", "0", "--ef", "8", "--max-train-queries", "64"]) == 0
     (narrow,) = json.loads(js.read_text())
     assert narrow["residual_samples"] == 0 and narrow["search_params"] == {"ef": 8}
+    assert narrow["max_train_queries"] == 64
     assert main(args + ["--ef", "64"]) == 0
     (wide,) = json.loads(js.read_text())
     assert wide["scanned_fraction"] > narrow["scanned_fraction"]  # the beam width reaches the search

@@ -73,6 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="residual draws per query head and step (default: the library's, "
                         f"{DEFAULT_RESIDUAL_SAMPLES}; 0 = the published method)")
     p.add_argument("--ef", type=int, default=None, help="beam width of the roar search (default: the index's)")
+    p.add_argument("--max-train-queries", type=int, default=None,
+                   help="prefill queries per query head that train the index (default: RetrievalConfig's)")
     p.add_argument("--steps", type=int, default=64, help="timed decode steps (median reported)")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--device", default=None)
@@ -189,12 +191,15 @@ def run_one(model, method, index, ctx, args, device):
     else:
         residual = getattr(args, "residual_samples", None)
         ef = getattr(args, "ef", None)
+        train = getattr(args, "max_train_queries", None)
         cfg = RetrievalConfig(method=method, index=index or "flat", top_k=args.top_k, n_sink=args.n_sink, window=args.window,
                               dense_layers=dense, search_params={"ef": ef} if ef and index == "roar" else {},
                               exact_below=0,  # time the named index at every context
-                              **({} if residual is None else {"residual_samples": residual}))
+                              **({} if residual is None else {"residual_samples": residual}),
+                              **({} if train is None else {"max_train_queries": train}))
         if method == "retrieval":
             rec["residual_samples"], rec["search_params"] = cfg.residual_samples, dict(cfg.search_params)
+            rec["max_train_queries"] = cfg.max_train_queries
         cache, ctxm = make_cache(model, cfg), enable(model)
     kw = {cache_kwarg(model): cache}
     prefill_mode = getattr(args, "prefill", None) or ("layerwise" if unsupported_reason(model) is None else "forward")
