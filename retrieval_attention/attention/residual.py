@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..index.kernels import PREFETCH_AHEAD, _dot, _prefetch_row, elem
+from ..index.kernels import _dot, elem, prefetch_rows_ahead
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -95,18 +95,10 @@ def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scalin
     for p in prange(P):
         kv = p // L
         i = p - kv * L
-        G = 0
-        for h in range(Hq):
-            if kv_of_head[h] == kv:
-                G += 1
+        heads = np.nonzero(kv_of_head == kv)[0]  # the query heads sharing this KV head's draws
+        G = heads.shape[0]
         if G == 0:
             continue
-        heads = np.empty(G, np.int64)
-        g = 0
-        for h in range(Hq):
-            if kv_of_head[h] == kv:
-                heads[g] = h
-                g += 1
         taken = np.empty((G, k), np.int64)
         for g in range(G):
             taken[g] = np.sort(topk_ids[heads[g], i])
@@ -121,12 +113,8 @@ def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scalin
         keep = np.zeros((G, cnt), np.bool_)
         any_keep = np.zeros(cnt, np.bool_)
         mx = np.full(G, -np.inf)
-        # the draws are random rows: keep PREFETCH_AHEAD of them in flight (the loop is bound by DRAM latency)
-        for t in range(min(cnt, PREFETCH_AHEAD)):
-            _prefetch_row(keys, kv, ids[t])
         for t in range(cnt):
-            if t + PREFETCH_AHEAD < cnt:
-                _prefetch_row(keys, kv, ids[t + PREFETCH_AHEAD])
+            prefetch_rows_ahead(keys, kv, ids, t, cnt)  # the draws are random rows (bound by DRAM latency)
             j = ids[t]
             for g in range(G):
                 pos = np.searchsorted(taken[g], j)
@@ -140,11 +128,8 @@ def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scalin
                     mx[g] = s[g, t]
         acc = np.zeros((G, Dv), np.float64)
         z = np.zeros(G, np.float64)
-        for t in range(min(cnt, PREFETCH_AHEAD)):
-            _prefetch_row(values, kv, ids[t])
         for t in range(cnt):
-            if t + PREFETCH_AHEAD < cnt:
-                _prefetch_row(values, kv, ids[t + PREFETCH_AHEAD])
+            prefetch_rows_ahead(values, kv, ids, t, cnt)
             if not any_keep[t]:
                 continue
             _row(values, kv, ids[t], vb)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 from contextlib import nullcontext
 import os
 import statistics
@@ -108,8 +109,6 @@ def host_rss() -> int:
     return 0
 
 
-#: out-degree of roar graphs assumed by the host-memory estimate (the index's default ``M``)
-GRAPH_DEGREE = 24
 #: share of the available host memory a run may plan to use (the rest: the process, allocator slack)
 HOST_MEMORY_SHARE = 0.9
 
@@ -137,7 +136,10 @@ def host_bytes_needed(model_config, method: str, ctx: int, dtype_bytes: int) -> 
     if method == "offload":
         return kv
     if method == "retrieval":
-        return kv + cfg.num_hidden_layers * heads * ctx * GRAPH_DEGREE * 4
+        from ..index.roar import RoarIndex
+
+        degree = inspect.signature(RoarIndex).parameters["M"].default  # the index's default out-degree
+        return kv + cfg.num_hidden_layers * heads * ctx * degree * 4  # int32 adjacency rows
     return 0
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from .bf16 import as_float32
-from .kernels import PREFETCH_AHEAD, _prefetch_row, elem, emit_results, next_stamp, search_pair
+from .kernels import elem, emit_results, next_stamp, prefetch_rows_ahead, search_pair
 
 #: initial capacity of a worker's candidate heap (entries); a search that needs more grows a private copy
 CAND_INIT = 4096
@@ -94,11 +94,8 @@ def _attend_one(values, kv, r_s, r_i, nr, scaling, pw, acc, out, out_lse, h, i):
         tot += pw[r]
     for c in range(dv):
         acc[c] = 0.0
-    for r in range(min(nr, PREFETCH_AHEAD)):
-        _prefetch_row(values, kv, r_i[r])
     for r in range(nr):
-        if r + PREFETCH_AHEAD < nr:  # value rows are random reads: keep PREFETCH_AHEAD of them in flight
-            _prefetch_row(values, kv, r_i[r + PREFETCH_AHEAD])
+        prefetch_rows_ahead(values, kv, r_i, r, nr)  # value rows are random reads
         row = r_i[r]
         w = pw[r]
         for c in range(dv):

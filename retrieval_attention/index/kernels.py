@@ -109,6 +109,17 @@ def _prefetch_row(keys, h, j):
         _prefetch(keys, h, j, t)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def prefetch_rows_ahead(arr, h, ids, t, n):
+    """Software pipeline over the random rows ``arr[h, ids[0..n)]`` read in order: call it at step ``t`` before
+    reading row ``ids[t]``; it keeps the next ``PREFETCH_AHEAD`` rows in flight (the first call issues them)."""
+    if t == 0:
+        for r in range(min(n, PREFETCH_AHEAD)):
+            _prefetch_row(arr, h, ids[r])
+    if t + PREFETCH_AHEAD < n:
+        _prefetch_row(arr, h, ids[t + PREFETCH_AHEAD])
+
+
 # ---------------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------------
@@ -579,11 +590,8 @@ def _prune_into(pivot, pool, npool, keys, h, M, alpha2, fill, by_count, max_cand
     dbits = dist.view(np.uint32)
     prow = rows.shape[0] - 1  # the pivot's row; candidates take rows 0, 1, ... in ranking order
     _load_row(keys, h, pivot, rows, prow)
-    for i in range(min(nc, PREFETCH_AHEAD)):
-        _prefetch_row(keys, h, cand[i])
     for i in range(nc):
-        if i + PREFETCH_AHEAD < nc:
-            _prefetch_row(keys, h, cand[i + PREFETCH_AHEAD])
+        prefetch_rows_ahead(keys, h, cand, i, nc)
         c = cnt[i]
         if c >= cut:
             dist[i] = np.float32(_l2_row_key(rows, prow, keys, h, cand[i]))
