@@ -52,6 +52,15 @@ def test_bench_decode_rejects_unknown_method():
     assert main(["bench", "decode", "--shape", "tiny", "--context", "100", "--methods", "fast"]) == 2
 
 
+@pytest.mark.parametrize("bad, msg", [(["--residual-samples", "-1"], "--residual-samples must be >= 0"),
+                                      (["--ef", "0"], "--ef must be >= 1"),
+                                      (["--max-train-queries", "0"], "--max-train-queries must be >= 1"),
+                                      (["--ef", "32", "--index", "flat"], "--ef is the beam width of roar")])
+def test_bench_decode_rejects_bad_budgets(bad, msg, capsys):
+    assert main(["bench", "decode", "--shape", "tiny", "--context", "900", "--methods", "retrieval"] + bad) == 2
+    assert msg in capsys.readouterr().err
+
+
 def test_bench_decode_prefill_and_decode_modes(tmp_path):
     """--prefill layerwise/forward and --decode lean/hf: same JSON keys, the modes recorded."""
     recs = {}

@@ -34,3 +34,5 @@ def test_bench_kernels_bad_input(capsys):
     assert "unknown --shape" in capsys.readouterr().err
     assert main(["bench", "kernels", "--keys", "64", "--shape", "tiny"]) == 2
     assert "--top-k" in capsys.readouterr().err
+    assert main(["bench", "kernels", "--keys", "1K", "--shape", "tiny", "--residual-samples", "-1"]) == 2
+    assert "--residual-samples must be >= 0" in capsys.readouterr().err

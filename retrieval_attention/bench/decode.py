@@ -195,7 +195,7 @@ def run_one(model, method, index, ctx, args, device):
         ef = getattr(args, "ef", None)
         train = getattr(args, "max_train_queries", None)
         cfg = RetrievalConfig(method=method, index=index or "flat", top_k=args.top_k, n_sink=args.n_sink, window=args.window,
-                              dense_layers=dense, search_params={"ef": ef} if ef and index == "roar" else {},
+                              dense_layers=dense, search_params={"ef": ef} if ef is not None and index == "roar" else {},
                               exact_below=0,  # time the named index at every context
                               **({} if residual is None else {"residual_samples": residual}),
                               **({} if train is None else {"max_train_queries": train}))
@@ -302,6 +302,15 @@ def run(args) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         print(f"error: unknown method(s) {bad}; choose from {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    for flag, v, least in (("--residual-samples", args.residual_samples, 0), ("--ef", args.ef, 1),
+                           ("--max-train-queries", args.max_train_queries, 1)):
+        if v is not None and v < least:
+            print(f"error: {flag} must be >= {least}, got {v}", file=sys.stderr)
+            return 2
+    if args.ef is not None and "roar" not in args.index.split(","):
+        print(f"error: --ef is the beam width of roar; --index {args.index} has no roar (add it, or drop --ef)",
+              file=sys.stderr)
         return 2
     if "offload" in methods and not device.startswith("cuda"):
         print("note: 'offload' needs a CUDA device (KV moves host -> device each step); skipped on CPU", file=sys.stderr)

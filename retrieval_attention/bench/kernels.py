@@ -64,6 +64,10 @@ def run(args) -> int:
     if not efs or min(efs) < 1 or args.steps < 1 or args.top_k < 1:
         print("error: --ef, --steps and --top-k must be positive", file=sys.stderr)
         return 2
+    if args.residual_samples is not None and args.residual_samples < 0:
+        print(f"error: --residual-samples must be >= 0 (0 = no residual estimate), got {args.residual_samples}",
+              file=sys.stderr)
+        return 2
     shape = SHAPES[args.shape]
     Hkv = shape["num_key_value_heads"]
     group = shape["num_attention_heads"] // Hkv
