@@ -25,6 +25,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .config import RetrievalConfig
 from .index import KVIndex, make_index
+from .index.bf16 import tensor_as_numpy
 
 
 @dataclass
@@ -34,19 +35,47 @@ class LayerStats:
     n_searches: int = 0
     n_scanned: int = 0
     n_cpu_keys_at_search: int = 0
+    #: lean decode loop: seconds waiting for the device's query copy / in the host part after it
+    wait_s: float = 0.0
+    host_s: float = 0.0
+    #: seconds of the synchronous prefill hand-off (static split, device -> host copies) of this layer
+    handoff_s: float = 0.0
+
+
+from .index.base import spare_rows as headroom  # spare rows past the prompt in host key/value arrays
+
+
+def host_copy(t: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """``t [H, n, D]`` in host memory, with capacity for ``rows >= n`` rows along dim 1 (``rows`` None: n).
+
+    From a device the destination is pageable memory whose pages are first touched by a parallel fill: a
+    device-to-host copy into fresh pages faults them in one by one (H200 host: 157 ms for a 256 MiB
+    ``.to("cpu")``, against 19 ms touch + 16 ms copy). Pinned memory is not used: the store is only read by
+    the CPU, and pinning a layer's worth per layer costs more than it saves. A host tensor without extra
+    rows is returned as it is (no copy)."""
+    H, n, D = t.shape
+    rows = n if rows is None else max(rows, n)
+    if t.device.type == "cpu" and rows == n:
+        return t.detach()
+    out = torch.empty((H, rows, D), dtype=t.dtype)
+    if t.device.type != "cpu":
+        out.zero_()
+    out[:, :n].copy_(t.detach())
+    return out
 
 
 class CPUStore:
     """Offloaded keys/values of one sequence in one layer, with the index over its keys.
 
-    values ``[Hkv, capacity, D]`` torch tensor in the model dtype (pinned when CUDA is used), grown by doubling;
+    values ``[Hkv, capacity, D]`` torch tensor in the model dtype (pageable host memory, spare rows past the
+    prompt), grown by doubling;
     keys live inside the index (ids = row numbers of ``values``; ``roar`` keeps bfloat16 keys of a bfloat16
     model as bfloat16, else float32), and in :attr:`keys` only for indexes that do not keep them exactly.
     """
 
-    def __init__(self, config: RetrievalConfig, pin: bool, layer_idx: int = 0):
+    def __init__(self, config: RetrievalConfig, pin: bool = False, layer_idx: int = 0):
         self.config = config
-        self.pin = pin
+        self.pin = pin  # kept for callers; host arrays are pageable (see host_copy)
         #: seed of the residual draws: the configured one mixed with the layer, so layers draw different keys
         self.residual_seed = config.residual_seed * _LAYER_SEED_STRIDE + layer_idx
         self._index: KVIndex | None = None
@@ -57,6 +86,8 @@ class CPUStore:
         self.values: torch.Tensor | None = None
         self.n = 0
         self.build_s = 0.0
+        #: seconds per build stage (host conversion + the index's own build_stats: knn, graph, repair)
+        self.build_stages: dict[str, float] = {}
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -88,7 +119,7 @@ class CPUStore:
     @property
     def index(self) -> KVIndex | None:
         if self._pending is not None:
-            self._index, self.build_s = self._pending.result()
+            self._index, self.build_s, self.build_stages = self._pending.result()
             self._pending = None
         return self._index
 
@@ -104,7 +135,7 @@ class CPUStore:
         self._index_spec = None if value is None else (value.name, dict(value.params))
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append ``[Hkv, m, D]`` keys/values to the (pinned) host arrays, growing them by doubling.
+        """Append ``[Hkv, m, D]`` keys/values to the host arrays (spare rows past the first fill, then doubling).
 
         Exact attention over the whole store (several new tokens at once, e.g. a question after a
         persistent context) reads the keys (:attr:`keys`): they are kept here in the model dtype unless the
@@ -113,18 +144,16 @@ class CPUStore:
         m = k.shape[1]
         self._key_dtype = k.dtype
         own_keys = not self._keys_in_index(k.dtype)
-        if self.values is None or self.n + m > self.values.shape[1]:
-            cap = max(self.n + m, 2 * (0 if self.values is None else self.values.shape[1]), 1)
-            shape = (v.shape[0], cap, v.shape[2])
-            nv = torch.empty(shape, dtype=v.dtype, pin_memory=self.pin)
-            if self.n:
-                nv[:, : self.n] = self.values[:, : self.n]
+        if self.values is None:  # first fill: one copy into an array with spare rows
+            self.values = host_copy(v, m + headroom(m))
             if own_keys:
-                nk = torch.empty(shape, dtype=k.dtype, pin_memory=self.pin)
-                if self.n:
-                    nk[:, : self.n] = self._keys[:, : self.n]
-                self._keys = nk
-            self.values = nv
+                self._keys = host_copy(k, m + headroom(m))
+            return
+        if self.n + m > self.values.shape[1]:
+            cap = max(self.n + m, 2 * self.values.shape[1])
+            self.values = host_copy(self.values[:, : self.n], cap)
+            if own_keys:
+                self._keys = host_copy(self._keys[:, : self.n], cap)
         if own_keys:
             self._keys[:, self.n : self.n + m] = k
         self.values[:, self.n : self.n + m] = v
@@ -144,26 +173,31 @@ class CPUStore:
         # the synchronous part (on CUDA it holds up the next layer's prefill) only moves data off the device,
         # in the model's dtype (bfloat16: half the bytes of float32); the float32 copies for the build are
         # made by the build job (a background thread on CUDA)
-        k_host = keys.detach().to("cpu")
-        tq_host = train_queries.detach().to("cpu")
+        k_host = host_copy(keys)
+        tq_host = host_copy(train_queries)
         name, params = self.index_choice(keys.shape[1])
         if name == "roar" and keys.dtype == torch.bfloat16:
             params.setdefault("storage", "bfloat16")  # exact for bfloat16 keys, half the host memory
         self._index_spec = (name, params)
-        self._append(k_host, values.detach())  # values go straight into the (pinned) host array
+        self._append(k_host, values.detach())  # values go straight into the host array
         self.n = keys.shape[1]
 
         def job():
             t0 = time.perf_counter()
-            k32 = k_host.float().numpy()
+            k32 = k_host.float().numpy()  # torch: multi-threaded conversion
             tq = tq_host.float().numpy()
+            t1 = time.perf_counter()
             idx = make_index(name, **params).build(k32, tq)
-            return idx, time.perf_counter() - t0
+            stages = {"convert_s": t1 - t0}
+            for key, v in (getattr(idx, "build_stats", None) or {}).items():
+                if key.endswith("_s") and key != "total_s":
+                    stages[key] = float(v)
+            return idx, time.perf_counter() - t0, stages
 
         if background:
             self._pending = _build_executor().submit(job)
             return 0.0
-        self._index, self.build_s = job()
+        self._index, self.build_s, self.build_stages = job()
         return self.build_s
 
     def index_choice(self, n: int) -> tuple[str, dict]:
@@ -186,10 +220,14 @@ class CPUStore:
             return
         if self.index is None:
             group = n_query_heads // keys.shape[0]
-            self.build(keys, values, keys.detach().float().cpu().repeat_interleave(group, dim=0))
+            keys, values = keys.detach().cpu().clone(), values.detach().cpu().clone()  # the store keeps them
+            self.build(keys, values, keys.float().repeat_interleave(group, dim=0))
             return
-        self.index.add(keys.detach().float().cpu().numpy())
-        self._append(keys.detach().cpu(), values.detach().cpu())
+        keys = keys.detach().cpu()
+        fast = getattr(self.index, "add_stored", None)
+        if fast is None or not fast(tensor_as_numpy(keys)):  # the per-token path: no conversion when the
+            self.index.add(keys.float().numpy())  # index stores the model's dtype
+        self._append(keys, values.detach().cpu())
         self.n += keys.shape[1]
 
     def search(self, queries: np.ndarray, k: int, **budget):
@@ -270,18 +308,19 @@ def _attend_by_search(store, queries: np.ndarray, group: int, scaling: float, k:
 
 def _add_residual(out, lse, keys, values, queries, group, ids, n, m, scaling, seed):
     """Merge the residual estimate (:mod:`.attention.residual`) into a retrieved partial ``out [Hq, L, D]``,
-    ``lse [Hq, L]`` (numpy float32); ids ``[Hq, L, k]`` are the retrieved ones."""
-    from .attention.merge import merge_partial
-    from .attention.residual import estimate_residual
+    ``lse [Hq, L]`` (numpy float32, merged in place in one compiled call); ids ``[Hq, L, k]`` are the retrieved
+    ones. Returns ``(out, lse)``."""
+    from .attention.residual import add_residual_into
 
     if values.dtype == np.float16:  # the compiled kernels read float32 or bfloat16 bits
         values = values.astype(np.float32)
     if keys.dtype == np.float16:
         keys = keys.astype(np.float32)
+    out = np.ascontiguousarray(out, np.float32)
+    lse = np.ascontiguousarray(lse, np.float32)
     kv_of_head = np.arange(queries.shape[0]) // group
-    r_out, r_lse = estimate_residual(keys, values, queries, kv_of_head, ids, n, m, scaling, seed)
-    o, l = merge_partial(torch.from_numpy(out), torch.from_numpy(lse), torch.from_numpy(r_out), torch.from_numpy(r_lse))
-    return o.numpy(), l.numpy()
+    add_residual_into(out, lse, keys, values, queries, kv_of_head, ids, n, m, scaling, seed)
+    return out, lse
 
 
 _EXECUTOR = None
@@ -544,6 +583,7 @@ class RetrievalLayer(DynamicLayer):
         wpos = torch.arange(win_start, T, device=dev).view(1, -1)
         win_valid = wpos >= pad.to(dev).view(B, 1)  # left padding is never attended
         self.static_valid = torch.cat([sink_valid, win_valid], dim=1)
+        t_handoff = time.perf_counter()
         pin = torch.cuda.is_available() and dev.type == "cuda"
         self.stores = []
         for b in range(B):
@@ -557,6 +597,7 @@ class RetrievalLayer(DynamicLayer):
             self.stores.append(store)
         self.keys = self.values = None  # the dense copy is gone: CPU store + static parts hold everything
         self.offloaded = True
+        self.stats.handoff_s += time.perf_counter() - t_handoff
         if self.on_offloaded is not None:
             self.on_offloaded(self)
 
@@ -684,6 +725,20 @@ class RetrievalLayer(DynamicLayer):
         return sum(s.nbytes() for s in self.stores)
 
 
+def _sum_build_stages(layers) -> dict:
+    """Build seconds per stage (host copy / conversion, kNN, graph, repair) summed over every store whose index
+    reports them (``build_stats``); waits for background builds."""
+    tot: dict[str, float] = {}
+    for l in layers:
+        for s in l.stores:
+            if not isinstance(s, CPUStore):
+                continue
+            s.wait()
+            for k, v in s.build_stages.items():
+                tot[k] = tot.get(k, 0.0) + v
+    return tot
+
+
 def _subsample(x: torch.Tensor, m: int) -> torch.Tensor:
     """Evenly subsample ``x [H, T, D]`` to at most ``m`` rows along T (always keeping the last)."""
     T = x.shape[1]
@@ -768,6 +823,10 @@ class RetrievalCache(DynamicCache):
             "offloaded_layers": sum(l.offloaded for l in rl),
             "index_build_s": sum(s.wait() for l in rl for s in l.stores if isinstance(s, CPUStore)),
             "search_s": sum(l.stats.search_s for l in rl),
+            "wait_s": sum(l.stats.wait_s for l in rl),
+            "host_s": sum(l.stats.host_s for l in rl),
+            "handoff_s": sum(l.stats.handoff_s for l in rl),
+            "index_build_stages_s": _sum_build_stages(rl),
             "cpu_attention_s": sum(l.stats.cpu_attention_s for l in rl),
             "n_searches": sum(l.stats.n_searches for l in rl),
             "scanned_fraction": (

@@ -289,15 +289,18 @@ class LeanDecoder:
         """Evict the overwritten token to the CPU store, then top-k retrieval + attention per sequence."""
         cl = self.cache.layers[i]
         cfg = cl.config
+        st = cl.stats
+        t_in = time.perf_counter()
         if self.cuda:
             self._event.synchronize()
+        t_ready = time.perf_counter()
+        st.wait_s += t_ready - t_in  # the device finishing this layer's q/k/v (not host overhead)
         slot = self.S1 + self.head
         valid = self._valid_host[i]
         for b, store in enumerate(cl.stores):
             if valid[b, slot]:
-                store.add(self._old_k_host[b].clone(), self._old_v_host[b].clone(), cl.n_query_heads)
+                store.add(self._old_k_host[b], self._old_v_host[b], cl.n_query_heads)  # copied by the store
         valid[:, slot] = True
-        st = cl.stats
         for b, store in enumerate(cl.stores):
             if store.index is None or store.n == 0:
                 self._oc_host[b].zero_()
@@ -309,12 +312,13 @@ class LeanDecoder:
             self._oc_host[b].copy_(torch.from_numpy(o))
             self._lc_host[b].copy_(torch.from_numpy(s))
             st.search_s += time.perf_counter() - t0  # fused retrieval + attention, booked as search (as decode_attention)
-            n_pairs = int(np.prod(n_scanned.shape))
+            n_pairs = n_scanned.size
             st.n_searches += n_pairs
             st.n_scanned += int(n_scanned.sum())
             st.n_cpu_keys_at_search += n_pairs * store.n
         self._t[f"oc{i}"].copy_(self._oc_host, non_blocking=self.cuda)
         self._t[f"lc{i}"].copy_(self._lc_host, non_blocking=self.cuda)
+        st.host_s += time.perf_counter() - t_ready
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------
     def _warmup_and_capture(self, input_ids):

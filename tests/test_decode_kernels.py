@@ -11,8 +11,9 @@ from retrieval_attention.attention.cpu import retrieved_attention
 from retrieval_attention.index import decode_kernels as DK
 from retrieval_attention.index import kernels as K
 from retrieval_attention.index import make_index
+from retrieval_attention.index.base import IndexError_
 from retrieval_attention.index import reference as R
-from retrieval_attention.index.bf16 import bf16_bits_to_f32, f32_to_bf16_bits, tensor_as_numpy
+from retrieval_attention.index.bf16 import bf16_bits_to_f32, f32_to_bf16_bits, f32_to_bf16_bits_np, tensor_as_numpy
 
 ATOL = 2e-5
 
@@ -57,7 +58,9 @@ def test_f32_to_bf16_rounds_like_torch(seed):
     ties = (rng.integers(0, 0x7F00, 1000).astype(np.uint32) << 16 | 0x8000).view(np.float32)
     x = np.concatenate([x, ties, np.float32([0.0, -0.0, 1.0, -3.5])])
     want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    np.testing.assert_array_equal(f32_to_bf16_bits(x), want)
+    np.testing.assert_array_equal(f32_to_bf16_bits_np(x), want)  # the bit-level reference
+    np.testing.assert_array_equal(f32_to_bf16_bits(x), f32_to_bf16_bits_np(x))
+    np.testing.assert_array_equal(f32_to_bf16_bits(x[:101000].reshape(4, -1, 10)[:, ::2]), f32_to_bf16_bits_np(x[:101000].reshape(4, -1, 10)[:, ::2]))
     # bf16 -> f32 -> bf16 is the identity
     y = bf16_bits_to_f32(want)
     np.testing.assert_array_equal(f32_to_bf16_bits(y), want)
@@ -403,3 +406,32 @@ def test_knn_cuda_matches_cpu():
     want = knn_ip_torch(q, keys, 32, e, False, np.full((500, 32), -1, np.int32), np.full((500, 32), -np.inf, np.float32),
                         "cpu")
     assert (got[0] == want[0]).mean() > 0.99  # GPU and CPU matmuls round differently
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float32"])
+def test_add_stored_equals_add(storage):
+    """The decode loop's per-token path (keys already in the storage dtype) stores exactly what ``add`` stores,
+    the tail stays searchable, NaN keys raise, and a dtype mismatch is refused (caller falls back to add)."""
+    rng = np.random.default_rng(3)
+    keys = rng.standard_normal((2, 300, 16)).astype(np.float32)
+    new = torch.from_numpy(rng.standard_normal((2, 5, 16)).astype(np.float32))
+    if storage == "bfloat16":
+        new = new.bfloat16()
+    a = make_index("roar", storage=storage, M=8, n_query_neighbors=8).build(keys)
+    b = make_index("roar", storage=storage, M=8, n_query_neighbors=8).build(keys)
+    a.add(new.float().numpy())
+    assert b.add_stored(tensor_as_numpy(new))
+    np.testing.assert_array_equal(a.stored_keys(), b.stored_keys())
+    assert a.n_keys == b.n_keys == 305
+    q = new.float().numpy()[:, :2] * 10  # the new keys score highest for themselves
+    ids_a, _, _ = a.search(q, 3)
+    ids_b, _, _ = b.search(q, 3)
+    np.testing.assert_array_equal(ids_a, ids_b)
+    assert set(ids_b[0, 0]) & {300, 301, 302, 303, 304}
+    bad = new.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(IndexError_, match="NaN"):
+        b.add_stored(tensor_as_numpy(bad))
+    assert b.n_keys == 305
+    other = new.float() if storage == "bfloat16" else new.bfloat16()
+    assert not b.add_stored(tensor_as_numpy(other))

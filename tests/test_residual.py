@@ -154,3 +154,44 @@ def test_draws_are_stratified_and_layers_differ():
     np.testing.assert_allclose(counts / 3000, m / n, atol=0.03)  # every key drawn with probability m / n
     cfg = RetrievalConfig(index="flat")
     assert CPUStore(cfg, False, 3).residual_seed != CPUStore(cfg, False, 4).residual_seed
+
+
+@pytest.mark.parametrize("n_split", [2, 3, 7])
+@pytest.mark.parametrize("small", [False, True])
+def test_split_draws_match_one_pass(n_split, small):
+    """Cutting each (KV head, query)'s draws into ranges (more parallel tasks) gives the same estimate."""
+    from retrieval_attention.attention.residual import residual_attention
+
+    keys, vals, q, kvh, top, n = _data(11, n=60 if small else 400)
+    m = 50 if small else 64
+    res = []
+    for s in (1, n_split):
+        o = np.empty((q.shape[0], q.shape[1], vals.shape[2]), np.float32)
+        lse = np.empty(q.shape[:2], np.float32)
+        residual_attention(keys, vals, q, kvh.astype(np.int64), top, n, m, 0.3, 5, o, lse, s, False)
+        res.append((o, lse))
+    np.testing.assert_allclose(res[1][0], res[0][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res[1][1], res[0][1], rtol=1e-6, atol=1e-6)
+    o2, l2 = residual_attention_ref(keys, vals, q, kvh, top, n, m, 0.3, 5)
+    np.testing.assert_allclose(res[1][0], o2, rtol=1e-5, atol=1e-5)
+
+
+def test_add_residual_into_equals_merge_partial():
+    """The in-place merge equals merge_partial(retrieved, estimate), including empty retrieved parts."""
+    import torch
+
+    from retrieval_attention.attention.merge import merge_partial
+    from retrieval_attention.attention.residual import add_residual_into
+
+    keys, vals, q, kvh, top, n = _data(12)
+    rng = np.random.default_rng(0)
+    out = rng.standard_normal((q.shape[0], q.shape[1], vals.shape[2])).astype(np.float32)
+    lse = rng.standard_normal(q.shape[:2]).astype(np.float32) * 3
+    out[1, 0], lse[1, 0] = 0.0, -np.inf  # nothing retrieved for this head
+    r_o, r_l = estimate_residual(keys, vals, q, kvh, top, n, 32, 0.3, seed=3)
+    eo, el = merge_partial(*(torch.from_numpy(x) for x in (out, lse, r_o, r_l)))
+    add_residual_into(out, lse, keys, vals, q, kvh, top, n, 32, 0.3, seed=3)
+    np.testing.assert_allclose(out, eo.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lse, el.numpy(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="float32"):
+        add_residual_into(out.astype(np.float64), lse, keys, vals, q, kvh, top, n, 32, 0.3)

@@ -73,16 +73,30 @@ def _row(a, h, j, buf):
         buf[t] = elem(a, h, j, t)
 
 
+@njit(nogil=True, cache=True)
+def _draw(st0, t, n, m):
+    """Draw ``t`` of the stream :func:`draw_ids` writes (splitmix64's state after ``t + 1`` steps is
+    ``st0 + (t + 1) * golden``, so any draw is computed directly; a split of the draws needs no prefix)."""
+    _, z = _splitmix(st0 + np.uint64(t) * _GOLDEN)
+    u = np.float64(z >> np.uint64(11)) * _INV_2_53
+    j = np.int64((t + u) * n / m)
+    return min(j, n - 1)
+
+
 @njit(parallel=True, nogil=True, cache=True)
-def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed, out, lse):
+def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed, out, lse, n_split, merge):
     """Residual estimate for every (query head, query).
 
     keys / values ``[Hkv, >= n, D]`` float32 or uint16 (bfloat16 bits); queries ``[Hq, L, D]`` float32;
     kv_of_head ``[Hq]`` int64; topk_ids ``[Hq, L, k]`` int64 (the retrieved ids, -1 padding, any order).
-    Writes out ``[Hq, L, Dv]`` float32 and lse ``[Hq, L]`` float32 (-inf and 0 when nothing contributes).
+    Writes out ``[Hq, L, Dv]`` float32 and lse ``[Hq, L]`` float32 (-inf and 0 when nothing contributes);
+    with ``merge`` they hold the retrieved partial on entry and the residual is merged into it (the
+    log-sum-exp merge of :func:`~retrieval_attention.attention.merge.merge_partial`, float64 here).
 
-    Parallel over (KV head, query): the query heads of one KV head share its draws, so every drawn key and
-    value row is read from memory once for the whole group (the loop is bound by those random reads).
+    Parallel over (KV head, query, split): the query heads of one KV head share its draws, so every drawn key
+    and value row is read from memory once for the whole group (the loop is bound by those random reads);
+    ``n_split`` cuts each (KV head, query)'s draws into that many contiguous ranges (more tasks than KV heads
+    for many-core hosts), whose partial sums are combined exactly (max-subtracted) afterwards.
     """
     Hq, L, D = queries.shape
     Hkv = keys.shape[0]
@@ -91,30 +105,40 @@ def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scalin
     exact = n <= k + m
     cnt = n if exact else m
     weight = 1.0 if exact else n / m
+    S = max(1, min(n_split, cnt))
     P = Hkv * L
-    for p in prange(P):
+    p_mx = np.full((S, Hq, L), -np.inf)
+    p_z = np.zeros((S, Hq, L))
+    p_acc = np.empty((S, Hq, L, Dv))
+    for task in prange(P * S):
+        p = task // S
+        sp = task - p * S
         kv = p // L
         i = p - kv * L
         heads = np.nonzero(kv_of_head == kv)[0]  # the query heads sharing this KV head's draws
         G = heads.shape[0]
         if G == 0:
             continue
+        t0 = sp * cnt // S
+        nt = (sp + 1) * cnt // S - t0
         taken = np.empty((G, k), np.int64)
         for g in range(G):
             taken[g] = np.sort(topk_ids[heads[g], i])
-        ids = np.empty(cnt, np.int64)
+        ids = np.empty(nt, np.int64)
         if exact:
-            for t in range(n):
-                ids[t] = t
+            for t in range(nt):
+                ids[t] = t0 + t
         else:
-            draw_ids(seed, n, kv, i, m, ids)
+            st0 = _seed(seed, n, kv, i)
+            for t in range(nt):
+                ids[t] = _draw(st0, t0 + t, n, m)
         vb = np.empty(Dv, np.float32)
-        s = np.empty((G, cnt), np.float64)
-        keep = np.zeros((G, cnt), np.bool_)
-        any_keep = np.zeros(cnt, np.bool_)
+        s = np.empty((G, nt), np.float64)
+        keep = np.zeros((G, nt), np.bool_)
+        any_keep = np.zeros(nt, np.bool_)
         mx = np.full(G, -np.inf)
-        for t in range(cnt):
-            prefetch_rows_ahead(keys, kv, ids, t, cnt)  # the draws are random rows (bound by DRAM latency)
+        for t in range(nt):
+            prefetch_rows_ahead(keys, kv, ids, t, nt)  # the draws are random rows (bound by DRAM latency)
             j = ids[t]
             for g in range(G):
                 pos = np.searchsorted(taken[g], j)
@@ -128,8 +152,8 @@ def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scalin
                     mx[g] = s[g, t]
         acc = np.zeros((G, Dv), np.float64)
         z = np.zeros(G, np.float64)
-        for t in range(cnt):
-            prefetch_rows_ahead(values, kv, ids, t, cnt)
+        for t in range(nt):
+            prefetch_rows_ahead(values, kv, ids, t, nt)
             if not any_keep[t]:
                 continue
             _row(values, kv, ids[t], vb)
@@ -142,14 +166,42 @@ def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scalin
                     acc[g, c] += w * vb[c]
         for g in range(G):
             h = heads[g]
-            if mx[g] == -np.inf:
-                lse[h, i] = -np.inf
-                for c in range(Dv):
-                    out[h, i, c] = 0.0
-                continue
-            lse[h, i] = mx[g] + np.log(z[g] * weight)
+            p_mx[sp, h, i] = mx[g]
+            p_z[sp, h, i] = z[g]
             for c in range(Dv):
-                out[h, i, c] = acc[g, c] / z[g]
+                p_acc[sp, h, i, c] = acc[g, c]
+    for p in prange(Hq * L):
+        h = p // L
+        i = p - h * L
+        mx = -np.inf
+        for sp in range(S):
+            mx = max(mx, p_mx[sp, h, i])
+        z = 0.0
+        acc = np.zeros(Dv)
+        if mx > -np.inf:
+            for sp in range(S):
+                if p_mx[sp, h, i] == -np.inf:
+                    continue
+                f = np.exp(p_mx[sp, h, i] - mx)
+                z += f * p_z[sp, h, i]
+                for c in range(Dv):
+                    acc[c] += f * p_acc[sp, h, i, c]
+        r_lse = mx + np.log(z * weight) if mx > -np.inf else -np.inf
+        if not merge:
+            lse[h, i] = r_lse
+            for c in range(Dv):
+                out[h, i, c] = acc[c] / z if mx > -np.inf else 0.0
+            continue
+        if r_lse == -np.inf:  # nothing to add: the retrieved partial stands
+            continue
+        a = np.float64(lse[h, i])
+        top = max(a, r_lse)
+        wa = np.exp(a - top) if a > -np.inf else 0.0
+        wb = np.exp(r_lse - top)
+        tot = wa + wb
+        for c in range(Dv):
+            out[h, i, c] = (wa * out[h, i, c] + wb * acc[c] / z) / tot
+        lse[h, i] = top + np.log(tot)
 
 
 def residual_attention_ref(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed):
@@ -181,6 +233,13 @@ def residual_attention_ref(keys, values, queries, kv_of_head, topk_ids, n, m, sc
     return out, lse
 
 
+def _n_split(n_kv_heads: int, L: int) -> int:
+    """Splits of each (KV head, query)'s draws so that the kernel has about one task per thread."""
+    import numba
+
+    return max(1, -(-numba.get_num_threads() // max(1, n_kv_heads * L)))
+
+
 def estimate_residual(keys, values, queries, kv_of_head, topk_ids, n: int, m: int, scaling: float, seed: int = 0):
     """Compiled residual estimate (see the module docstring); returns ``out [Hq, L, Dv] float32, lse [Hq, L]``."""
     Hq, L, _ = queries.shape
@@ -191,5 +250,20 @@ def estimate_residual(keys, values, queries, kv_of_head, topk_ids, n: int, m: in
         lse[:] = -np.inf
         return out, lse
     residual_attention(keys, values, np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(kv_of_head, np.int64),
-                       np.ascontiguousarray(topk_ids, np.int64), int(n), int(m), float(scaling), int(seed), out, lse)
+                       np.ascontiguousarray(topk_ids, np.int64), int(n), int(m), float(scaling), int(seed), out, lse,
+                       _n_split(keys.shape[0], L), False)
     return out, lse
+
+
+def add_residual_into(out, lse, keys, values, queries, kv_of_head, topk_ids, n: int, m: int, scaling: float,
+                      seed: int = 0) -> None:
+    """Merge the residual estimate into a retrieved partial in place: ``out [Hq, L, Dv]`` / ``lse [Hq, L]``
+    float32 C-contiguous (the attention over the retrieved ``topk_ids``) become the attention over retrieved +
+    residual, as ``merge_partial(out, lse, *estimate_residual(...))`` but in the same compiled call."""
+    if n == 0 or m <= 0:
+        return
+    if out.dtype != np.float32 or lse.dtype != np.float32 or not (out.flags.c_contiguous and lse.flags.c_contiguous):
+        raise ValueError("add_residual_into: out and lse must be C-contiguous float32 arrays")
+    residual_attention(keys, values, np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(kv_of_head, np.int64),
+                       np.ascontiguousarray(topk_ids, np.int64), int(n), int(m), float(scaling), int(seed), out, lse,
+                       _n_split(keys.shape[0], queries.shape[1]), True)

@@ -228,6 +228,9 @@ def run_one(model, method, index, ctx, args, device):
             st0 = cache.stats() if hasattr(cache, "stats") else {}  # waits for background index builds
             rec["index_build_s"] = st0.get("index_build_s", 0.0)
             rec["index_wait_s"] = time.perf_counter() - t0
+            if "handoff_s" in st0:
+                rec["prefill_handoff_s"] = st0["handoff_s"]
+                rec["index_build_stages_s"] = st0.get("index_build_stages_s", {})
             tok = logits.argmax(-1, keepdim=True)
             decode_mode = "hf"
             if method in ("retrieval", "streaming") and getattr(args, "decode", None) != "hf":
@@ -238,7 +241,7 @@ def run_one(model, method, index, ctx, args, device):
                     print(f"note: lean decode not available ({lean_unsupported_reason(model, cache)}); "
                           "using the transformers forward", file=sys.stderr)
             rec["decode_mode"] = decode_mode
-            times, search, cpu_attn = [], [], []
+            times, search, cpu_attn, waits, hosts = [], [], [], [], []
             for step in range(args.warmup + args.steps):
                 s0 = cache.stats() if hasattr(cache, "stats") else None
                 sync()
@@ -256,6 +259,8 @@ def run_one(model, method, index, ctx, args, device):
                         s1 = cache.stats()
                         search.append(s1["search_s"] - s0["search_s"])
                         cpu_attn.append(s1["cpu_attention_s"] - s0["cpu_attention_s"])
+                        waits.append(s1["wait_s"] - s0["wait_s"])
+                        hosts.append(s1["host_s"] - s0["host_s"])
         med = statistics.median(times)
         rec["decode_ms_per_token"] = 1000 * med
         rec["decode_ms_p90"] = 1000 * sorted(times)[int(0.9 * (len(times) - 1))]
@@ -265,6 +270,12 @@ def run_one(model, method, index, ctx, args, device):
                 "cpu_attention": 1000 * statistics.median(cpu_attn),
                 "rest_of_step": 1000 * (med - statistics.median(search) - statistics.median(cpu_attn)),
             }
+            if decoder is not None and any(hosts):  # lean loop: where the host part's time goes
+                rec["breakdown_ms"].update({
+                    "host_wait_device": 1000 * statistics.median(waits),  # host blocked on the device's q copies
+                    "host_other": 1000 * (statistics.median(hosts) - statistics.median(search)),  # evict, copies, Python
+                    "device_and_launch": 1000 * (med - statistics.median(waits) - statistics.median(hosts)),
+                })
         if hasattr(cache, "stats"):
             st = cache.stats()
         else:  # plain transformers cache: all KV on the device (full) or in host memory (offload)
@@ -346,7 +357,14 @@ def run(args) -> int:
                                         f"prefill {rec['prefill_s']:.1f} s ({rec['prefill_mode']})"
                                         + (f", scanned {100 * rec['scanned_fraction']:.2f}%" if rec.get("scanned_fraction") else "")
                                         + (f", search/attn {rec['breakdown_ms']['cpu_search']:.1f}/{rec['breakdown_ms']['cpu_attention']:.1f} ms"
-                                           if rec.get("breakdown_ms") else ""))
+                                           if rec.get("breakdown_ms") else "")
+                                        + ("".join(f", {k} {v:.1f} ms" for k, v in rec["breakdown_ms"].items()
+                                                   if k in ("host_wait_device", "host_other", "device_and_launch"))
+                                           if rec.get("breakdown_ms") else "")
+                                        + (f", index build {rec['index_build_s']:.1f} s (waited {rec['index_wait_s']:.1f} s; "
+                                           + ", ".join(f"{k} {v:.1f}" for k, v in rec.get("index_build_stages_s", {}).items())
+                                           + f"), hand-off {rec['prefill_handoff_s']:.1f} s" if rec.get("prefill_handoff_s") is not None
+                                           and rec.get("index_build_s") else ""))
         tag = "" if budget_label == args.gpu_memory_budget else " [no budget]"
         print(f"{ctx:>8} {method:>9} {index or '':>5}{tag}: {msg}", file=sys.stderr, flush=True)
         return rec

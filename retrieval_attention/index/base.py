@@ -71,10 +71,33 @@ def as_f32_3d(x, what: str, head_dim: int | None = None) -> np.ndarray:
     if head_dim is not None and x.shape[2] != head_dim:
         raise IndexError_(f"{what} has head_dim {x.shape[2]}, but the index was built with head_dim {head_dim}")
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
+    if not _all_finite(x):
         bad = int((~np.isfinite(x)).any(axis=-1).sum())
         raise IndexError_(f"{what} contains NaN or inf in {bad} vector(s); check the model's dtype/overflow")
     return x
+
+
+#: spare rows allocated past a store's current size in host key/value arrays (a fraction of it, within
+#: bounds), so the first tokens appended do not copy a whole layer's keys into a doubled array
+SPARE_FRACTION = 1 / 16
+SPARE_MIN, SPARE_MAX = 1024, 16384
+
+
+def spare_rows(n: int) -> int:
+    """Spare rows for a host array sized for ``n`` rows (see ``SPARE_FRACTION``)."""
+    return int(min(SPARE_MAX, max(SPARE_MIN, n * SPARE_FRACTION)))
+
+
+#: arrays at least this large are checked for NaN/inf by torch (multi-threaded) instead of numpy
+_TORCH_CHECK_MIN = 1 << 20
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    if x.size >= _TORCH_CHECK_MIN:
+        import torch
+
+        return bool(torch.from_numpy(x).isfinite().all())
+    return bool(np.isfinite(x).all())
 
 
 class KVIndex(ABC):

@@ -18,7 +18,16 @@ _RNE_BIAS = np.uint32(0x7FFF)
 
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 array (any shape; finite) -> uint16 bfloat16 bits of the same shape, rounded to nearest even."""
+    """float32 array (any shape; finite) -> uint16 bfloat16 bits of the same shape, rounded to nearest even
+    (torch's vectorised, multi-threaded conversion; :func:`f32_to_bf16_bits_np` is the plain reference)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.size == 0:
+        return np.zeros(x.shape, np.uint16)
+    return torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def f32_to_bf16_bits_np(x: np.ndarray) -> np.ndarray:
+    """Plain numpy reference of :func:`f32_to_bf16_bits` (round to nearest, ties to even, on the bits)."""
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     lsb = (u >> np.uint32(BF16_SHIFT)) & np.uint32(1)
     return ((u + _RNE_BIAS + lsb) >> np.uint32(BF16_SHIFT)).astype(np.uint16)

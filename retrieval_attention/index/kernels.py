@@ -298,6 +298,9 @@ def search_pair(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis, st,
     """
     E = entries.shape[1]
     M = adj.shape[2]
+    # with L >= k the top-k of everything scored is the top-k of the beam (the beam holds the L best under
+    # the same order), so the result heap is only filled at the end: one heap update per scored key less
+    beam_only = L >= k
     nc = 0
     nw = 0
     nr = 0
@@ -309,16 +312,17 @@ def search_pair(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis, st,
         vis[nid] = st
         s = _dot(qv, keys, kv, nid)
         ns += 1
-        acc, nr = _offer(r_s, r_i, nr, k, s, nid)
+        if not beam_only:
+            acc, nr = _offer(r_s, r_i, nr, k, s, nid)
         acc, nw = _offer(w_s, w_i, nw, L, s, nid)
-        if acc or nr < k:
+        if acc or (not beam_only and nr < k):
             if nc == c_s.shape[0]:
                 c_s, c_i = _grow_heap(c_s, c_i)
             nc = _max_push(c_s, c_i, nc, s, nid)
     while nc > 0:
         cs = c_s[0]
         node = c_i[0]
-        if nw == L and nr == k and _worse(cs, node, w_s[0], w_i[0]):
+        if nw == L and (beam_only or nr == k) and _worse(cs, node, w_s[0], w_i[0]):
             break
         nc = _max_pop(c_s, c_i, nc)
         if nc > 0:  # the likely next expansion: its adjacency row loads while this one is scored
@@ -341,12 +345,19 @@ def search_pair(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis, st,
         for m in range(nn):
             s = sbuf[m]
             nb = nbuf[m]
-            acc, nr = _offer(r_s, r_i, nr, k, s, nb)
+            if not beam_only:
+                acc, nr = _offer(r_s, r_i, nr, k, s, nb)
             acc, nw = _offer(w_s, w_i, nw, L, s, nb)
-            if acc or nr < k:
+            if acc or (not beam_only and nr < k):
                 if nc == c_s.shape[0]:
                     c_s, c_i = _grow_heap(c_s, c_i)
                 nc = _max_push(c_s, c_i, nc, s, nb)
+    if beam_only:  # results = the beam's k best, stored worst first (ascending order is a valid min-heap)
+        sort_results(w_s, w_i, nw)
+        nr = min(k, nw)
+        for r in range(nr):
+            r_s[r] = w_s[nr - 1 - r]
+            r_i[r] = w_i[nr - 1 - r]
     # exact scan of the tail (keys added after the graph was built)
     for j in range(n_graph, n_total):
         s = _dot(qv, keys, kv, j)

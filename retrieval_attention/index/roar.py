@@ -51,7 +51,7 @@ import torch
 
 from . import decode_kernels as DK
 from . import kernels as K
-from .base import IndexError_, KVIndex, register_index
+from .base import IndexError_, KVIndex, register_index, spare_rows
 from .bf16 import as_float32, bits_as_tensor, f32_to_bf16_bits
 
 GRAPH_PER = ("query_head", "kv_head")
@@ -282,13 +282,17 @@ class RoarIndex(KVIndex):
 
         # the graph is built over the keys as stored (bfloat16: rounded; the compiled kernels read the bits,
         # the torch matmuls get a transient float32 copy of one KV head at a time)
-        stored = self._to_storage(keys)
+        stored = np.empty((Hkv, n + spare_rows(n), d), self._key_dtype)  # spare rows for added keys
+        if self.storage == "bfloat16":  # rounded to nearest even by torch, written in place (no extra copy)
+            bits_as_tensor(stored)[:, :n].copy_(torch.from_numpy(keys))
+        else:
+            stored[:, :n] = keys
         knn_ids = np.empty((G, m, kq), np.int32)
         knn_sc = np.empty((G, m, kq), np.float32)
         entries = np.full((G, self.n_entry), -1, np.int32)
         on_gpu = torch.cuda.is_available() and (m + 1) * n >= _CUDA_MIN_SCORES
         for h in range(Hkv):
-            kh = keys_for_knn(stored[h], "cuda") if on_gpu else stored[h]  # one host->GPU copy per KV head
+            kh = keys_for_knn(stored[h, :n], "cuda") if on_gpu else stored[h, :n]  # one host->GPU copy per KV head
             for g in np.nonzero(kv_of_graph == h)[0]:
                 # the graph's mean training query rides along as an extra row: its top key is the first entry
                 ids, sc = knn_ip(np.concatenate([tq[g], tq[g].mean(0, keepdims=True)]), kh, kq)
@@ -395,8 +399,31 @@ class RoarIndex(KVIndex):
         return (out, lse, ns, ids) if return_ids else (out, lse, ns)
 
     # ---- insertion --------------------------------------------------------------------------------
+    def add_stored(self, new_keys: np.ndarray) -> bool:
+        """Append keys ``[n_kv_heads, m, head_dim]`` already in the storage dtype (uint16 bfloat16 bits for
+        ``storage="bfloat16"``, float32 otherwise) without conversion: the decode loop's per-token path. Returns
+        False (nothing added) when the dtype or shape does not match; NaN/inf keys raise as in ``add``."""
+        if (self.n_keys == 0 or new_keys.dtype != self._key_dtype or new_keys.ndim != 3
+                or new_keys.shape[0] != self.n_kv_heads or new_keys.shape[2] != self.head_dim):
+            return False
+        if new_keys.shape[1] == 0:
+            return True
+        if self.storage == "bfloat16":
+            bad = ((new_keys & np.uint16(0x7F80)) == np.uint16(0x7F80)).any()  # exponent all ones: inf / NaN
+        else:
+            bad = not np.isfinite(new_keys).all()
+        if bad:
+            raise IndexError_("new_keys contains NaN or inf; check the model's dtype/overflow")
+        self._add_rows(new_keys)
+        self.n_keys += new_keys.shape[1]
+        return True
+
     def _add(self, new_keys):
-        n, m = self.n_keys, new_keys.shape[1]
+        self._add_rows(self._to_storage(new_keys))
+
+    def _add_rows(self, rows):
+        """Append rows already in the storage dtype; bulk-insert the tail into the graphs when it is full."""
+        n, m = self.n_keys, rows.shape[1]
         with self._lock:
             cap = self._keys.shape[1]
             if n + m > cap:  # amortised growth of the key store (the tail lives at its end)
@@ -404,7 +431,7 @@ class RoarIndex(KVIndex):
                 grown = np.empty((self.n_kv_heads, cap, self.head_dim), self._key_dtype)
                 grown[:, :n] = self._keys[:, :n]
                 self._keys = grown
-            self._keys[:, n:n + m] = self._to_storage(new_keys)
+            self._keys[:, n:n + m] = rows
         if n + m - self.n_graph >= self.insert_threshold:
             self._insert_tail(n + m)
 
