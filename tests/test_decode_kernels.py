@@ -92,12 +92,12 @@ def _run_search(adj, keys, n_graph, n_total, queries, goh, koh, entries, k, L, T
     sc = np.empty((Hq, nq, k), np.float32)
     ns = np.empty((Hq, nq), np.int64)
     w = DK.SearchScratch(T, keys.shape[1], 4)
-    K.search_batch(adj, keys, n_graph, n_total, queries, goh, koh, entries, k, L, w.visited, w.stamps, w.cand_s,
+    K.search_batch(adj, keys, n_graph, n_total, queries, goh, koh, entries, k, L, w.visited, w.cand_s,
                    w.cand_i, ids, sc, ns)
     return ids, sc, ns
 
 
-def _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L, scaling, T=2):
+def _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L, scaling, T=2, order=None):
     Hq, nq = queries.shape[:2]
     out = np.empty((Hq, nq, values.shape[2]), np.float32)
     lse = np.empty((Hq, nq), np.float32)
@@ -105,10 +105,11 @@ def _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, 
     sc = np.empty((Hq, nq, k), np.float32)
     ns = np.empty((Hq, nq), np.int64)
     w = DK.SearchScratch(T, keys.shape[1], 3)  # tiny candidate heaps: grown inside
-    w.stamps[1] = K.VISIT_MAX  # second worker wraps its epoch on first use
+    w.visited[1] = np.uint64(2**64 - 1)  # dirty bits: the kernel clears them before each search
     for _ in range(2):  # reused scratch must not leak state between calls
         DK.search_attend_batch(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L, scaling,
-                               w.visited, w.stamps, w.cand_s, w.cand_i, out, lse, ns, ids, sc)
+                               w.visited, w.cand_s, w.cand_i, out, lse, ns, ids, sc,
+                               DK.balanced_order(None, Hq * nq) if order is None else order)
     return out, lse, ns, ids, sc
 
 
@@ -130,6 +131,15 @@ def test_fused_kernel_matches_search_and_reference(seed, graph_per, storage):
         np.testing.assert_array_equal(ids2, ids)
         np.testing.assert_array_equal(sc2, sc)
         np.testing.assert_array_equal(ns2, ns)
+        # any work order (the load balancing by last step's cost) gives the same results, odd thread counts too
+        P = queries.shape[0] * queries.shape[1]
+        for T, order in ((3, DK.balanced_order(rng.random(P), P)), (5, rng.permutation(P).astype(np.int64))):
+            o3, l3, ns3, ids3, sc3 = _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k,
+                                                L, scaling, T=T, order=order)
+            np.testing.assert_array_equal(ids3, ids)
+            np.testing.assert_array_equal(ns3, ns)
+            np.testing.assert_array_equal(o3, out)
+            np.testing.assert_array_equal(l3, lse)
         # the search itself against the Python reference (on the float32 view of the stored keys)
         for h in (0, queries.shape[0] - 1):
             rid, rsc, rns = R.beam_search_ref(adj[goh[h]], keys32[koh[h]], n_graph, n_total, queries[h, 0],
@@ -435,3 +445,10 @@ def test_add_stored_equals_add(storage):
     assert b.n_keys == 305
     other = new.float() if storage == "bfloat16" else new.bfloat16()
     assert not b.add_stored(tensor_as_numpy(other))
+
+
+def test_balanced_order_sorts_by_cost():
+    order = DK.balanced_order(np.array([3.0, 9.0, 1.0, 9.0]), 4)
+    np.testing.assert_array_equal(order, [1, 3, 0, 2])  # costliest first, ties in index order
+    np.testing.assert_array_equal(DK.balanced_order(None, 3), [0, 1, 2])
+    np.testing.assert_array_equal(DK.balanced_order(np.ones(5), 3), [0, 1, 2])  # stale size: natural order

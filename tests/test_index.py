@@ -257,13 +257,13 @@ def test_search_kernel_matches_reference(seed):
             sc = np.empty((Hq, nq, k), np.float32)
             ns = np.empty((Hq, nq), np.int64)
             T = 2
-            visited = np.zeros((T, keys.shape[1]), np.int32)
-            stamps = np.array([5, K.VISIT_MAX], np.int64)  # second worker wraps its epoch on first use
+            visited = np.full((T, K.visited_words(keys.shape[1])), np.uint64(2**64 - 1))  # dirty on entry:
+            # the kernel clears a worker's bits before each search
             cand_s = np.empty((T, 3), np.float64)  # tiny candidate heaps: the kernel must grow them
             cand_i = np.empty((T, 3), np.int64)
             for rep in range(2):  # reused visited arrays must not leak state between calls
                 K.search_batch(adj, keys, n_graph, n_total, queries, graph_of_head, kv_of_head, entries, k, L,
-                               visited, stamps, cand_s, cand_i, ids, sc, ns)
+                               visited, cand_s, cand_i, ids, sc, ns)
                 for h in range(Hq):
                     for i in range(nq):
                         rid, rsc, rns = R.beam_search_ref(adj[graph_of_head[h]], keys[kv_of_head[h]], n_graph,

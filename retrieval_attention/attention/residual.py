@@ -95,8 +95,9 @@ def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scalin
 
     Parallel over (KV head, query, split): the query heads of one KV head share its draws, so every drawn key
     and value row is read from memory once for the whole group (the loop is bound by those random reads);
-    ``n_split`` cuts each (KV head, query)'s draws into that many contiguous ranges (more tasks than KV heads
-    for many-core hosts), whose partial sums are combined exactly (max-subtracted) afterwards.
+    ``n_split`` cuts each (KV head, query)'s draws into that many contiguous ranges (more tasks than KV heads),
+    whose partial sums are combined exactly (max-subtracted) in a second pass; the decode path passes
+    :data:`RESIDUAL_SPLIT` (1: measured not to pay on a 16-core host).
     """
     Hq, L, D = queries.shape
     Hkv = keys.shape[0]
@@ -107,9 +108,10 @@ def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scalin
     weight = 1.0 if exact else n / m
     S = max(1, min(n_split, cnt))
     P = Hkv * L
-    p_mx = np.full((S, Hq, L), -np.inf)
-    p_z = np.zeros((S, Hq, L))
-    p_acc = np.empty((S, Hq, L, Dv))
+    SP = S if S > 1 else 0  # partial sums are only kept when the draws are split
+    p_mx = np.full((SP, Hq, L), -np.inf)
+    p_z = np.zeros((SP, Hq, L))
+    p_acc = np.empty((SP, Hq, L, Dv))
     for task in prange(P * S):
         p = task // S
         sp = task - p * S
@@ -166,42 +168,54 @@ def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scalin
                     acc[g, c] += w * vb[c]
         for g in range(G):
             h = heads[g]
+            if S == 1:  # the whole estimate is here: write it (no second pass)
+                _finish(out, lse, h, i, mx[g], z[g], acc[g], weight, merge)
+                continue
             p_mx[sp, h, i] = mx[g]
             p_z[sp, h, i] = z[g]
             for c in range(Dv):
                 p_acc[sp, h, i, c] = acc[g, c]
-    for p in prange(Hq * L):
-        h = p // L
-        i = p - h * L
-        mx = -np.inf
-        for sp in range(S):
-            mx = max(mx, p_mx[sp, h, i])
-        z = 0.0
-        acc = np.zeros(Dv)
-        if mx > -np.inf:
+    if S > 1:
+        for p in prange(Hq * L):
+            h = p // L
+            i = p - h * L
+            mx = -np.inf
             for sp in range(S):
-                if p_mx[sp, h, i] == -np.inf:
-                    continue
-                f = np.exp(p_mx[sp, h, i] - mx)
-                z += f * p_z[sp, h, i]
-                for c in range(Dv):
-                    acc[c] += f * p_acc[sp, h, i, c]
-        r_lse = mx + np.log(z * weight) if mx > -np.inf else -np.inf
-        if not merge:
-            lse[h, i] = r_lse
-            for c in range(Dv):
-                out[h, i, c] = acc[c] / z if mx > -np.inf else 0.0
-            continue
-        if r_lse == -np.inf:  # nothing to add: the retrieved partial stands
-            continue
-        a = np.float64(lse[h, i])
-        top = max(a, r_lse)
-        wa = np.exp(a - top) if a > -np.inf else 0.0
-        wb = np.exp(r_lse - top)
-        tot = wa + wb
+                mx = max(mx, p_mx[sp, h, i])
+            z = 0.0
+            acc = np.zeros(Dv)
+            if mx > -np.inf:
+                for sp in range(S):
+                    if p_mx[sp, h, i] == -np.inf:
+                        continue
+                    f = np.exp(p_mx[sp, h, i] - mx)
+                    z += f * p_z[sp, h, i]
+                    for c in range(Dv):
+                        acc[c] += f * p_acc[sp, h, i, c]
+            _finish(out, lse, h, i, mx, z, acc, weight, merge)
+
+
+@njit(nogil=True, cache=True)
+def _finish(out, lse, h, i, mx, z, acc, weight, merge):
+    """Write the residual of (head h, query i) from its max-subtracted sums (``mx``, ``z``, ``acc [Dv]``), or
+    merge it into the partial already in ``out`` / ``lse`` (``merge``)."""
+    Dv = out.shape[2]
+    r_lse = mx + np.log(z * weight) if mx > -np.inf else -np.inf
+    if not merge:
+        lse[h, i] = r_lse
         for c in range(Dv):
-            out[h, i, c] = (wa * out[h, i, c] + wb * acc[c] / z) / tot
-        lse[h, i] = top + np.log(tot)
+            out[h, i, c] = acc[c] / z if mx > -np.inf else 0.0
+        return
+    if r_lse == -np.inf:  # nothing to add: the retrieved partial stands
+        return
+    a = np.float64(lse[h, i])
+    top = max(a, r_lse)
+    wa = np.exp(a - top) if a > -np.inf else 0.0
+    wb = np.exp(r_lse - top)
+    tot = wa + wb
+    for c in range(Dv):
+        out[h, i, c] = (wa * out[h, i, c] + wb * acc[c] / z) / tot
+    lse[h, i] = top + np.log(tot)
 
 
 def residual_attention_ref(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed):
@@ -233,11 +247,15 @@ def residual_attention_ref(keys, values, queries, kv_of_head, topk_ids, n, m, sc
     return out, lse
 
 
-def _n_split(n_kv_heads: int, L: int) -> int:
-    """Splits of each (KV head, query)'s draws so that the kernel has about one task per thread."""
-    import numba
+#: splits of each (KV head, query)'s draws in the decode path. Splitting to one task per thread (16 tasks
+#: instead of 8 for an 8B model on 16 cores) measured slower on the H200 host (0.32 vs 0.28 ms per layer:
+#: the combine pass and per-task setup cost more than the idle threads), so the draws stay whole
+RESIDUAL_SPLIT = 1
 
-    return max(1, -(-numba.get_num_threads() // max(1, n_kv_heads * L)))
+
+def _n_split(n_kv_heads: int, L: int) -> int:
+    """Splits of each (KV head, query)'s draws passed to the kernel (:data:`RESIDUAL_SPLIT`)."""
+    return RESIDUAL_SPLIT
 
 
 def estimate_residual(keys, values, queries, kv_of_head, topk_ids, n: int, m: int, scaling: float, seed: int = 0):

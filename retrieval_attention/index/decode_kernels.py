@@ -12,7 +12,7 @@ Keys and values are float32 or uint16 arrays holding bfloat16 bits (read through
 :func:`.kernels.elem`). Plain numpy references: :func:`retrieved_attention_ref` (attention over given
 ids/scores, also the generic ``KVIndex.search_attend``) and :func:`.reference.beam_search_ref`.
 
-Per-worker scratch (visited stamps and candidate heaps, O(n_keys) each) is not allocated per call: it
+Per-worker scratch (visited bitsets, O(n_keys / 64) words, and candidate heaps) is not allocated per call: it
 comes from a process-wide pool (:func:`scratch`) shared by every index, grown to the largest index and
 kept, so an index per layer does not each hold a copy.
 """
@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from .bf16 import as_float32
-from .kernels import elem, emit_results, next_stamp, prefetch_rows_ahead, search_pair
+from .kernels import clear_visited, elem, emit_results, prefetch_rows_ahead, search_pair, visited_words
 
 #: initial capacity of a worker's candidate heap (entries); a search that needs more grows a private copy
 CAND_INIT = 4096
@@ -34,15 +34,20 @@ CAND_INIT = 4096
 
 @njit(parallel=True, nogil=True, cache=True)
 def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_head, kv_of_head, entries, k, L,
-                        scaling, visited, stamps, cand_s, cand_i, out, out_lse, out_ns, out_ids, out_sc):
+                        scaling, visited, cand_s, cand_i, out, out_lse, out_ns, out_ids, out_sc, order):
     """Fused top-``k`` search + attention of every (query head, query) pair of a layer.
 
     Inputs as :func:`.kernels.search_batch` (adj, keys, n_graph, n_total, queries [Hq, nq, d] float32,
     graph_of_head / kv_of_head [Hq] int64, entries, k, L = beam width ``ef``, worker scratch visited /
-    stamps / cand_s / cand_i), plus values [Hkv, >= n_total, dv] float32 or uint16 (bfloat16 bits), row
+    cand_s / cand_i), plus values [Hkv, >= n_total, dv] float32 or uint16 (bfloat16 bits), row
     ``j`` = value of key id ``j``, and ``scaling`` (scores are ``scaling * q.key``).
     Writes out [Hq, nq, dv] float32, out_lse [Hq, nq] float32, out_ns [Hq, nq] int64, and the search
     results out_ids [Hq, nq, k] int64 / out_sc [Hq, nq, k] float32 exactly as ``search_batch`` would.
+
+    ``order [Hq * nq]`` int64: the pairs (``h * nq + i``) from the most to the least expensive expected (see
+    :func:`balanced_order`); worker ``t`` takes ranks ``t, 2T-1-t, 2T+t, ...`` (a snake: the costliest pair
+    goes with the cheapest), so the slowest worker, which the call waits for, has less to do. Any permutation
+    gives the same results.
     """
     Hq, nq, d = queries.shape
     dv = values.shape[2]
@@ -62,18 +67,30 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
         pw = np.empty(k, np.float64)
         acc = np.empty(dv, np.float64)
         vis = visited[t]
-        for p in range(t, P, T):
+        for r in range((P + T - 1) // T):
+            j = r * T + (np.int64(t) if r % 2 == 0 else T - 1 - np.int64(t))
+            if j >= P:
+                continue
+            p = order[j]
             h = p // nq
             i = p - h * nq
             kv = kv_of_head[h]
-            st = next_stamp(vis, stamps, t)
+            clear_visited(vis, n_graph)
             for c in range(d):
                 qv[c] = queries[h, i, c]
             nr, ns, c_s, c_i = search_pair(adj, keys, n_graph, n_total, qv, graph_of_head[h], kv, entries, k, L,
-                                           vis, st, c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf)
+                                           vis, c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf)
             emit_results(r_s, r_i, nr, k, out_ids, out_sc, h, i)
             out_ns[h, i] = ns
             _attend_one(values, kv, r_s, r_i, nr, scaling, pw, acc, out, out_lse, h, i)
+
+
+def balanced_order(cost: np.ndarray | None, P: int) -> np.ndarray:
+    """Pair order for :func:`search_attend_batch`: ``cost [P]`` (e.g. each pair's keys scanned at the previous
+    decode step, which stays similar from step to step) sorted high to low; ``None``: natural order."""
+    if cost is None or len(cost) != P:
+        return np.arange(P, dtype=np.int64)
+    return np.argsort(-np.asarray(cost, np.float64), kind="stable").astype(np.int64)
 
 
 @njit(fastmath={"reassoc", "contract", "nsz", "arcp"}, nogil=True, cache=True)
@@ -150,21 +167,21 @@ def retrieved_attention_ref(scores: np.ndarray, ids: np.ndarray, values: np.ndar
 # per-worker scratch pool
 # ---------------------------------------------------------------------------------------------------
 class SearchScratch:
-    """Scratch of ``T`` search workers: visited [T, n_vis] int32 stamps (+ stamps [T] int64) and candidate
-    heaps cand_s [T, n_cand] float64 / cand_i [T, n_cand] int64."""
+    """Scratch of ``T`` search workers: visited [T, ceil(n_vis / 64)] uint64 bitsets (one bit per graph node)
+    and candidate heaps cand_s [T, n_cand] float64 / cand_i [T, n_cand] int64."""
 
     def __init__(self, T: int, n_vis: int, n_cand: int) -> None:
-        self.visited = np.zeros((T, n_vis), np.int32)
-        self.stamps = np.zeros(T, np.int64)
+        self.n_vis = n_vis
+        self.visited = np.zeros((T, visited_words(n_vis)), np.uint64)
         self.cand_s = np.empty((T, n_cand), np.float64)
         self.cand_i = np.empty((T, n_cand), np.int64)
 
     def fits(self, T: int, n_vis: int, n_cand: int) -> bool:
-        return self.visited.shape[0] >= T and self.visited.shape[1] >= n_vis and self.cand_s.shape[1] >= n_cand
+        return self.visited.shape[0] >= T and self.n_vis >= n_vis and self.cand_s.shape[1] >= n_cand
 
     @property
     def nbytes(self) -> int:
-        return self.visited.nbytes + self.stamps.nbytes + self.cand_s.nbytes + self.cand_i.nbytes
+        return self.visited.nbytes + self.cand_s.nbytes + self.cand_i.nbytes
 
 
 _POOL: list[SearchScratch] = []
@@ -180,7 +197,7 @@ def scratch(T: int, n_vis: int, n_cand: int = CAND_INIT):
         s = _POOL.pop() if _POOL else None
     if s is None or not s.fits(T, n_vis, n_cand):
         if s is not None:
-            T, n_vis = max(T, s.visited.shape[0]), max(n_vis, s.visited.shape[1])
+            T, n_vis = max(T, s.visited.shape[0]), max(n_vis, s.n_vis)
             n_cand = max(n_cand, s.cand_s.shape[1])
         s = SearchScratch(T, max(1, n_vis), max(1, n_cand))
     try:

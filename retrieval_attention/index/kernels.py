@@ -27,7 +27,6 @@ from numba.extending import intrinsic, overload
 
 _FM = {"reassoc", "contract", "nsz", "arcp"}  # vectorisable reductions, but keep inf semantics
 
-VISIT_MAX = 2**31 - 2  # epoch stamps wrap below int32 max
 
 #: bits a bfloat16 is shifted by to become the high half of a float32
 BF16_SHIFT = 16
@@ -285,12 +284,12 @@ def _grow_heap(hs, hi):
 
 
 @njit(nogil=True, cache=True)
-def search_pair(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis, st,
+def search_pair(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis,
                 c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf):
     """Best-first beam search of one query ``qv [d] float32`` on graph ``g`` over the keys of KV head ``kv``.
 
     adj [G, cap, M] int32; keys [Hkv, cap, d] float32 or uint16 (bfloat16 bits); entries [G, E] int32;
-    vis [>= n_graph] int32 visited stamps (``st`` marks this search); scratch: candidate heap c_s/c_i
+    vis [>= ceil(n_graph / 64)] uint64 visited bits, all zero on entry (:func:`clear_visited`); scratch: candidate heap c_s/c_i
     (float64/int64, any size > 0: grown by doubling when full), beam w_s/w_i [L + 1], result heap
     r_s/r_i [k + 1], nbuf/sbuf [M]. Returns ``(nr, ns, c_s, c_i)``: the result heap holds the ``nr``
     best keys (worst at its root; see :func:`sort_results`), ``ns`` keys were scored, and the (possibly
@@ -307,9 +306,8 @@ def search_pair(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis, st,
     ns = 0
     for e in range(E):
         nid = entries[g, e]
-        if nid < 0 or nid >= n_graph or vis[nid] == st:
+        if nid < 0 or nid >= n_graph or _test_and_set(vis, nid):
             continue
-        vis[nid] = st
         s = _dot(qv, keys, kv, nid)
         ns += 1
         if not beam_only:
@@ -334,8 +332,7 @@ def search_pair(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis, st,
             nb = adj[g, node, m]
             if nb < 0:
                 break
-            if vis[nb] != st:
-                vis[nb] = st
+            if not _test_and_set(vis, nb):
                 nbuf[nn] = nb
                 nn += 1
                 _prefetch_row(keys, kv, nb)
@@ -352,6 +349,9 @@ def search_pair(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis, st,
                 if nc == c_s.shape[0]:
                     c_s, c_i = _grow_heap(c_s, c_i)
                 nc = _max_push(c_s, c_i, nc, s, nb)
+                # a candidate's adjacency row is read when it is expanded: start loading it now, so that
+                # expansion waits for one DRAM round trip (its neighbours' keys) instead of two
+                _prefetch_row(adj, g, nb)
     if beam_only:  # results = the beam's k best, stored worst first (ascending order is a valid min-heap)
         sort_results(w_s, w_i, nw)
         nr = min(k, nw)
@@ -390,27 +390,38 @@ def emit_results(r_s, r_i, nr, k, out_ids, out_sc, h, i):
         out_sc[h, i, r] = -np.inf
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _test_and_set(vis, j):
+    """Whether node ``j`` was already visited (bit ``j`` of the uint64 words ``vis``); marks it visited."""
+    w = j >> 6
+    bit = np.uint64(1) << np.uint64(j & 63)
+    old = vis[w]
+    vis[w] = old | bit
+    return (old & bit) != np.uint64(0)
+
+
 @njit(nogil=True, cache=True)
-def next_stamp(vis, stamps, t):
-    """The next visited-epoch stamp of worker ``t`` (clears its row when the stamps wrap)."""
-    st = stamps[t] + 1
-    if st > VISIT_MAX:
-        vis[:] = 0
-        st = 1
-    stamps[t] = st
-    return st
+def clear_visited(vis, n):
+    """Zero the visited bits of nodes ``0..n-1`` (one bit per node: 16 KiB for 128K nodes, L1-resident, so
+    clearing per search is cheaper than the cache misses of a per-node stamp array)."""
+    for w in range((n + 63) >> 6):
+        vis[w] = np.uint64(0)
+
+
+def visited_words(n: int) -> int:
+    """uint64 words of a visited bitset over ``n`` nodes."""
+    return max(1, (n + 63) // 64)
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def search_batch(adj, keys, n_graph, n_total, queries, graph_of_head, kv_of_head, entries, k, L,
-                 visited, stamps, cand_s, cand_i, out_ids, out_sc, out_ns):
+                 visited, cand_s, cand_i, out_ids, out_sc, out_ns):
     """Best-first beam search of every (query head, query) pair of a layer in one call.
 
     adj [G, cap, M] int32; keys [Hkv, cap, d] float32 or uint16 holding bfloat16 bits (graph nodes
     ``0..n_graph-1``, exact-scanned tail ``n_graph..n_total-1``); queries [Hq, nq, d] float32;
     graph_of_head / kv_of_head [Hq] int64; entries [G, E] int32 (-1 padded); per-worker scratch, one row
-    per worker (``T = visited.shape[0]`` workers): visited [T, >= n_graph] int32 epoch-stamped, stamps [T]
-    int64, cand_s [T, c] float64 / cand_i [T, c] int64 candidate heaps (any c > 0; a worker grows a private
+    per worker (``T = visited.shape[0]`` workers): visited [T, >= ceil(n_graph / 64)] uint64 bitsets, cand_s [T, c] float64 / cand_i [T, c] int64 candidate heaps (any c > 0; a worker grows a private
     copy when its heap outgrows c). Writes out_ids [Hq, nq, k] int64, out_sc float32, out_ns [Hq, nq] int64.
 
     HNSW-style search: a candidate heap (best first) and a beam of the ``L`` best nodes scored so far
@@ -439,11 +450,11 @@ def search_batch(adj, keys, n_graph, n_total, queries, graph_of_head, kv_of_head
         for p in range(t, P, T):
             h = p // nq
             i = p - h * nq
-            st = next_stamp(vis, stamps, t)
+            clear_visited(vis, n_graph)
             for c in range(d):
                 qv[c] = queries[h, i, c]
             nr, ns, c_s, c_i = search_pair(adj, keys, n_graph, n_total, qv, graph_of_head[h], kv_of_head[h],
-                                           entries, k, L, vis, st, c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf)
+                                           entries, k, L, vis, c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf)
             emit_results(r_s, r_i, nr, k, out_ids, out_sc, h, i)
             out_ns[h, i] = ns
 

@@ -36,7 +36,7 @@ bulk (exact L2 kNN of the new keys -> out-lists, reverse edges re-pruned, the co
 
 Memory: keys ``[n_kv_heads, cap, d]`` (one copy, the tail at its end) in float32 or, with
 ``storage="bfloat16"``, as uint16 bfloat16 bits (half the bytes; the kernels convert on load, exactly) +
-adjacency int32 ``[n_graphs, cap, M]``. Per-worker search scratch (visited stamps, candidate heaps) is a
+adjacency int32 ``[n_graphs, cap, M]``. Per-worker search scratch (visited bitsets, candidate heaps) is a
 process-wide pool shared by all indexes (:func:`.decode_kernels.scratch`).
 """
 
@@ -257,6 +257,7 @@ class RoarIndex(KVIndex):
         self.max_candidates = None if max_candidates is None else _pos_int("max_candidates", max_candidates)
         self._lock = threading.Lock()
         self.build_stats: dict[str, float] = {}
+        self._last_scanned: np.ndarray | None = None  # keys scanned per pair by the last search_attend call
 
     # ---- build ------------------------------------------------------------------------------------
     def _build(self, keys, train_queries):
@@ -370,7 +371,7 @@ class RoarIndex(KVIndex):
         T = max(1, min(numba.get_num_threads(), Hq * nq))
         with self._lock, DK.scratch(T, self.n_graph) as w:
             K.search_batch(self._adj, self._keys, self.n_graph, self.n_keys, queries, graph_of_head, kv_of_head,
-                           self._entries, k, L, w.visited[:T], w.stamps[:T], w.cand_s[:T], w.cand_i[:T], ids, sc, ns)
+                           self._entries, k, L, w.visited[:T], w.cand_s[:T], w.cand_i[:T], ids, sc, ns)
         return ids, sc, ns
 
     def search_attend(self, queries, k: int, values: np.ndarray, scaling: float, ef=None, return_ids: bool = False,
@@ -392,10 +393,13 @@ class RoarIndex(KVIndex):
         sc = np.empty((Hq, nq, k), np.float32)
         ns = np.empty((Hq, nq), np.int64)
         T = max(1, min(numba.get_num_threads(), Hq * nq))
+        # the previous call's keys scanned per pair predict this one's cost: balance the workers by them
+        order = DK.balanced_order(self._last_scanned, Hq * nq)
         with self._lock, DK.scratch(T, self.n_graph) as w:
             DK.search_attend_batch(self._adj, self._keys, values, self.n_graph, self.n_keys, q, graph_of_head,
-                                   kv_of_head, self._entries, k, L, float(scaling), w.visited[:T], w.stamps[:T],
-                                   w.cand_s[:T], w.cand_i[:T], out, lse, ns, ids, sc)
+                                   kv_of_head, self._entries, k, L, float(scaling), w.visited[:T],
+                                   w.cand_s[:T], w.cand_i[:T], out, lse, ns, ids, sc, order)
+        self._last_scanned = ns.reshape(-1)
         return (out, lse, ns, ids) if return_ids else (out, lse, ns)
 
     # ---- insertion --------------------------------------------------------------------------------
