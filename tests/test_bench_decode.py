@@ -46,6 +46,11 @@ def test_bench_decode_residual_and_ef_options(tmp_path):
     assert main(args + ["--ef", "64"]) == 0
     (wide,) = json.loads(js.read_text())
     assert wide["scanned_fraction"] > narrow["scanned_fraction"]  # the beam width reaches the search
+    # index options reach the index (roar:M=4 -> a sparser graph: fewer keys scanned at the same ef)
+    args[args.index("roar")] = "roar:M=4"
+    assert main(args + ["--ef", "64"]) == 0
+    (sparse,) = json.loads(js.read_text())
+    assert sparse["index"] == "roar:M=4" and sparse["scanned_fraction"] < wide["scanned_fraction"]
 
 
 def test_bench_decode_rejects_unknown_method():
@@ -55,7 +60,8 @@ def test_bench_decode_rejects_unknown_method():
 @pytest.mark.parametrize("bad, msg", [(["--residual-samples", "-1"], "--residual-samples must be >= 0"),
                                       (["--ef", "0"], "--ef must be >= 1"),
                                       (["--max-train-queries", "0"], "--max-train-queries must be >= 1"),
-                                      (["--ef", "32", "--index", "flat"], "--ef is the beam width of roar")])
+                                      (["--ef", "32", "--index", "flat"], "--ef is the beam width of roar"),
+                                      (["--index", "roar:M"], "is not of the form key=value")])
 def test_bench_decode_rejects_bad_budgets(bad, msg, capsys):
     assert main(["bench", "decode", "--shape", "tiny", "--context", "900", "--methods", "retrieval"] + bad) == 2
     assert msg in capsys.readouterr().err

@@ -293,6 +293,8 @@ def test_bf16_storage_equals_float32_storage_on_bf16_keys(tmp_path):
     for ix in (a, b):
         ix.add(new[:, :40])  # tail
         ix.add(new[:, 40:])  # crosses insert_threshold: bulk insertion
+        ix.finish_insertions()
+    assert a.n_graph == b.n_graph == 1600
     np.testing.assert_array_equal(a._adj, b._adj)
     for x, y in zip(a.search(q, 10), b.search(q, 10)):
         np.testing.assert_array_equal(x, y)

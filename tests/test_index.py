@@ -381,7 +381,9 @@ def test_roar_bulk_insert_keeps_recall_and_reachability():
         ix.add(extra[:, s:s + 50])
         caps.add(ix._keys.shape[1])
     assert len(caps) <= 3, "the key store must grow geometrically"
-    assert ix.n_graph >= 2900 and len(ix) == 3000
+    assert len(ix) == 3000 and ix.n_graph >= 2600  # the last insertion's graph is applied insert_lag keys later
+    ix.finish_insertions()
+    assert ix.n_graph >= 2900
     for g in range(ix._adj.shape[0]):
         assert R.reachable_ref(ix._adj[g], ix.n_graph, ix._entries[g]).all()
     true, _ = exact_topk(keys, te, 50, 2)
@@ -459,3 +461,73 @@ def test_entry_points_pick_distinct_distant_queries():
     top1 = np.repeat(np.arange(4), [500, 20, 20, 20]).astype(np.int32)  # key i = the best key of mode i
     ent = entry_points(1, q, top1, 6)
     assert ent[0] == 1 and sorted(ent[:4].tolist()) == [0, 1, 2, 3] and (ent[4:] == -1).all()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("by_count", [True, False])
+def test_projection_torch_matches_kernel(bf16, by_count):
+    """The batched torch projection (for GPUs) builds the compiled kernel's graph on random inputs."""
+    from retrieval_attention.index.bf16 import f32_to_bf16_bits
+    from retrieval_attention.index.projection_torch import project_torch
+    from retrieval_attention.index.roar import knn_ip
+
+    rng = np.random.default_rng(7)
+    n, m, kq, R, G, d = 400, 200, 16, 4, 3, 24
+    keys = rng.standard_normal((2, n + 5, d)).astype(np.float32)
+    kk = f32_to_bf16_bits(keys) if bf16 else keys
+    kvg = np.array([0, 1, 1], np.int64)
+    knn_ids = np.empty((G, m, kq), np.int32)
+    knn_sc = np.empty((G, m, kq), np.float32)
+    for g in range(G):
+        knn_ids[g], knn_sc[g] = knn_ip(rng.standard_normal((m, d)).astype(np.float32) + 0.5, kk[kvg[g], :n], kq)
+    own = K.owners(knn_ids, knn_sc, n, R)
+    for M, max_cand in ((8, 32), (6, 5)):
+        want = K.project(knn_ids, own, kk, kvg, n, M, 1.0, False, by_count, max_cand, 2)
+        got = project_torch(knn_ids, own, kk, kvg, n, M, 1.0, by_count, max_cand)
+        np.testing.assert_array_equal(got, want)
+    idx = make_index("roar", M=8, n_query_neighbors=16, projection="torch").build(keys[:, :n], keys[:, :n] + 0.3)
+    ref = make_index("roar", M=8, n_query_neighbors=16).build(keys[:, :n], keys[:, :n] + 0.3)
+    np.testing.assert_array_equal(idx._adj, ref._adj)
+    with pytest.raises(IndexError_, match="projection"):
+        make_index("roar", projection="gpu")
+
+
+def test_roar_background_insertion_is_deterministic(monkeypatch):
+    """Insertions run in the background but replace the graph at a fixed key count: a slow job changes no
+    result, and insert_lag=0 (synchronous) builds the same graphs."""
+    import time as _time
+
+    from retrieval_attention.index import roar as roar_mod
+
+    keys, tq, te = R.make_ood_data(n_kv_heads=1, group=2, n_keys=1600, n_train=600, n_test=6, d=16, seed=8)
+    fast = _build("roar", keys[:, :1000], tq, insert_threshold=100, insert_lag=30)
+    sync = _build("roar", keys[:, :1000], tq, insert_threshold=100, insert_lag=0)
+    slow = _build("roar", keys[:, :1000], tq, insert_threshold=100, insert_lag=30)
+    real = roar_mod.RoarIndex._insertion
+
+    def slow_insertion(self, *a):
+        _time.sleep(0.2)
+        return real(self, *a)
+
+    trace = []
+    for s in range(1000, 1600, 10):
+        fast.add(keys[:, s:s + 10])
+        sync.add(keys[:, s:s + 10])
+        monkeypatch.setattr(roar_mod.RoarIndex, "_insertion", slow_insertion)
+        slow.add(keys[:, s:s + 10])
+        monkeypatch.setattr(roar_mod.RoarIndex, "_insertion", real)
+        a, b = fast.search(te, 10, ef=32), slow.search(te, 10, ef=32)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+        assert fast.n_graph == slow.n_graph
+        trace.append(fast.n_graph)
+    assert trace[-1] > 1000 and len(set(trace)) > 3  # graphs were swapped in several times
+    for ix in (fast, slow, sync):
+        ix.finish_insertions()
+    np.testing.assert_array_equal(fast._adj[:, :fast.n_graph], slow._adj[:, :slow.n_graph])
+    assert sync.n_graph == fast.n_graph == 1600
+    np.testing.assert_array_equal(sync._adj[:, :1600], fast._adj[:, :1600])  # same insertion batches
+    for g in range(fast._adj.shape[0]):
+        assert R.reachable_ref(fast._adj[g], fast.n_graph, fast._entries[g]).all()
+    with pytest.raises(IndexError_, match="insert_lag"):
+        make_index("roar", insert_lag=-1)

@@ -194,8 +194,12 @@ def run_one(model, method, index, ctx, args, device):
         residual = getattr(args, "residual_samples", None)
         ef = getattr(args, "ef", None)
         train = getattr(args, "max_train_queries", None)
-        cfg = RetrievalConfig(method=method, index=index or "flat", top_k=args.top_k, n_sink=args.n_sink, window=args.window,
-                              dense_layers=dense, search_params={"ef": ef} if ef is not None and index == "roar" else {},
+        from .common import parse_index_spec
+
+        name, index_params = parse_index_spec(index) if index else ("flat", {})  # e.g. roar:projection=torch
+        cfg = RetrievalConfig(method=method, index=name, index_params=index_params, top_k=args.top_k,
+                              n_sink=args.n_sink, window=args.window,
+                              dense_layers=dense, search_params={"ef": ef} if ef is not None and name == "roar" else {},
                               exact_below=0,  # time the named index at every context
                               **({} if residual is None else {"residual_samples": residual}),
                               **({} if train is None else {"max_train_queries": train}))
@@ -319,7 +323,14 @@ def run(args) -> int:
         if v is not None and v < least:
             print(f"error: {flag} must be >= {least}, got {v}", file=sys.stderr)
             return 2
-    if args.ef is not None and "roar" not in args.index.split(","):
+    from .common import parse_index_spec
+
+    try:
+        index_names = [parse_index_spec(i)[0] for i in args.index.split(",") if i.strip()]
+    except ValueError as e:
+        print(f"error: --index: {e}", file=sys.stderr)
+        return 2
+    if args.ef is not None and "roar" not in index_names:
         print(f"error: --ef is the beam width of roar; --index {args.index} has no roar (add it, or drop --ef)",
               file=sys.stderr)
         return 2

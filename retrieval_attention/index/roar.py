@@ -32,7 +32,8 @@ over (head, query) pairs. HNSW-style best-first search with a candidate heap and
 nodes scored so far; every key scored is offered to a top-``k`` result heap, so ``ef`` may also be *smaller*
 than ``k`` (fewer keys scanned, lower recall). Keys added after build (``add``) sit in an exact-scanned
 *tail* merged by score; when the tail reaches ``insert_threshold`` keys it is inserted into the graphs in
-bulk (exact L2 kNN of the new keys -> out-lists, reverse edges re-pruned, the connectivity repair again).
+bulk (exact L2 kNN of the new keys -> out-lists, reverse edges re-pruned, the connectivity repair again), in a
+background thread on a copy of the graphs that replaces them ``insert_lag`` added keys later.
 
 Memory: keys ``[n_kv_heads, cap, d]`` (one copy, the tail at its end) in float32 or, with
 ``storage="bfloat16"``, as uint16 bfloat16 bits (half the bytes; the kernels convert on load, exactly) +
@@ -55,6 +56,9 @@ from .base import IndexError_, KVIndex, register_index, spare_rows
 from .bf16 import as_float32, bits_as_tensor, f32_to_bf16_bits
 
 GRAPH_PER = ("query_head", "kv_head")
+#: how the projection step runs: the compiled CPU kernel, or batched torch ops (on the GPU when there is one;
+#: same graph, see :mod:`.projection_torch`)
+PROJECTION = ("kernel", "torch")
 #: key storage of the index: float32, or bfloat16 (uint16 bits, rounded to nearest even; half the memory)
 STORAGE = ("float32", "bfloat16")
 
@@ -74,6 +78,29 @@ def _pos_int(name, v, minimum=1):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
         raise IndexError_(f"roar: {name} must be an integer >= {minimum}, got {v!r}")
     return int(v)
+
+
+_INSERT_EXECUTOR = None
+
+
+def _submit_insertion(fn, *args):
+    """Run a bulk insertion in the background worker (one for every roar index; each insertion is itself
+    parallel) and return its Future. numba's ``workqueue`` threading layer cannot run parallel kernels from two
+    threads at once: there the insertion runs now, in the caller (the Future is returned done)."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    global _INSERT_EXECUTOR
+    try:
+        concurrent = numba.threading_layer() != "workqueue"
+    except ValueError:  # no parallel kernel has run yet: the layer is not chosen
+        concurrent = False
+    if not concurrent:
+        done: Future = Future()
+        done.set_result(fn(*args))
+        return done
+    if _INSERT_EXECUTOR is None:
+        _INSERT_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ra-roar-insert")
+    return _INSERT_EXECUTOR.submit(fn, *args)
 
 
 def knn_ip(queries: np.ndarray, keys, k: int, exclude: np.ndarray | None = None, l2: bool = False):
@@ -213,12 +240,18 @@ class RoarIndex(KVIndex):
                        distance) or ``"distance"`` (L2 to the pivot, the classic RNG order)
     repair_branching   branching of the trees that hang unreached keys below their nearest reached key
     insert_threshold   tail size (keys per head) at which added keys are inserted into the graphs
+    insert_lag         keys added after an insertion starts (in a background thread) before its graph replaces
+                       the current one (default ``insert_threshold // 2``; 0: insert synchronously). The swap
+                       happens at that count on every run, so results do not depend on the job's speed; a
+                       128K-key layer's insertion took 40 s on 2 cores, which decoding no longer waits for
     max_candidates     at most this many candidates (the first by the ``order`` ranking) are pruned per node,
                        in the projection and when lists are re-pruned (None: all). Bounds the build cost;
                        128 measured no recall loss at equal keys scanned (SmolLM2 8K: +0.006 / +0.004
                        recall@100 at 8% / 10% scanned vs no cap)
     storage            ``"float32"`` or ``"bfloat16"``: dtype the keys are kept in (bfloat16 halves the
                        memory and the search bandwidth; exact for keys of a bfloat16 model)
+    projection         ``"kernel"`` (compiled, CPU threads) or ``"torch"`` (batched tensor ops on the GPU when
+                       there is one, :mod:`.projection_torch`; same graph; not with ``fill``)
     """
 
     budget_params = ("ef",)
@@ -227,11 +260,11 @@ class RoarIndex(KVIndex):
                  graph_per: str = "kv_head", max_train_queries: int = 4096, n_entry: int = 4,
                  fill: bool = False, n_owners: int = 8, order: str = "count", repair_branching: int = 4,
                  insert_threshold: int = 4096, storage: str = "float32",
-                 max_candidates: int | None = 128) -> None:
+                 max_candidates: int | None = 128, projection: str = "kernel", insert_lag: int | None = None) -> None:
         super().__init__(M=M, n_query_neighbors=n_query_neighbors, alpha=alpha, ef=ef, graph_per=graph_per,
                          max_train_queries=max_train_queries, n_entry=n_entry, fill=fill, n_owners=n_owners, order=order,
                          repair_branching=repair_branching, insert_threshold=insert_threshold, storage=storage,
-                         max_candidates=max_candidates)
+                         max_candidates=max_candidates, projection=projection, insert_lag=insert_lag)
         self.M = _pos_int("M", M)
         self.n_query_neighbors = _pos_int("n_query_neighbors", n_query_neighbors, 2)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha < 1.0:
@@ -250,11 +283,20 @@ class RoarIndex(KVIndex):
         self.order = order
         self.repair_branching = _pos_int("repair_branching", repair_branching)
         self.insert_threshold = _pos_int("insert_threshold", insert_threshold)
+        if insert_lag is None:
+            insert_lag = self.insert_threshold // 2
+        if isinstance(insert_lag, bool) or not isinstance(insert_lag, (int, np.integer)) or insert_lag < 0:
+            raise IndexError_(f"roar: insert_lag must be an integer >= 0, got {insert_lag!r}")
+        self.insert_lag = int(insert_lag)
+        self._pending_insert = None  # (keys it covers, Future of the new graph) of a background insertion
         if storage not in STORAGE:
             raise IndexError_(f"roar: storage must be one of {STORAGE}, got {storage!r}")
         self.storage = storage
         self._key_dtype = np.uint16 if storage == "bfloat16" else np.float32
         self.max_candidates = None if max_candidates is None else _pos_int("max_candidates", max_candidates)
+        if projection not in PROJECTION:
+            raise IndexError_(f"roar: projection must be one of {PROJECTION}, got {projection!r}")
+        self.projection = projection
         self._lock = threading.Lock()
         self.build_stats: dict[str, float] = {}
         self._last_scanned: np.ndarray | None = None  # keys scanned per pair by the last search_attend call
@@ -304,8 +346,14 @@ class RoarIndex(KVIndex):
         t1 = time.perf_counter()
 
         own = K.owners(knn_ids, knn_sc, n, self.n_owners)
-        adj = K.project(knn_ids, own, keys, kv_of_graph, n, self.M, self.alpha, self.fill, self.order == "count",
-                        self._cand_cap, numba.get_num_threads())
+        if self.projection == "torch" and not self.fill:  # batched on the GPU when there is one
+            from .projection_torch import project_torch
+
+            adj = project_torch(knn_ids, own, keys, kv_of_graph, n, self.M, self.alpha, self.order == "count",
+                                self._cand_cap, "cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            adj = K.project(knn_ids, own, keys, kv_of_graph, n, self.M, self.alpha, self.fill,
+                            self.order == "count", self._cand_cap, numba.get_num_threads())
         src, dst, cnt = K.reverse_edges(adj, n)
         K.merge_edges(adj, src, dst, cnt, keys, kv_of_graph, n, self.alpha, self.fill, self._cand_cap,
                       numba.get_num_threads())
@@ -322,11 +370,14 @@ class RoarIndex(KVIndex):
                             "n_train": float(m), "repair_links": float(links),
                             "covered_frac": float((own[:, :, 0] >= 0).mean())}
 
-    def _repair(self) -> int:
-        """Connectivity repair over nodes 0..n_graph-1 (see module docstring). Returns the number of edges
-        added by the final per-node linking pass (normally a handful)."""
-        n = self.n_graph
-        adj, keys, kvg = self._adj, self._keys, self._kv_of_graph
+    def _repair(self, adj=None, n=None, keys=None) -> int:
+        """Connectivity repair over nodes 0..n-1 of ``adj`` (default: the index's graph, ``n_graph`` nodes; see
+        module docstring). Returns the number of edges added by the final per-node linking pass (normally a
+        handful)."""
+        adj = self._adj if adj is None else adj
+        n = self.n_graph if n is None else n
+        keys = self._keys if keys is None else keys
+        kvg = self._kv_of_graph
         G = adj.shape[0]
         reached = K.reachable(adj, n, self._entries)
         if not reached.all():
@@ -436,44 +487,64 @@ class RoarIndex(KVIndex):
                 grown[:, :n] = self._keys[:, :n]
                 self._keys = grown
             self._keys[:, n:n + m] = rows
-        if n + m - self.n_graph >= self.insert_threshold:
-            self._insert_tail(n + m)
+        total = n + m
+        if self._pending_insert is None and total - self.n_graph >= self.insert_threshold:
+            # insert the whole tail in the background; until the job is applied (below) the tail stays exactly
+            # scanned, so what a search returns never depends on how fast the job runs
+            keys, adj, lo = self._keys, self._adj, self.n_graph
+            if self.insert_lag == 0:
+                self._apply_insert(total, self._insertion(keys, adj, lo, total))
+            else:
+                self._pending_insert = (total, _submit_insertion(self._insertion, keys, adj, lo, total))
+        if self._pending_insert is not None and total - self._pending_insert[0] >= self.insert_lag:
+            self.finish_insertions()
 
-    def _insert_tail(self, n_total: int) -> None:
-        """Insert keys n_graph..n_total-1 into every graph (bulk)."""
+    def finish_insertions(self) -> None:
+        """Wait for a background bulk insertion and put its graph in place (decoding does this by itself
+        ``insert_lag`` keys after the insertion started, at the same point on every run)."""
+        if self._pending_insert is None:
+            return
+        hi, job = self._pending_insert
+        self._pending_insert = None
+        self._apply_insert(hi, job.result())
+
+    def _apply_insert(self, hi: int, adj: np.ndarray) -> None:
         with self._lock:
-            lo = self.n_graph
-            G, cap_a, M = self._adj.shape
-            if n_total > cap_a:
-                grown = np.full((G, max(n_total, 2 * cap_a), M), -1, np.int32)
-                grown[:, :lo] = self._adj[:, :lo]
-                self._adj = grown
-            keys, kvg = self._keys, self._kv_of_graph
-            new = np.arange(lo, n_total)
-            r = min(M, n_total - 1)
-            srcs, dsts = [], []
-            nn_kv = {}
-            for h in np.unique(kvg):
-                nn, _ = knn_ip(self._f32(keys[h, lo:n_total]), keys[h, :n_total], r, exclude=new, l2=True)
-                nn_kv[int(h)] = nn
-            for g in range(G):
-                nn = nn_kv[int(kvg[g])]
-                s = np.repeat(new, r).astype(np.int32)
-                d = nn.reshape(-1)
-                ok = d >= 0
-                srcs.append(np.concatenate([s[ok], d[ok]]))
-                dsts.append(np.concatenate([d[ok], s[ok]]))
-            ne = np.array([len(s) for s in srcs], np.int64)
-            src = np.zeros((G, max(1, int(ne.max()))), np.int32)
-            dst = np.zeros_like(src)
-            for g in range(G):
-                src[g, : ne[g]] = srcs[g]
-                dst[g, : ne[g]] = dsts[g]
-            # out-lists of new nodes are empty: merge prunes them to M; old nodes get reverse edges re-pruned
-            K.merge_edges(self._adj, src, dst, ne, keys, kvg, n_total, self.alpha, self.fill, self._cand_cap,
-                          numba.get_num_threads())
-            self.n_graph = n_total
-            self._repair()
+            self._adj = adj
+            self.n_graph = hi
+
+    def _insertion(self, keys: np.ndarray, adj_old: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """The graphs with keys lo..hi-1 inserted (bulk; exact L2 kNN of the new keys -> out-lists, reverse
+        edges re-pruned, connectivity repair), computed on a copy: ``keys`` rows below ``hi`` and ``adj_old``
+        rows below ``lo`` are only read, so searches keep running on the current graph meanwhile."""
+        G, cap_a, M = adj_old.shape
+        adj = np.full((G, max(hi, cap_a), M), -1, np.int32)
+        adj[:, :lo] = adj_old[:, :lo]
+        kvg = self._kv_of_graph
+        new = np.arange(lo, hi)
+        r = min(M, hi - 1)
+        srcs, dsts = [], []
+        nn_kv = {}
+        for h in np.unique(kvg):
+            nn, _ = knn_ip(self._f32(keys[h, lo:hi]), keys[h, :hi], r, exclude=new, l2=True)
+            nn_kv[int(h)] = nn
+        for g in range(G):
+            nn = nn_kv[int(kvg[g])]
+            s = np.repeat(new, r).astype(np.int32)
+            d = nn.reshape(-1)
+            ok = d >= 0
+            srcs.append(np.concatenate([s[ok], d[ok]]))
+            dsts.append(np.concatenate([d[ok], s[ok]]))
+        ne = np.array([len(s) for s in srcs], np.int64)
+        src = np.zeros((G, max(1, int(ne.max()))), np.int32)
+        dst = np.zeros_like(src)
+        for g in range(G):
+            src[g, : ne[g]] = srcs[g]
+            dst[g, : ne[g]] = dsts[g]
+        # out-lists of new nodes are empty: merge prunes them to M; old nodes get reverse edges re-pruned
+        K.merge_edges(adj, src, dst, ne, keys, kvg, hi, self.alpha, self.fill, self._cand_cap, numba.get_num_threads())
+        self._repair(adj, hi, keys)
+        return adj
 
     @property
     def _cand_cap(self) -> int:
