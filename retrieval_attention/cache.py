@@ -25,6 +25,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .config import RetrievalConfig
 from .index import KVIndex, make_index
+from .index.base import spare_rows
 from .index.bf16 import tensor_as_numpy
 
 
@@ -40,9 +41,6 @@ class LayerStats:
     host_s: float = 0.0
     #: seconds of the synchronous prefill hand-off (static split, device -> host copies) of this layer
     handoff_s: float = 0.0
-
-
-from .index.base import spare_rows as headroom  # spare rows past the prompt in host key/value arrays
 
 
 def host_copy(t: torch.Tensor, rows: int | None = None) -> torch.Tensor:
@@ -73,9 +71,8 @@ class CPUStore:
     model as bfloat16, else float32), and in :attr:`keys` only for indexes that do not keep them exactly.
     """
 
-    def __init__(self, config: RetrievalConfig, pin: bool = False, layer_idx: int = 0):
+    def __init__(self, config: RetrievalConfig, layer_idx: int = 0):
         self.config = config
-        self.pin = pin  # kept for callers; host arrays are pageable (see host_copy)
         #: seed of the residual draws: the configured one mixed with the layer, so layers draw different keys
         self.residual_seed = config.residual_seed * _LAYER_SEED_STRIDE + layer_idx
         self._index: KVIndex | None = None
@@ -145,9 +142,9 @@ class CPUStore:
         self._key_dtype = k.dtype
         own_keys = not self._keys_in_index(k.dtype)
         if self.values is None:  # first fill: one copy into an array with spare rows
-            self.values = host_copy(v, m + headroom(m))
+            self.values = host_copy(v, m + spare_rows(m))
             if own_keys:
-                self._keys = host_copy(k, m + headroom(m))
+                self._keys = host_copy(k, m + spare_rows(m))
             return
         if self.n + m > self.values.shape[1]:
             cap = max(self.n + m, 2 * self.values.shape[1])
@@ -250,8 +247,6 @@ class CPUStore:
         One ``index.search_attend`` call (fused compiled search + attention for ``roar`` with float32 or
         bfloat16 values; search + numpy attention otherwise).
         """
-        from .index.bf16 import tensor_as_numpy
-
         idx = self.index
         if queries.shape[0] != group * idx.n_kv_heads:
             raise ValueError(f"{queries.shape[0]} query heads for {idx.n_kv_heads} KV heads and group {group}")
@@ -267,8 +262,6 @@ class CPUStore:
     def key_array(self) -> np.ndarray:
         """Host keys ``[Hkv, >= n, D]`` as numpy for the compiled kernels: float32, or uint16 bfloat16 bits (the
         index's own copy when it keeps one; no copy)."""
-        from .index.bf16 import tensor_as_numpy
-
         idx = self.index
         if self._keys is None and hasattr(idx, "stored_keys"):
             return idx.stored_keys()
@@ -292,7 +285,6 @@ def _attend_by_search(store, queries: np.ndarray, group: int, scaling: float, k:
     """Generic ``attend``: ``store.search`` + ``store.gather_values`` + :func:`retrieved_attention`
     (shapes as :meth:`CPUStore.attend`), plus the residual estimate over a fork's base store."""
     from .attention.cpu import retrieved_attention
-    from .index.bf16 import tensor_as_numpy
 
     ids, scores, n_scanned = store.search(queries, k, **budget)
     out, lse = retrieved_attention(scores, ids, store.gather_values(ids, group), scaling)
@@ -358,7 +350,7 @@ class ForkedStore:
         self.base = base
         self.base_n = base.n
         self.config = base.config
-        self.tail = CPUStore(base.config, pin=False)  # this fork's own keys/values, no index: scanned exactly
+        self.tail = CPUStore(base.config)  # this fork's own keys/values, no index: scanned exactly
 
     @property
     def m(self) -> int:
@@ -584,16 +576,16 @@ class RetrievalLayer(DynamicLayer):
         win_valid = wpos >= pad.to(dev).view(B, 1)  # left padding is never attended
         self.static_valid = torch.cat([sink_valid, win_valid], dim=1)
         t_handoff = time.perf_counter()
-        pin = torch.cuda.is_available() and dev.type == "cuda"
+        on_cuda = torch.cuda.is_available() and dev.type == "cuda"
         self.stores = []
         for b in range(B):
             lo, hi = int(self.sink_end[b]), win_start
-            store = CPUStore(cfg, pin, self.layer_idx)
+            store = CPUStore(cfg, self.layer_idx)
             if self.retrieve and hi > lo:
                 tq = queries[b] if per_seq else queries[b, :, int(pad[b]) :]
                 tq = _subsample(tq, cfg.max_train_queries)
                 # on CUDA the build overlaps the next layers' prefill; on CPU it would compete for the cores
-                store.build(K[b, :, lo:hi], V[b, :, lo:hi], tq, background=pin)
+                store.build(K[b, :, lo:hi], V[b, :, lo:hi], tq, background=on_cuda)
             self.stores.append(store)
         self.keys = self.values = None  # the dense copy is gone: CPU store + static parts hold everything
         self.offloaded = True

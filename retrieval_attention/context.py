@@ -256,10 +256,9 @@ def cache_from_state(model, config: RetrievalConfig, tensors: dict, layout: list
             layer.n_query_heads = entry["n_query_heads"]
             layer.offloaded = True
             layer.keys = layer.values = None
-            pin = torch.cuda.is_available() and dev.type == "cuda"
             layer.stores = []
             for b, st in enumerate(entry["stores"]):
-                store = CPUStore(config, pin, i)
+                store = CPUStore(config, i)
                 if st["index"] is not None:
                     spec = st["index"]
                     idx = make_index(spec["name"], **spec["params"])

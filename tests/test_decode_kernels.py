@@ -254,7 +254,7 @@ def test_store_attend_matches_search_gather_attention(index, dtype):
     # residual_samples=0: this compares the fused retrieval with the composed one (the residual: test_residual.py)
     cfg = RetrievalConfig(index=index, residual_samples=0, exact_below=0, search_params={"ef": 48} if index == "roar" else {})
     k, v, tq, q = _store_data(10, dtype=dtype)
-    store = CPUStore(cfg, pin=False)
+    store = CPUStore(cfg)
     store.build(k[:, :600], v[:, :600], tq)
     store.add(k[:, 600:], v[:, 600:], n_query_heads=6)  # a tail / grown capacity
     got = store.attend(q, 3, 0.3, 10, **cfg.search_params)
@@ -333,7 +333,7 @@ def test_store_keeps_keys_once(dtype):
     from retrieval_attention.config import RetrievalConfig
 
     k, v, tq, q = _store_data(14, dtype=dtype)
-    store = CPUStore(RetrievalConfig(index="roar", exact_below=0), pin=False)
+    store = CPUStore(RetrievalConfig(index="roar", exact_below=0))
     store.build(k[:, :600], v[:, :600], tq)
     store.add(k[:, 600:], v[:, 600:], n_query_heads=6)
     assert store._keys is None  # no second host copy
@@ -348,10 +348,10 @@ def test_store_keeps_keys_once(dtype):
     torch.testing.assert_close(out, ro)
     torch.testing.assert_close(lse, rl)
     # a user's explicit storage wins; flat keeps its own host copy of the keys
-    s2 = CPUStore(RetrievalConfig(index="roar", index_params={"storage": "float32"}, exact_below=0), pin=False)
+    s2 = CPUStore(RetrievalConfig(index="roar", index_params={"storage": "float32"}, exact_below=0))
     s2.build(k, v, tq)
     assert s2.index.storage == "float32" and s2._keys is None
-    s3 = CPUStore(RetrievalConfig(index="flat"), pin=False)
+    s3 = CPUStore(RetrievalConfig(index="flat"))
     s3.build(k, v, tq)
     assert s3._keys is not None
     torch.testing.assert_close(s3.keys[:, : s3.n], k, rtol=0, atol=0)

@@ -118,7 +118,7 @@ def test_store_attend_with_residual(index, dtype):
     exact_out = torch.einsum("hln,hnd->hld", torch.softmax(s, -1), vf.repeat_interleave(G, 0))
 
     def store(m):
-        st = CPUStore(RetrievalConfig(index=index, top_k=10, residual_samples=m, exact_below=0), pin=False)
+        st = CPUStore(RetrievalConfig(index=index, top_k=10, residual_samples=m, exact_below=0))
         st.build(keys, vals, tq)
         return st
 
@@ -153,7 +153,7 @@ def test_draws_are_stratified_and_layers_differ():
         counts[out] += 1
     np.testing.assert_allclose(counts / 3000, m / n, atol=0.03)  # every key drawn with probability m / n
     cfg = RetrievalConfig(index="flat")
-    assert CPUStore(cfg, False, 3).residual_seed != CPUStore(cfg, False, 4).residual_seed
+    assert CPUStore(cfg, 3).residual_seed != CPUStore(cfg, 4).residual_seed
 
 
 @pytest.mark.parametrize("n_split", [2, 3, 7])

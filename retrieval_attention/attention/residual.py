@@ -58,12 +58,9 @@ def _seed(seed, n, h, i):
 def draw_ids(seed, n, h, i, m, out):
     """``m`` stratified ids in ``[0, n)`` for (KV head ``h``, query ``i``) into ``out[:m]``: draw ``t`` is uniform
     in ``[t n / m, (t + 1) n / m)`` (the kernel's stream; every id has probability ``m / n``)."""
-    st = _seed(seed, n, h, i)
+    st0 = _seed(seed, n, h, i)
     for t in range(m):
-        st, z = _splitmix(st)
-        u = np.float64(z >> np.uint64(11)) * _INV_2_53  # uniform in [0, 1) from the top 53 bits
-        j = np.int64((t + u) * n / m)
-        out[t] = min(j, n - 1)
+        out[t] = _draw(st0, t, n, m)
 
 
 @njit(nogil=True, cache=True)
@@ -78,7 +75,7 @@ def _draw(st0, t, n, m):
     """Draw ``t`` of the stream :func:`draw_ids` writes (splitmix64's state after ``t + 1`` steps is
     ``st0 + (t + 1) * golden``, so any draw is computed directly; a split of the draws needs no prefix)."""
     _, z = _splitmix(st0 + np.uint64(t) * _GOLDEN)
-    u = np.float64(z >> np.uint64(11)) * _INV_2_53
+    u = np.float64(z >> np.uint64(11)) * _INV_2_53  # uniform in [0, 1) from the top 53 bits
     j = np.int64((t + u) * n / m)
     return min(j, n - 1)
 
@@ -253,9 +250,11 @@ def residual_attention_ref(keys, values, queries, kv_of_head, topk_ids, n, m, sc
 RESIDUAL_SPLIT = 1
 
 
-def _n_split(n_kv_heads: int, L: int) -> int:
-    """Splits of each (KV head, query)'s draws passed to the kernel (:data:`RESIDUAL_SPLIT`)."""
-    return RESIDUAL_SPLIT
+def _run_kernel(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed, out, lse, merge: bool) -> None:
+    """:func:`residual_attention` with its inputs made contiguous and typed, :data:`RESIDUAL_SPLIT` splits."""
+    residual_attention(keys, values, np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(kv_of_head, np.int64),
+                       np.ascontiguousarray(topk_ids, np.int64), int(n), int(m), float(scaling), int(seed), out, lse,
+                       RESIDUAL_SPLIT, merge)
 
 
 def estimate_residual(keys, values, queries, kv_of_head, topk_ids, n: int, m: int, scaling: float, seed: int = 0):
@@ -267,9 +266,7 @@ def estimate_residual(keys, values, queries, kv_of_head, topk_ids, n: int, m: in
         out[:] = 0
         lse[:] = -np.inf
         return out, lse
-    residual_attention(keys, values, np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(kv_of_head, np.int64),
-                       np.ascontiguousarray(topk_ids, np.int64), int(n), int(m), float(scaling), int(seed), out, lse,
-                       _n_split(keys.shape[0], L), False)
+    _run_kernel(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed, out, lse, merge=False)
     return out, lse
 
 
@@ -282,6 +279,4 @@ def add_residual_into(out, lse, keys, values, queries, kv_of_head, topk_ids, n: 
         return
     if out.dtype != np.float32 or lse.dtype != np.float32 or not (out.flags.c_contiguous and lse.flags.c_contiguous):
         raise ValueError("add_residual_into: out and lse must be C-contiguous float32 arrays")
-    residual_attention(keys, values, np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(kv_of_head, np.int64),
-                       np.ascontiguousarray(topk_ids, np.int64), int(n), int(m), float(scaling), int(seed), out, lse,
-                       _n_split(keys.shape[0], queries.shape[1]), True)
+    _run_kernel(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed, out, lse, merge=True)

@@ -45,13 +45,11 @@ def project_torch(knn_ids: np.ndarray, own: np.ndarray, keys: np.ndarray, kv_of_
     adj = np.full((G, n, M), -1, np.int32)
     alpha2 = float(alpha) * float(alpha)
     knn_t = torch.from_numpy(np.ascontiguousarray(knn_ids)).to(device).long()
-    key_cache: dict[int, torch.Tensor] = {}
+    kh_of = None  # the KV head whose keys are on the device (graphs of one KV head are consecutive)
     for g in range(G):
         h = int(kv_of_graph[g])
-        if h not in key_cache:
-            key_cache.clear()
-            key_cache[h] = keys_for_knn(keys[h, :n], device)
-        kh = key_cache[h]
+        if h != kh_of:
+            kh, kh_of = keys_for_knn(keys[h, :n], device), h
         own_g = torch.from_numpy(np.ascontiguousarray(own[g])).to(device).long()  # [n, R]
         piv_all = torch.nonzero(own_g[:, 0] >= 0).flatten()
         if piv_all.numel() == 0:
