@@ -243,7 +243,7 @@ class RoarIndex(KVIndex):
     insert_lag         keys added after an insertion starts (in a background thread) before its graph replaces
                        the current one (default ``insert_threshold // 2``; 0: insert synchronously). The swap
                        happens at that count on every run, so results do not depend on the job's speed; a
-                       128K-key layer's insertion took 40 s on 2 cores, which decoding no longer waits for
+                       128K-key layer's insertion took 17 s on 2 idle cores, which decoding no longer waits for
     max_candidates     at most this many candidates (the first by the ``order`` ranking) are pruned per node,
                        in the projection and when lists are re-pruned (None: all). Bounds the build cost;
                        128 measured no recall loss at equal keys scanned (SmolLM2 8K: +0.006 / +0.004
