@@ -25,7 +25,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .config import RetrievalConfig
 from .index import KVIndex, make_index
-from .index.base import spare_rows
+from .index.base import Residual, spare_rows
 from .index.bf16 import tensor_as_numpy
 
 
@@ -254,10 +254,9 @@ class CPUStore:
         m = self.config.residual_samples
         if m <= 0 or self.n <= k:
             return idx.search_attend(queries, k, values, scaling, **budget)
-        out, lse, ns, ids = idx.search_attend(queries, k, values, scaling, return_ids=True, **budget)
-        out, lse = _add_residual(out, lse, self.key_array(), values, queries, group, ids, self.n, m, scaling,
-                                 self.residual_seed)
-        return out, lse, ns
+        # the residual estimate is merged in the same call (roar: inside the fused compiled kernel)
+        return idx.search_attend(queries, k, values, scaling,
+                                 residual=Residual(self.key_array(), self.n, m, self.residual_seed), **budget)
 
     def key_array(self) -> np.ndarray:
         """Host keys ``[Hkv, >= n, D]`` as numpy for the compiled kernels: float32, or uint16 bfloat16 bits (the

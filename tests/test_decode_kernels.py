@@ -97,7 +97,8 @@ def _run_search(adj, keys, n_graph, n_total, queries, goh, koh, entries, k, L, T
     return ids, sc, ns
 
 
-def _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L, scaling, T=2, order=None):
+def _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L, scaling, T=2, order=None,
+               res_m=0, res_seed=0):
     Hq, nq = queries.shape[:2]
     out = np.empty((Hq, nq, values.shape[2]), np.float32)
     lse = np.empty((Hq, nq), np.float32)
@@ -109,7 +110,9 @@ def _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, 
     for _ in range(2):  # reused scratch must not leak state between calls
         DK.search_attend_batch(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L, scaling,
                                w.visited, w.cand_s, w.cand_i, out, lse, ns, ids, sc,
-                               DK.balanced_order(None, Hq * nq) if order is None else order)
+                               DK.balanced_order(None, Hq * nq) if order is None else order,
+                               keys, n_total, res_m, res_seed, w.taken)
+        assert not w.taken.any()  # the residual's bitsets are left zeroed
     return out, lse, ns, ids, sc
 
 
@@ -154,6 +157,29 @@ def test_fused_kernel_matches_search_and_reference(seed, graph_per, storage):
         to, tl = retrieved_attention(sc, ids, v, scaling)
         np.testing.assert_allclose(out, to.numpy(), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(lse, tl.numpy(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+@pytest.mark.parametrize("m", [16, 64, 5000])  # 5000: the store is small enough to be summed exactly
+def test_fused_residual_equals_separate_residual(storage, m):
+    from retrieval_attention.attention.residual import add_residual_into
+
+    rng = np.random.default_rng(8)
+    adj, keys, values, queries, entries, goh, koh, n_graph, n_total = _kernel_inputs(rng, "kv_head")
+    if storage == "bfloat16":
+        keys, values = _bits(keys), _bits(values)
+    for k, L, T in ((10, 12, 2), (30, 6, 3), (40, 40, 5)):
+        out, lse, ns, ids, _ = _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L, 0.37,
+                                          T=T)
+        add_residual_into(out, lse, keys, values, queries, koh, ids, n_total, m, 0.37, seed=99)
+        out2, lse2, ns2, ids2, _ = _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L,
+                                              0.37, T=T, res_m=m, res_seed=99)
+        np.testing.assert_array_equal(ids2, ids)
+        np.testing.assert_array_equal(ns2, ns)
+        np.testing.assert_array_equal(out2, out)  # same draws, same float64 sums in the same order
+        np.testing.assert_array_equal(lse2, lse)
+        o0, l0, _, _, _ = _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L, 0.37, T=T)
+        assert not np.array_equal(o0, out2)  # the estimate did change the result
 
 
 def test_fused_kernel_empty_graph_gives_no_result():

@@ -236,14 +236,17 @@ def _random_graph(rng, G, n, M, cap=None):
     return adj
 
 
-@pytest.mark.parametrize("seed", [11, 12, 13])
-def test_search_kernel_matches_reference(seed):
+@pytest.mark.parametrize("seed,ties", [(11, False), (12, False), (13, False), (14, True), (15, True)])
+def test_search_kernel_matches_reference(seed, ties):
     rng = np.random.default_rng(seed)
     Hkv, group, n_graph, n_tail, d, M = 2, 2, 300, 23, 8, 6
     n_total = n_graph + n_tail
+    draw = (lambda *shape: rng.integers(-1, 2, shape) if ties else rng.standard_normal(shape))  # ties: equal scores
     keys = np.zeros((Hkv, n_total + 10, d), np.float32)  # capacity > n_total, like a grown store
-    keys[:, :n_total] = rng.standard_normal((Hkv, n_total, d))
-    queries = rng.standard_normal((Hkv * group, 5, d)).astype(np.float32)
+    keys[:, :n_total] = draw(Hkv, n_total, d)
+    queries = draw(Hkv * group, 5, d).astype(np.float32)
+    if ties:
+        queries[0, 0] = -0.0  # every score -0.0 or 0.0: the ranking is by id alone
     for graph_per in ("query_head", "kv_head"):
         G = Hkv * group if graph_per == "query_head" else Hkv
         adj = _random_graph(rng, G, n_graph, M, cap=n_total + 10)
@@ -271,6 +274,22 @@ def test_search_kernel_matches_reference(seed):
                         np.testing.assert_array_equal(ids[h, i], rid)
                         np.testing.assert_allclose(sc[h, i], rsc, rtol=1e-6, atol=1e-5)  # float32 sums
                         assert ns[h, i] == rns
+
+
+def test_packed_beam_entries_rank_as_score_then_id():
+    rng = np.random.default_rng(5)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 3.4e38, -3.4e38], np.float32)
+    s = np.concatenate([special, rng.standard_normal(200).astype(np.float32), rng.integers(-2, 3, 100)])
+    s = s.astype(np.float32)
+    ids = rng.integers(0, 2**31 - 1, len(s))
+    ids[:20] = [0, 2**31 - 1] * 10
+    packed = np.array([K.pack_entry(a, i) for a, i in zip(s, ids)], np.uint64)
+    for e, a, i in zip(packed, s, ids):  # round trip
+        assert K.entry_id(e) == i and K.entry_score(e) == a
+    for x in range(len(s)):  # integer order == ranking (K._worse: lower score, then larger id)
+        for y in range(0, len(s), 7):
+            if x != y and not (s[x] == s[y] and ids[x] == ids[y]):
+                assert (packed[x] < packed[y]) == K._worse(s[x], ids[x], s[y], ids[y])
 
 
 @pytest.mark.parametrize("seed", [21, 22])

@@ -31,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "library's; 0 = none)")
     p.add_argument("--steps", type=int, default=20, help="timed decode steps (median reported)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
+    p.add_argument("--threads", default=None,
+                   help="CPU threads, or a comma-separated list to time the layer call at each count (thread "
+                        "scaling; the index is built with the largest); default: all available cores")
     p.add_argument("--json", default=None, help="write the records here")
     p.add_argument("--markdown", default=None, help="write the table here")
 
@@ -39,13 +41,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from ..threads import configure_threads
 
-    threads = configure_threads(args.threads)
+    try:
+        thread_counts = [int(x) for x in str(args.threads).split(",") if x.strip()] if args.threads else []
+    except ValueError:
+        thread_counts = [0]
+    if any(t < 1 for t in thread_counts):
+        print(f"error: --threads takes positive integers (e.g. 16 or 1,4,16), got {args.threads!r}", file=sys.stderr)
+        return 2
+    threads = configure_threads(max(thread_counts) if thread_counts else None)
+    thread_counts = thread_counts or [threads]
+    import numba
     import numpy as np
     import torch
 
     from ..index import make_index
     from ..index.bf16 import tensor_as_numpy
-    from ..attention.residual import estimate_residual
+    from ..index.base import Residual
     from ..config import DEFAULT_RESIDUAL_SAMPLES
     from ..index.reference import make_ood_data, recall_at_k
     from .common import command_line, machine_info, machine_line, markdown_table, parse_index_spec, write_json
@@ -79,7 +90,6 @@ def run(args) -> int:
     if name == "roar":
         params.setdefault("storage", args.storage)
     m_res = DEFAULT_RESIDUAL_SAMPLES if args.residual_samples is None else args.residual_samples
-    kv_of_head = np.arange(Hkv * group) // group
     records = []
     for n in sizes:
         if n < args.top_k:
@@ -100,51 +110,64 @@ def run(args) -> int:
         res_keys = idx.stored_keys() if hasattr(idx, "stored_keys") else keys
         exact = make_index("flat").build(keys)
         true_ids, _, _ = exact.search(te, args.top_k)
-        for ef in efs:
-            times, res_times, scanned, recall = [], [], [], []
-            for step in range(te.shape[1]):
-                q = np.ascontiguousarray(te[:, step : step + 1])
-                t1 = time.perf_counter()
-                budget = {} if ef is None else {budget_key: ef}
-                _, _, ns, ids = idx.search_attend(q, args.top_k, values, scaling, return_ids=True, **budget)
-                t2 = time.perf_counter()
-                if m_res > 0:
-                    estimate_residual(res_keys, values, q, kv_of_head, ids, n, m_res, scaling, seed=step)
-                dt = time.perf_counter() - t1
-                dt_res = time.perf_counter() - t2
-                if step < WARMUP_STEPS:
-                    continue
-                times.append(dt)
-                res_times.append(dt_res)
-                scanned.append(float(ns.mean()) / n)
-                tr = true_ids[:, step : step + 1]
-                recall.append(float(recall_at_k(ids, tr).mean()))
-            rec = {
-                "index": args.index, "keys": n, "shape": args.shape, "kv_heads": Hkv, "query_heads": Hkv * group,
-                "head_dim": d, "storage": args.storage, budget_key: ef, "top_k": args.top_k, "threads": threads,
-                "build_s": build_s, "knn_s": stats.get("knn_s"), "graph_s": stats.get("graph_s"),
-                "repair_s": stats.get("repair_s"), "memory_bytes": idx.memory_bytes(),
-                "residual_samples": m_res, "residual_ms": 1e3 * float(np.median(res_times)) if m_res > 0 else 0.0,
-                "layer_ms": 1e3 * float(np.median(times)), "layer_ms_p90": 1e3 * float(np.quantile(times, 0.9)),
-                "scanned_fraction": float(np.mean(scanned)), "recall_at_k": float(np.mean(recall)),
-            }
-            records.append(rec)
-            print(f"  {budget_key}={ef}: {rec['layer_ms']:.2f} ms per layer call, scanned {100 * rec['scanned_fraction']:.2f}%, "
-                  f"recall@{args.top_k} {rec['recall_at_k']:.3f}", file=sys.stderr, flush=True)
-    headers = ["keys / KV head", "budget", "layer call ms (median / p90)", "of it residual ms", "scanned %", f"recall@{args.top_k}",
-               "build s (kNN / graph / repair)", "index MiB"]
+        for T in thread_counts:
+            numba.set_num_threads(T)
+            torch.set_num_threads(T)
+            for ef in efs:
+                times, res_times, scanned, recall = [], [], [], []
+                for step in range(te.shape[1]):
+                    q = np.ascontiguousarray(te[:, step : step + 1])
+                    budget = {} if ef is None else {budget_key: ef}
+                    t1 = time.perf_counter()
+                    _, _, ns, ids = idx.search_attend(q, args.top_k, values, scaling, return_ids=True, **budget)
+                    dt_plain = time.perf_counter() - t1
+                    dt = dt_plain
+                    if m_res > 0:  # the decode call: the residual estimate merged in the same call
+                        t1 = time.perf_counter()
+                        idx.search_attend(q, args.top_k, values, scaling, **budget,
+                                          residual=Residual(res_keys, n, m_res, seed=step))
+                        dt = time.perf_counter() - t1
+                    if step < WARMUP_STEPS:
+                        continue
+                    times.append(dt)
+                    res_times.append(dt - dt_plain)
+                    scanned.append(float(ns.mean()) / n)
+                    tr = true_ids[:, step : step + 1]
+                    recall.append(float(recall_at_k(ids, tr).mean()))
+                rec = {
+                    "index": args.index, "keys": n, "shape": args.shape, "kv_heads": Hkv, "query_heads": Hkv * group,
+                    "head_dim": d, "storage": args.storage, budget_key: ef, "top_k": args.top_k, "threads": T,
+                    "build_s": build_s, "knn_s": stats.get("knn_s"), "graph_s": stats.get("graph_s"),
+                    "repair_s": stats.get("repair_s"), "memory_bytes": idx.memory_bytes(),
+                    "residual_samples": m_res,
+                    "residual_ms": max(0.0, 1e3 * float(np.median(res_times))) if m_res > 0 else 0.0,
+                    "layer_ms": 1e3 * float(np.median(times)), "layer_ms_p90": 1e3 * float(np.quantile(times, 0.9)),
+                    "scanned_fraction": float(np.mean(scanned)), "recall_at_k": float(np.mean(recall)),
+                }
+                # thread time per scanned key of the search + attention part (residual excluded): flat when the
+                # call scales with threads, rising when memory or synchronisation limits it
+                scanned_keys = float(np.mean(scanned)) * n * Hkv * group
+                rec["ns_per_key_thread"] = (rec["layer_ms"] - rec["residual_ms"]) * 1e6 * T / max(scanned_keys, 1.0)
+                records.append(rec)
+                print(f"  {budget_key}={ef}, {T} threads: {rec['layer_ms']:.2f} ms per layer call, scanned {100 * rec['scanned_fraction']:.2f}%, "
+                      f"recall@{args.top_k} {rec['recall_at_k']:.3f}", file=sys.stderr, flush=True)
+    headers = ["keys / KV head", "budget", "threads", "layer call ms (median / p90)", "of it residual ms", "scanned %", f"recall@{args.top_k}",
+               "ns per key x thread", "build s (kNN / graph / repair)", "index MiB"]
     rows = []
     for r in records:
         parts = "/".join(f"{r[k]:.2f}" if r[k] is not None else "-" for k in ("knn_s", "graph_s", "repair_s"))
-        rows.append([r["keys"], "exact" if r[budget_key] is None else f"{budget_key}={r[budget_key]}", f"{r['layer_ms']:.2f} / {r['layer_ms_p90']:.2f}",
+        rows.append([r["keys"], "exact" if r[budget_key] is None else f"{budget_key}={r[budget_key]}", r["threads"],
+                     f"{r['layer_ms']:.2f} / {r['layer_ms_p90']:.2f}",
                      f"{r['residual_ms']:.2f} ({r['residual_samples']} draws)" if r["residual_samples"] else "—",
-                     f"{100 * r['scanned_fraction']:.2f}", f"{r['recall_at_k']:.3f}", f"{r['build_s']:.2f} ({parts})",
+                     f"{100 * r['scanned_fraction']:.2f}", f"{r['recall_at_k']:.3f}", f"{r['ns_per_key_thread']:.0f}",
+                     f"{r['build_s']:.2f} ({parts})",
                      f"{r['memory_bytes'] / 2**20:.0f}"])
     table = markdown_table(headers, rows)
     info = machine_info()
-    text = (f"Command: `{command_line(['bench', 'kernels'])}`  \nMachine: {machine_line(info)}; threads: {threads}.\n\n"
+    text = (f"Command: `{command_line(['bench', 'kernels'])}`  \nMachine: {machine_line(info)}; threads: {', '.join(map(str, thread_counts))}.\n\n"
             f"One layer call = search + attention of all {Hkv * group} query heads ({Hkv} KV heads, d {d}) for one "
-            f"decode step" + (f", then the residual estimate ({m_res} draws per head)" if m_res else "") + f".\n\n{table}\n")
+            f"decode step" + (f", with the residual estimate ({m_res} draws per head) in the same call; 'of it residual' = "
+                              f"the median extra time over the same call without it" if m_res else "") + f".\n\n{table}\n")
     print(text)
     if args.json:
         write_json(args.json, {"machine": info, "command": command_line(["bench", "kernels"]), "records": records})

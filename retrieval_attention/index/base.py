@@ -21,6 +21,8 @@ numbering, so the caller can keep values in a parallel array.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import json
 import os
 from abc import ABC, abstractmethod
@@ -100,6 +102,23 @@ def _all_finite(x: np.ndarray) -> bool:
     return bool(np.isfinite(x).all())
 
 
+@dataclass(frozen=True)
+class Residual:
+    """What :meth:`KVIndex.search_attend` needs to add the residual estimate (:mod:`..attention.residual`):
+    ``keys [n_kv_heads, >= n, D]`` float32 or uint16 bfloat16 bits, the keys drawn from (ids ``0..n-1``; the
+    index's own stored keys or the cache's copy), ``m`` draws per (KV head, query) (``<= 0``: none) and the
+    layer's ``seed``."""
+
+    keys: np.ndarray
+    n: int
+    m: int
+    seed: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.m > 0 and self.n > 0
+
+
 class KVIndex(ABC):
     """Maximum-inner-product top-k over the keys of all KV heads of one layer.
 
@@ -157,7 +176,8 @@ class KVIndex(ABC):
             )
         return q, int(k)
 
-    def search_attend(self, queries, k: int, values: np.ndarray, scaling: float, return_ids: bool = False, **budget):
+    def search_attend(self, queries, k: int, values: np.ndarray, scaling: float, return_ids: bool = False,
+                      residual: "Residual | None" = None, **budget):
         """Top-``k`` search + softmax attention over the retrieved keys' values.
 
         queries ``[Hq, L, D]`` float32; values ``[n_kv_heads, >= n_keys, Dv]`` numpy, float32/float16 or
@@ -166,6 +186,8 @@ class KVIndex(ABC):
         ``lse [Hq, L] float32`` (-inf there) and ``n_scanned [Hq, L] int64``. This generic version is
         ``search`` + :func:`.decode_kernels.retrieved_attention_ref`; indexes may fuse the two.
         ``return_ids``: also return the retrieved ids ``[Hq, L, k] int64`` (-1 padding) as a 4th item.
+        ``residual``: also merge the estimate of the attention over the non-retrieved keys into the result
+        (:class:`Residual`, :func:`~retrieval_attention.attention.residual.add_residual_into`).
         """
         from .decode_kernels import retrieved_attention_ref
 
@@ -173,6 +195,13 @@ class KVIndex(ABC):
         ids, scores, n_scanned = self.search(queries, k, **budget)
         kv_of_head = np.arange(ids.shape[0]) // (ids.shape[0] // self.n_kv_heads)
         out, lse = retrieved_attention_ref(scores, ids, values, kv_of_head, float(scaling))
+        if residual is not None and residual.active:
+            from ..attention.residual import add_residual_into
+
+            f32 = lambda a: a.astype(np.float32) if a.dtype == np.float16 else a  # noqa: E731 (kernels: f32 / bf16)
+            add_residual_into(out, lse, f32(np.asarray(residual.keys)), f32(values),
+                              np.ascontiguousarray(queries, np.float32), kv_of_head, ids, residual.n, residual.m,
+                              float(scaling), residual.seed)
         return (out, lse, n_scanned, ids) if return_ids else (out, lse, n_scanned)
 
     def _check_values(self, values) -> np.ndarray:

@@ -26,7 +26,9 @@ import numpy as np
 from numba import njit, prange
 
 from .bf16 import as_float32
-from .kernels import clear_visited, elem, emit_results, prefetch_rows_ahead, search_pair, visited_words
+from .kernels import (_dot, _test_and_set, clear_visited, elem, emit_results, prefetch_rows_ahead, search_pair,
+                      visited_words)
+from ..attention.residual_kernels import _draw, _finish, _row, _seed
 
 #: initial capacity of a worker's candidate heap (entries); a search that needs more grows a private copy
 CAND_INIT = 4096
@@ -34,7 +36,8 @@ CAND_INIT = 4096
 
 @njit(parallel=True, nogil=True, cache=True)
 def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_head, kv_of_head, entries, k, L,
-                        scaling, visited, cand_s, cand_i, out, out_lse, out_ns, out_ids, out_sc, order):
+                        scaling, visited, cand_s, cand_i, out, out_lse, out_ns, out_ids, out_sc, order,
+                        res_keys, res_n, res_m, res_seed, taken):
     """Fused top-``k`` search + attention of every (query head, query) pair of a layer.
 
     Inputs as :func:`.kernels.search_batch` (adj, keys, n_graph, n_total, queries [Hq, nq, d] float32,
@@ -48,6 +51,14 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
     :func:`balanced_order`); worker ``t`` takes ranks ``t, 2T-1-t, 2T+t, ...`` (a snake: the costliest pair
     goes with the cheapest), so the slowest worker, which the call waits for, has less to do. Any permutation
     gives the same results.
+
+    Residual estimate (``res_m > 0``): each pair then merges the estimate of the attention over its
+    non-retrieved keys into its result, exactly as :func:`~retrieval_attention.attention.residual.add_residual_into`
+    does afterwards (same draws from ``(res_seed, res_n, KV head, query)``, same float64 sums: bit-identical
+    results), in the same parallel call: no second thread launch per layer, and the draws spread over all
+    pairs instead of one task per KV head. res_keys [Hkv, >= res_n, d] (float32 or bfloat16 bits) are the
+    keys drawn from (ids ``0..res_n-1``), taken [T, >= ceil(res_n / 64)] uint64 per-worker bitsets, all
+    zero on entry (left zero). ``res_m <= 0``: no estimate (res_keys / taken are not read).
     """
     Hq, nq, d = queries.shape
     dv = values.shape[2]
@@ -59,6 +70,7 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
         c_i = cand_i[t]
         w_s = np.empty(L + 1, np.float64)
         w_i = np.empty(L + 1, np.int64)
+        beam = np.empty(L + 1, np.uint64)
         r_s = np.empty(k + 1, np.float64)
         r_i = np.empty(k + 1, np.int64)
         qv = np.empty(d, np.float32)
@@ -67,6 +79,12 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
         pw = np.empty(k, np.float64)
         acc = np.empty(dv, np.float64)
         vis = visited[t]
+        r_exact = res_n <= k + res_m
+        r_cnt = max(0, res_n if r_exact else res_m) if res_m > 0 else 0
+        r_ids = np.empty(r_cnt, np.int64)
+        r_sc = np.empty(r_cnt, np.float64)
+        r_keep = np.empty(r_cnt, np.bool_)
+        r_row = np.empty(dv, np.float32)
         for r in range((P + T - 1) // T):
             j = r * T + (np.int64(t) if r % 2 == 0 else T - 1 - np.int64(t))
             if j >= P:
@@ -79,10 +97,57 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
             for c in range(d):
                 qv[c] = queries[h, i, c]
             nr, ns, c_s, c_i = search_pair(adj, keys, n_graph, n_total, qv, graph_of_head[h], kv, entries, k, L,
-                                           vis, c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf)
+                                           vis, c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf, beam)
             emit_results(r_s, r_i, nr, k, out_ids, out_sc, h, i)
             out_ns[h, i] = ns
             _attend_one(values, kv, r_s, r_i, nr, scaling, pw, acc, out, out_lse, h, i)
+            if r_cnt > 0:
+                _residual_one(res_keys, values, qv, kv, h, i, r_i, nr, res_n, r_exact, r_cnt, scaling, res_seed,
+                              taken[t], r_ids, r_sc, r_keep, r_row, acc, out, out_lse)
+
+
+@njit(nogil=True, cache=True)
+def _residual_one(keys, values, qv, kv, h, i, r_i, nr, n, exact, cnt, scaling, seed, taken, ids, sc, keep, row, acc,
+                  out, out_lse):
+    """Residual estimate of pair (h, i) merged into ``out[h, i]`` / ``out_lse[h, i]``: the per-pair form of
+    :func:`~retrieval_attention.attention.residual.residual_attention` (the same draws and float64 sums, in the
+    same order). ``r_i[:nr]`` are the retrieved ids (excluded); ``taken`` a zeroed bitset, left zeroed."""
+    dv = values.shape[2]
+    for r in range(nr):
+        _test_and_set(taken, r_i[r])
+    if exact:
+        for t in range(cnt):
+            ids[t] = t
+    else:
+        st0 = _seed(seed, n, kv, i)
+        for t in range(cnt):
+            ids[t] = _draw(st0, t, n, cnt)
+    mx = -np.inf
+    for t in range(cnt):
+        prefetch_rows_ahead(keys, kv, ids, t, cnt)  # the draws are random rows
+        j = ids[t]
+        w = j >> 6
+        keep[t] = ((taken[w] >> np.uint64(j & 63)) & np.uint64(1)) == np.uint64(0)
+        if keep[t]:
+            sc[t] = _dot(qv, keys, kv, j) * scaling
+            if sc[t] > mx:
+                mx = sc[t]
+    for c in range(dv):
+        acc[c] = 0.0
+    z = 0.0
+    for t in range(cnt):
+        prefetch_rows_ahead(values, kv, ids, t, cnt)
+        if not keep[t]:
+            continue
+        _row(values, kv, ids[t], row)
+        wt = np.exp(sc[t] - mx)
+        z += wt
+        for c in range(dv):
+            acc[c] += wt * row[c]
+    for r in range(nr):  # leave the bitset zeroed for the next pair
+        j = r_i[r]
+        taken[j >> 6] = np.uint64(0)
+    _finish(out, out_lse, h, i, mx, z, acc, 1.0 if exact else n / cnt, True)
 
 
 def balanced_order(cost: np.ndarray | None, P: int) -> np.ndarray:
@@ -167,12 +232,14 @@ def retrieved_attention_ref(scores: np.ndarray, ids: np.ndarray, values: np.ndar
 # per-worker scratch pool
 # ---------------------------------------------------------------------------------------------------
 class SearchScratch:
-    """Scratch of ``T`` search workers: visited [T, ceil(n_vis / 64)] uint64 bitsets (one bit per graph node)
+    """Scratch of ``T`` search workers: visited [T, ceil(n_vis / 64)] uint64 bitsets (one bit per graph node),
+    taken [T, ceil(n_vis / 64)] uint64 bitsets (the residual's retrieved ids; kept all zero between uses)
     and candidate heaps cand_s [T, n_cand] float64 / cand_i [T, n_cand] int64."""
 
     def __init__(self, T: int, n_vis: int, n_cand: int) -> None:
         self.n_vis = n_vis
         self.visited = np.zeros((T, visited_words(n_vis)), np.uint64)
+        self.taken = np.zeros((T, visited_words(n_vis)), np.uint64)
         self.cand_s = np.empty((T, n_cand), np.float64)
         self.cand_i = np.empty((T, n_cand), np.int64)
 
@@ -181,7 +248,7 @@ class SearchScratch:
 
     @property
     def nbytes(self) -> int:
-        return self.visited.nbytes + self.cand_s.nbytes + self.cand_i.nbytes
+        return self.visited.nbytes + self.taken.nbytes + self.cand_s.nbytes + self.cand_i.nbytes
 
 
 _POOL: list[SearchScratch] = []

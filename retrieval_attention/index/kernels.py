@@ -285,8 +285,147 @@ def _grow_heap(hs, hi):
 
 @njit(nogil=True, cache=True)
 def search_pair(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis,
-                c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf):
+                c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf, beam):
     """Best-first beam search of one query ``qv [d] float32`` on graph ``g`` over the keys of KV head ``kv``.
+
+    adj [G, cap, M] int32; keys [Hkv, cap, d] float32 or uint16 (bfloat16 bits); entries [G, E] int32;
+    vis [>= ceil(n_graph / 64)] uint64 visited bits, all zero on entry (:func:`clear_visited`); scratch: candidate heap c_s/c_i
+    (float64/int64, any size > 0: grown by doubling when full), beam w_s/w_i [L + 1], result heap
+    r_s/r_i [k + 1], nbuf/sbuf [M], sorted beam ``beam [L + 1]`` uint64. Returns ``(nr, ns, c_s, c_i)``: the
+    result heap holds the ``nr`` best keys (worst at its root; see :func:`sort_results`), ``ns`` keys were
+    scored, and the (possibly grown) candidate arrays for reuse. Algorithm: see :func:`search_batch`.
+
+    With ``L >= k`` (the usual case) the search runs on a sorted beam (:func:`_search_sorted`), otherwise
+    with a candidate heap (:func:`_search_heap`); both expand the same nodes in the same order.
+    """
+    if L >= k:
+        nr, ns = _search_sorted(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis, beam, r_s, r_i,
+                                nbuf, sbuf)
+        return nr, ns, c_s, c_i
+    return _search_heap(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis,
+                        c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sorted beam: (score, id) packed into one uint64 whose integer order is the ranking
+# ---------------------------------------------------------------------------------------------------
+_SIGN32 = np.uint32(0x80000000)
+#: ids take bits 1..31 of a packed beam entry (stored as ``ID_FIELD - id``: a lower id ranks higher)
+ID_FIELD = np.uint64(0x7FFFFFFF)
+#: bit 0 of a packed beam entry: the node has been expanded
+_EXPANDED = np.uint64(1)
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    """The bits of a float32 as a uint32 (a bit cast)."""
+    if not (isinstance(x, types.Float) and x.bitwidth == 32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(x), codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def pack_entry(s, i):
+    """(float32 score ``s``, id ``0 <= i < 2**31``) -> uint64 that compares as the ranking: larger = higher
+    score, then lower id (:func:`_worse`'s order, -0.0 == 0.0); bit 0 (expanded) is clear."""
+    if s == 0:
+        s = np.float32(0.0)  # -0.0 ranks as 0.0, as the float comparison does
+    u = _f32_bits(np.float32(s))
+    o = ~u if (u & _SIGN32) != 0 else (u | _SIGN32)  # monotone float -> unsigned map
+    return (np.uint64(o) << np.uint64(32)) | ((ID_FIELD - np.uint64(i)) << np.uint64(1))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def entry_id(e):
+    """The id of a packed beam entry."""
+    return np.int64(ID_FIELD - ((e >> np.uint64(1)) & ID_FIELD))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def entry_score(e):
+    """The float32 score of a packed beam entry."""
+    o = np.uint32(e >> np.uint64(32))
+    return _bits_as_f32((o ^ _SIGN32) if (o & _SIGN32) != 0 else ~o)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _beam_insert(beam, nw, L, e):
+    """Insert packed entry ``e`` into ``beam[:nw]`` (sorted best first, at most ``L`` entries; the worst falls
+    off when full). Returns (position, or -1 when ``e`` ranks below a full beam's worst; new size)."""
+    if nw == L and e <= beam[L - 1]:
+        return -1, nw
+    pos = nw if nw < L else L - 1
+    while pos > 0 and beam[pos - 1] < e:  # new entries mostly land near the end: scan from there
+        beam[pos] = beam[pos - 1]
+        pos -= 1
+    beam[pos] = e
+    return pos, min(nw + 1, L)
+
+
+@njit(nogil=True, cache=True)
+def _search_sorted(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis, beam, r_s, r_i, nbuf, sbuf):
+    """Beam search with the beam as one sorted array (``L >= k``): the next node to expand is the best
+    unexpanded beam entry; the search ends when every beam entry is expanded. This expands exactly the nodes
+    of the candidate-heap formulation (:func:`_search_heap`) in the same order (a candidate that fell out of
+    the beam ranks below the beam's worst, which is where that one stops), without a candidate heap:
+    18-24% faster per scanned key on synthetic 8K-128K keys (one thread, dev VM). Returns (nr, ns) as
+    :func:`search_pair`."""
+    E = entries.shape[1]
+    M = adj.shape[2]
+    nw = 0
+    ns = 0
+    for e in range(E):
+        nid = entries[g, e]
+        if nid < 0 or nid >= n_graph or _test_and_set(vis, nid):
+            continue
+        ns += 1
+        pos, nw = _beam_insert(beam, nw, L, pack_entry(np.float32(_dot(qv, keys, kv, nid)), nid))
+    cur = 0
+    while cur < nw:
+        node = entry_id(beam[cur])
+        beam[cur] |= _EXPANDED
+        # gather the unvisited neighbours first and prefetch their key rows, then score them: the rows'
+        # DRAM loads overlap instead of one row per distance (search is bound by memory latency)
+        nn = 0
+        for m in range(M):
+            nb = adj[g, node, m]
+            if nb < 0:
+                break
+            if not _test_and_set(vis, nb):
+                nbuf[nn] = nb
+                nn += 1
+                _prefetch_row(keys, kv, nb)
+        for m in range(nn):
+            sbuf[m] = _dot(qv, keys, kv, nbuf[m])
+        ns += nn
+        low = nw
+        for m in range(nn):
+            pos, nw = _beam_insert(beam, nw, L, pack_entry(np.float32(sbuf[m]), nbuf[m]))
+            if pos >= 0:
+                # it may be expanded soon: start loading its adjacency row
+                _prefetch(adj, g, nbuf[m], 0)
+                low = min(low, pos)
+        cur = low if low <= cur else cur + 1
+        while cur < nw and (beam[cur] & _EXPANDED) != 0:
+            cur += 1
+    nr = min(k, nw)  # results = the beam's k best, stored worst first (a valid worst-at-root heap)
+    for r in range(nr):
+        r_s[r] = entry_score(beam[nr - 1 - r])
+        r_i[r] = entry_id(beam[nr - 1 - r])
+    for j in range(n_graph, n_total):  # exact scan of the tail (keys added after the graph was built)
+        acc, nr = _offer(r_s, r_i, nr, k, _dot(qv, keys, kv, j), j)
+        ns += 1
+    return nr, ns
+
+
+@njit(nogil=True, cache=True)
+def _search_heap(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis,
+                c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf):
+    """Best-first beam search with a candidate heap (any ``L``; :func:`search_pair` uses it when ``L < k``).
 
     adj [G, cap, M] int32; keys [Hkv, cap, d] float32 or uint16 (bfloat16 bits); entries [G, E] int32;
     vis [>= ceil(n_graph / 64)] uint64 visited bits, all zero on entry (:func:`clear_visited`); scratch: candidate heap c_s/c_i
@@ -441,6 +580,7 @@ def search_batch(adj, keys, n_graph, n_total, queries, graph_of_head, kv_of_head
         c_i = cand_i[t]
         w_s = np.empty(L + 1, np.float64)
         w_i = np.empty(L + 1, np.int64)
+        beam = np.empty(L + 1, np.uint64)
         r_s = np.empty(k + 1, np.float64)
         r_i = np.empty(k + 1, np.int64)
         qv = np.empty(d, np.float32)
@@ -454,7 +594,7 @@ def search_batch(adj, keys, n_graph, n_total, queries, graph_of_head, kv_of_head
             for c in range(d):
                 qv[c] = queries[h, i, c]
             nr, ns, c_s, c_i = search_pair(adj, keys, n_graph, n_total, qv, graph_of_head[h], kv_of_head[h],
-                                           entries, k, L, vis, c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf)
+                                           entries, k, L, vis, c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf, beam)
             emit_results(r_s, r_i, nr, k, out_ids, out_sc, h, i)
             out_ns[h, i] = ns
 

@@ -52,7 +52,7 @@ import torch
 
 from . import decode_kernels as DK
 from . import kernels as K
-from .base import IndexError_, KVIndex, register_index, spare_rows
+from .base import IndexError_, KVIndex, Residual, register_index, spare_rows  # noqa: F401 (Residual: annotations)
 from .bf16 import as_float32, bits_as_tensor, f32_to_bf16_bits
 
 GRAPH_PER = ("query_head", "kv_head")
@@ -426,13 +426,15 @@ class RoarIndex(KVIndex):
         return ids, sc, ns
 
     def search_attend(self, queries, k: int, values: np.ndarray, scaling: float, ef=None, return_ids: bool = False,
-                      **budget):
+                      residual: Residual | None = None, **budget):
         """Fused search + attention (:func:`.decode_kernels.search_attend_batch`); shapes as
-        :meth:`KVIndex.search_attend`. float32 and bfloat16-bits values take the compiled path, others
-        (float16) the generic one."""
+        :meth:`KVIndex.search_attend`. float32 and bfloat16-bits values (and residual keys) take the compiled
+        path, with the residual estimate inside the same call; others (float16) the generic one."""
         values = self._check_values(values)
-        if values.dtype not in (np.float32, np.uint16) or budget:
-            return super().search_attend(queries, k, values, scaling, return_ids=return_ids,
+        res = residual if residual is not None and residual.active else None
+        if values.dtype not in (np.float32, np.uint16) or budget or (
+                res is not None and np.asarray(res.keys).dtype not in (np.float32, np.uint16)):
+            return super().search_attend(queries, k, values, scaling, return_ids=return_ids, residual=residual,
                                          **({} if ef is None else {"ef": ef}), **budget)
         q, k = self._check_search(queries, k, {})
         L = self.ef if ef is None else _pos_int("ef", ef)
@@ -446,10 +448,21 @@ class RoarIndex(KVIndex):
         T = max(1, min(numba.get_num_threads(), Hq * nq))
         # the previous call's keys scanned per pair predict this one's cost: balance the workers by them
         order = DK.balanced_order(self._last_scanned, Hq * nq)
-        with self._lock, DK.scratch(T, self.n_graph) as w:
+        if res is not None:
+            res_keys = np.asarray(res.keys)
+            if res_keys.ndim != 3 or res_keys.shape[0] != self.n_kv_heads or res_keys.shape[2] != self.head_dim or \
+                    res_keys.shape[1] < res.n or res.n > values.shape[1]:
+                raise IndexError_(f"residual keys must have shape [{self.n_kv_heads}, >= n={res.n}, {self.head_dim}] "
+                                  f"and values a row for every drawn id; got keys {tuple(res_keys.shape)}, "
+                                  f"values {tuple(values.shape)}")
+        n_vis = max(self.n_graph, self.n_keys, res.n if res is not None else 0)
+        with self._lock, DK.scratch(T, n_vis) as w:
             DK.search_attend_batch(self._adj, self._keys, values, self.n_graph, self.n_keys, q, graph_of_head,
                                    kv_of_head, self._entries, k, L, float(scaling), w.visited[:T],
-                                   w.cand_s[:T], w.cand_i[:T], out, lse, ns, ids, sc, order)
+                                   w.cand_s[:T], w.cand_i[:T], out, lse, ns, ids, sc, order,
+                                   self._keys if res is None else res_keys, 0 if res is None else int(res.n),
+                                   0 if res is None else int(res.m), 0 if res is None else int(res.seed),
+                                   w.taken[:T])
         self._last_scanned = ns.reshape(-1)
         return (out, lse, ns, ids) if return_ids else (out, lse, ns)
 
