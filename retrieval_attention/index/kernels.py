@@ -11,8 +11,9 @@ Determinism / tie-breaking (mirrored exactly by :mod:`.reference`):
 * search scores (inner products) and build distances (squared L2) are accumulated in float32 (the
   references use float64: they agree except on scores equal to ~1e-7 relative, which random test data does
   not hit);
-* every ranking of keys by score is descending, ties by smaller id first (heaps included: (score, id)
-  keys are unique, so the pop order is fully determined);
+* every ranking of keys by score is descending, ties by smaller id first (heaps and the sorted beam's packed
+  entries included, -0.0 ranking as 0.0: (score, id) keys are unique, so the expansion order is fully
+  determined);
 * candidate pools for pruning are ordered by squared L2 distance to the pivot ascending (or first by
   co-occurrence count, descending), ties by smaller id.
 """

@@ -28,9 +28,10 @@ mean-query entry left one query head at recall 0 on SmolLM2 at 32K (layer 14, qu
 queries' top keys lay in a region the entry's region only reached through low-scoring keys.
 
 Search (:func:`kernels.search_batch`): every query head x query of the layer in one numba call, parallel
-over (head, query) pairs. HNSW-style best-first search with a candidate heap and a beam of the ``ef`` best
-nodes scored so far; every key scored is offered to a top-``k`` result heap, so ``ef`` may also be *smaller*
-than ``k`` (fewer keys scanned, lower recall). Keys added after build (``add``) sit in an exact-scanned
+over (head, query) pairs. Best-first beam search over the ``ef`` best nodes scored so far: with ``ef >= k`` the
+beam is one sorted array and the next node expanded is its best unexpanded entry; with ``ef < k`` (fewer keys
+scanned, lower recall) an HNSW-style candidate heap drives it and every key scored is offered to a
+top-``k`` result heap. Both expand the same nodes in the same order for ``ef >= k``. Keys added after build (``add``) sit in an exact-scanned
 *tail* merged by score; when the tail reaches ``insert_threshold`` keys it is inserted into the graphs in
 bulk (exact L2 kNN of the new keys -> out-lists, reverse edges re-pruned, the connectivity repair again), in a
 background thread on a copy of the graphs that replaces them ``insert_lag`` added keys later.
@@ -57,7 +58,7 @@ from .bf16 import as_float32, bits_as_tensor, f32_to_bf16_bits
 
 GRAPH_PER = ("query_head", "kv_head")
 #: how the projection step runs: the compiled CPU kernel, or batched torch ops (on the GPU when there is one;
-#: same graph, see :mod:`.projection_torch`)
+#: same graph, see :mod:`.projection_torch`; slower than the kernel on the H200 host, docs/BENCHMARKS.md session 6)
 PROJECTION = ("kernel", "torch")
 #: key storage of the index: float32, or bfloat16 (uint16 bits, rounded to nearest even; half the memory)
 STORAGE = ("float32", "bfloat16")
@@ -251,7 +252,9 @@ class RoarIndex(KVIndex):
     storage            ``"float32"`` or ``"bfloat16"``: dtype the keys are kept in (bfloat16 halves the
                        memory and the search bandwidth; exact for keys of a bfloat16 model)
     projection         ``"kernel"`` (compiled, CPU threads) or ``"torch"`` (batched tensor ops on the GPU when
-                       there is one, :mod:`.projection_torch`; same graph; not with ``fill``)
+                       there is one, :mod:`.projection_torch`; same graph; not with ``fill``). Measured on the
+                       H200: 23 s per 128K-key layer against 8 s for the kernel on 16 cores, so ``"kernel"`` stays
+                       the default.
     """
 
     budget_params = ("ef",)
