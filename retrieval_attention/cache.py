@@ -41,6 +41,9 @@ class LayerStats:
     host_s: float = 0.0
     #: seconds of the synchronous prefill hand-off (static split, device -> host copies) of this layer
     handoff_s: float = 0.0
+    #: fused layer calls: keys scanned by the most loaded worker / by the average worker, summed over calls
+    worker_keys_max: float = 0.0
+    worker_keys_mean: float = 0.0
 
 
 def host_copy(t: torch.Tensor, rows: int | None = None) -> torch.Tensor:
@@ -819,6 +822,12 @@ class RetrievalCache(DynamicCache):
             "handoff_s": sum(l.stats.handoff_s for l in rl),
             "index_build_stages_s": _sum_build_stages(rl),
             "cpu_attention_s": sum(l.stats.cpu_attention_s for l in rl),
+            # keys scanned by a layer call's most loaded worker over the average worker's (1 = balanced; the
+            # call waits for the most loaded one); None when no fused call recorded it
+            "worker_imbalance": (
+                sum(l.stats.worker_keys_max for l in rl) / sum(l.stats.worker_keys_mean for l in rl)
+                if sum(l.stats.worker_keys_mean for l in rl) > 0 else None
+            ),
             "n_searches": sum(l.stats.n_searches for l in rl),
             "scanned_fraction": (
                 sum(l.stats.n_scanned for l in rl) / max(1, sum(l.stats.n_cpu_keys_at_search for l in rl))

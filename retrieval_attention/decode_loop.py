@@ -316,6 +316,10 @@ class LeanDecoder:
             st.n_searches += n_pairs
             st.n_scanned += int(n_scanned.sum())
             st.n_cpu_keys_at_search += n_pairs * store.n
+            loads = getattr(store.index, "last_call_loads", None)
+            if loads is not None:
+                st.worker_keys_max += loads[0]
+                st.worker_keys_mean += loads[1]
         self._t[f"oc{i}"].copy_(self._oc_host, non_blocking=self.cuda)
         self._t[f"lc{i}"].copy_(self._lc_host, non_blocking=self.cuda)
         st.host_s += time.perf_counter() - t_ready

@@ -37,6 +37,7 @@ def test_bench_kernels_thread_sweep(tmp_path):
     assert [r["threads"] for r in recs] == [1, 2]
     assert recs[0]["scanned_fraction"] == recs[1]["scanned_fraction"]  # same searches, only the workers differ
     assert all(r["ns_per_key_thread"] > 0 for r in recs)
+    assert recs[0]["worker_imbalance"] == 1.0 and recs[1]["worker_imbalance"] >= 1.0  # one worker: balanced
 
 
 def test_bench_kernels_bad_input(capsys):

@@ -3,6 +3,7 @@ bfloat16 bit handling, ``KVIndex.search_attend`` and ``store.attend``."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -473,6 +474,27 @@ def test_add_stored_equals_add(storage):
     assert b.n_keys == 305
     other = new.float() if storage == "bfloat16" else new.bfloat16()
     assert not b.add_stored(tensor_as_numpy(other))
+
+
+def test_worker_loads_follow_the_snake():
+    cost = np.array([5.0, 1.0, 7.0, 2.0, 8.0, 3.0])
+    order = DK.balanced_order(cost, 6)  # 8, 7, 5, 3, 2, 1
+    # 3 workers, ranks 0 1 2 | 5 4 3: worker 0 gets 8 + 1, worker 1 7 + 2, worker 2 5 + 3
+    np.testing.assert_array_equal(DK.worker_loads(cost, order, 3), [9.0, 9.0, 8.0])
+    rng = np.random.default_rng(3)
+    for P, T in ((32, 16), (32, 14), (7, 3), (3, 5)):
+        c = rng.random(P)
+        loads = DK.worker_loads(c, rng.permutation(P), T)
+        assert loads.shape == (T,) and np.isclose(loads.sum(), c.sum())  # every pair on exactly one worker
+
+
+def test_roar_records_the_call_balance():
+    keys, tq, q, values = _data(9)
+    idx = make_index("roar").build(keys, tq)
+    _, _, ns = idx.search_attend(q, 10, values, 0.3)
+    most, mean = idx.last_call_loads
+    T = min(numba.get_num_threads(), ns.size)
+    assert np.isclose(mean * T, ns.sum()) and most >= mean
 
 
 def test_balanced_order_sorts_by_cost():

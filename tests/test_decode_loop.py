@@ -75,6 +75,11 @@ def test_lean_other_methods_indexes_and_dense_layers(method, index, dense):
     _, cache = _compare(model, cfg, ids, layerwise=True)
     if method == "streaming":
         assert all(s.n == 0 for l in cache.retrieval_layers for s in l.stores)
+    imb = cache.stats()["worker_imbalance"]
+    if index == "roar" and method == "retrieval":  # the fused calls record their workers' loads
+        assert imb is not None and imb >= 1.0
+    else:
+        assert imb is None
 
 
 def test_lean_left_padded_batch():

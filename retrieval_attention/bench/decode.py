@@ -290,6 +290,8 @@ def run_one(model, method, index, ctx, args, device):
         rec["kv_device_bytes"] = st.get("kv_device_bytes")
         rec["kv_cpu_bytes"] = st.get("kv_cpu_bytes")
         rec["scanned_fraction"] = st.get("scanned_fraction") if st.get("n_searches") else None
+        if st.get("worker_imbalance") is not None:  # the fused layer calls' most / average worker load
+            rec["worker_imbalance"] = st["worker_imbalance"]
     except torch.OutOfMemoryError as e:
         rec["oom"] = True
         rec["error"] = str(e).splitlines()[0][:200]
@@ -367,6 +369,7 @@ def run(args) -> int:
         msg = f"OOM ({rec.get('oom_reason', 'GPU memory')})" if rec["oom"] else (f"{rec['decode_ms_per_token']:.1f} ms/token ({rec['decode_mode']} decode), "
                                         f"prefill {rec['prefill_s']:.1f} s ({rec['prefill_mode']})"
                                         + (f", scanned {100 * rec['scanned_fraction']:.2f}%" if rec.get("scanned_fraction") else "")
+                                        + (f", worker imbalance {rec['worker_imbalance']:.2f}" if rec.get("worker_imbalance") else "")
                                         + (f", search/attn {rec['breakdown_ms']['cpu_search']:.1f}/{rec['breakdown_ms']['cpu_attention']:.1f} ms"
                                            if rec.get("breakdown_ms") else "")
                                         + ("".join(f", {k} {v:.1f} ms" for k, v in rec["breakdown_ms"].items()

@@ -114,7 +114,7 @@ def run(args) -> int:
             numba.set_num_threads(T)
             torch.set_num_threads(T)
             for ef in efs:
-                times, res_times, scanned, recall = [], [], [], []
+                times, res_times, scanned, recall, balance = [], [], [], [], []
                 for step in range(te.shape[1]):
                     q = np.ascontiguousarray(te[:, step : step + 1])
                     budget = {} if ef is None else {budget_key: ef}
@@ -129,6 +129,9 @@ def run(args) -> int:
                         dt = time.perf_counter() - t1
                     if step < WARMUP_STEPS:
                         continue
+                    loads = getattr(idx, "last_call_loads", None)
+                    if loads is not None and loads[1] > 0:
+                        balance.append(loads[0] / loads[1])
                     times.append(dt)
                     res_times.append(dt - dt_plain)
                     scanned.append(float(ns.mean()) / n)
@@ -148,6 +151,8 @@ def run(args) -> int:
                 # call scales with threads, rising when memory or synchronisation limits it
                 scanned_keys = float(np.mean(scanned)) * n * Hkv * group
                 rec["ns_per_key_thread"] = (rec["layer_ms"] - rec["residual_ms"]) * 1e6 * T / max(scanned_keys, 1.0)
+                # keys scanned by the call's most loaded worker / the average worker (median over steps)
+                rec["worker_imbalance"] = float(np.median(balance)) if balance else None
                 records.append(rec)
                 print(f"  {budget_key}={ef}, {T} threads: {rec['layer_ms']:.2f} ms per layer call, scanned {100 * rec['scanned_fraction']:.2f}%, "
                       f"recall@{args.top_k} {rec['recall_at_k']:.3f}", file=sys.stderr, flush=True)

@@ -158,6 +158,21 @@ def balanced_order(cost: np.ndarray | None, P: int) -> np.ndarray:
     return np.argsort(-np.asarray(cost, np.float64), kind="stable").astype(np.int64)
 
 
+def worker_loads(cost: np.ndarray, order: np.ndarray, T: int) -> np.ndarray:
+    """Per-worker sums of ``cost [P]`` (e.g. keys scanned per pair) under :func:`search_attend_batch`'s snake
+    assignment of ``order`` to ``T`` workers -> ``[T]`` float64. A layer call lasts about as long as its most
+    loaded worker: ``max / mean`` of this is the call's imbalance (1 = perfect)."""
+    cost = np.asarray(cost, np.float64).reshape(-1)
+    P = len(order)
+    loads = np.zeros(T, np.float64)
+    for r in range((P + T - 1) // T):
+        for t in range(T):
+            j = r * T + (t if r % 2 == 0 else T - 1 - t)
+            if j < P:
+                loads[t] += cost[order[j]]
+    return loads
+
+
 @njit(fastmath={"reassoc", "contract", "nsz", "arcp"}, nogil=True, cache=True)
 def _attend_one(values, kv, r_s, r_i, nr, scaling, pw, acc, out, out_lse, h, i):
     """Softmax attention of one query over the ``nr`` retrieved keys (scores r_s, ids r_i) of KV head kv."""

@@ -467,6 +467,9 @@ class RoarIndex(KVIndex):
                                    0 if res is None else int(res.m), 0 if res is None else int(res.seed),
                                    w.taken[:T])
         self._last_scanned = ns.reshape(-1)
+        loads = DK.worker_loads(self._last_scanned, order, T)
+        #: (most, mean) keys scanned by one worker in the last fused call: its load balance
+        self.last_call_loads = (float(loads.max()), float(loads.mean()))
         return (out, lse, ns, ids) if return_ids else (out, lse, ns)
 
     # ---- insertion --------------------------------------------------------------------------------
