@@ -306,10 +306,6 @@ def _add_residual(out, lse, keys, values, queries, group, ids, n, m, scaling, se
     ones. Returns ``(out, lse)``."""
     from .attention.residual import add_residual_into
 
-    if values.dtype == np.float16:  # the compiled kernels read float32 or bfloat16 bits
-        values = values.astype(np.float32)
-    if keys.dtype == np.float16:
-        keys = keys.astype(np.float32)
     out = np.ascontiguousarray(out, np.float32)
     lse = np.ascontiguousarray(lse, np.float32)
     kv_of_head = np.arange(queries.shape[0]) // group

@@ -178,8 +178,15 @@ def residual_attention_ref(keys, values, queries, kv_of_head, topk_ids, n, m, sc
 RESIDUAL_SPLIT = 1
 
 
+def _kernel_rows(a: np.ndarray) -> np.ndarray:
+    """Key / value rows as the compiled kernels read them: float32 or uint16 bfloat16 bits (float16 is widened)."""
+    return a.astype(np.float32) if a.dtype == np.float16 else a
+
+
 def _run_kernel(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed, out, lse, merge: bool) -> None:
-    """:func:`residual_attention` with its inputs made contiguous and typed, :data:`RESIDUAL_SPLIT` splits."""
+    """:func:`residual_attention` with its inputs made contiguous and typed (float16 keys / values widened to
+    float32), :data:`RESIDUAL_SPLIT` splits."""
+    keys, values = _kernel_rows(keys), _kernel_rows(values)
     residual_attention(keys, values, np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(kv_of_head, np.int64),
                        np.ascontiguousarray(topk_ids, np.int64), int(n), int(m), float(scaling), int(seed), out, lse,
                        RESIDUAL_SPLIT, merge)

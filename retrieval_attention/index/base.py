@@ -198,10 +198,8 @@ class KVIndex(ABC):
         if residual is not None and residual.active:
             from ..attention.residual import add_residual_into
 
-            f32 = lambda a: a.astype(np.float32) if a.dtype == np.float16 else a  # noqa: E731 (kernels: f32 / bf16)
-            add_residual_into(out, lse, f32(np.asarray(residual.keys)), f32(values),
-                              np.ascontiguousarray(queries, np.float32), kv_of_head, ids, residual.n, residual.m,
-                              float(scaling), residual.seed)
+            add_residual_into(out, lse, np.asarray(residual.keys), values, queries, kv_of_head, ids, residual.n,
+                              residual.m, float(scaling), residual.seed)
         return (out, lse, n_scanned, ids) if return_ids else (out, lse, n_scanned)
 
     def _check_values(self, values) -> np.ndarray:

@@ -285,6 +285,35 @@ def _grow_heap(hs, hi):
 
 
 @njit(nogil=True, cache=True)
+def _expand(adj, keys, g, kv, node, qv, vis, nbuf, sbuf):
+    """Expansion of ``node`` in graph ``g``: its not yet visited neighbours (marked visited) into ``nbuf`` and
+    their scores ``qv . keys[kv, nb]`` into ``sbuf``; returns their count. The neighbours are gathered and their
+    key rows prefetched first, then scored: the rows' DRAM loads overlap instead of one row per distance
+    (search is bound by memory latency)."""
+    nn = 0
+    for m in range(adj.shape[2]):
+        nb = adj[g, node, m]
+        if nb < 0:
+            break
+        if not _test_and_set(vis, nb):
+            nbuf[nn] = nb
+            nn += 1
+            _prefetch_row(keys, kv, nb)
+    for m in range(nn):
+        sbuf[m] = _dot(qv, keys, kv, nbuf[m])
+    return nn
+
+
+@njit(nogil=True, cache=True)
+def _scan_tail(keys, kv, qv, n_graph, n_total, k, r_s, r_i, nr):
+    """Exact scan of the tail (keys ``n_graph..n_total-1``, added after the graph was built) into the result
+    heap ``r_s / r_i`` of size ``nr`` (bounded to ``k``); returns its new size."""
+    for j in range(n_graph, n_total):
+        acc, nr = _offer(r_s, r_i, nr, k, _dot(qv, keys, kv, j), j)
+    return nr
+
+
+@njit(nogil=True, cache=True)
 def search_pair(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis,
                 c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf, beam):
     """Best-first beam search of one query ``qv [d] float32`` on graph ``g`` over the keys of KV head ``kv``.
@@ -376,7 +405,6 @@ def _search_sorted(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis, b
     18-24% faster per scanned key on synthetic 8K-128K keys (one thread, dev VM). Returns (nr, ns) as
     :func:`search_pair`."""
     E = entries.shape[1]
-    M = adj.shape[2]
     nw = 0
     ns = 0
     for e in range(E):
@@ -389,19 +417,7 @@ def _search_sorted(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis, b
     while cur < nw:
         node = entry_id(beam[cur])
         beam[cur] |= _EXPANDED
-        # gather the unvisited neighbours first and prefetch their key rows, then score them: the rows'
-        # DRAM loads overlap instead of one row per distance (search is bound by memory latency)
-        nn = 0
-        for m in range(M):
-            nb = adj[g, node, m]
-            if nb < 0:
-                break
-            if not _test_and_set(vis, nb):
-                nbuf[nn] = nb
-                nn += 1
-                _prefetch_row(keys, kv, nb)
-        for m in range(nn):
-            sbuf[m] = _dot(qv, keys, kv, nbuf[m])
+        nn = _expand(adj, keys, g, kv, node, qv, vis, nbuf, sbuf)
         ns += nn
         low = nw
         for m in range(nn):
@@ -417,16 +433,14 @@ def _search_sorted(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis, b
     for r in range(nr):
         r_s[r] = entry_score(beam[nr - 1 - r])
         r_i[r] = entry_id(beam[nr - 1 - r])
-    for j in range(n_graph, n_total):  # exact scan of the tail (keys added after the graph was built)
-        acc, nr = _offer(r_s, r_i, nr, k, _dot(qv, keys, kv, j), j)
-        ns += 1
-    return nr, ns
+    return _scan_tail(keys, kv, qv, n_graph, n_total, k, r_s, r_i, nr), ns + (n_total - n_graph)
 
 
 @njit(nogil=True, cache=True)
 def _search_heap(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis,
                 c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf):
-    """Best-first beam search with a candidate heap (any ``L``; :func:`search_pair` uses it when ``L < k``).
+    """Best-first beam search with a candidate heap and a result heap (:func:`search_pair` uses it when
+    ``L < k``; correct for any ``L``).
 
     adj [G, cap, M] int32; keys [Hkv, cap, d] float32 or uint16 (bfloat16 bits); entries [G, E] int32;
     vis [>= ceil(n_graph / 64)] uint64 visited bits, all zero on entry (:func:`clear_visited`); scratch: candidate heap c_s/c_i
@@ -436,10 +450,6 @@ def _search_heap(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis,
     grown) candidate arrays for reuse. Algorithm: see :func:`search_batch`.
     """
     E = entries.shape[1]
-    M = adj.shape[2]
-    # with L >= k the top-k of everything scored is the top-k of the beam (the beam holds the L best under
-    # the same order), so the result heap is only filled at the end: one heap update per scored key less
-    beam_only = L >= k
     nc = 0
     nw = 0
     nr = 0
@@ -450,60 +460,35 @@ def _search_heap(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis,
             continue
         s = _dot(qv, keys, kv, nid)
         ns += 1
-        if not beam_only:
-            acc, nr = _offer(r_s, r_i, nr, k, s, nid)
+        acc, nr = _offer(r_s, r_i, nr, k, s, nid)
         acc, nw = _offer(w_s, w_i, nw, L, s, nid)
-        if acc or (not beam_only and nr < k):
+        if acc or nr < k:
             if nc == c_s.shape[0]:
                 c_s, c_i = _grow_heap(c_s, c_i)
             nc = _max_push(c_s, c_i, nc, s, nid)
     while nc > 0:
         cs = c_s[0]
         node = c_i[0]
-        if nw == L and (beam_only or nr == k) and _worse(cs, node, w_s[0], w_i[0]):
+        if nw == L and nr == k and _worse(cs, node, w_s[0], w_i[0]):
             break
         nc = _max_pop(c_s, c_i, nc)
         if nc > 0:  # the likely next expansion: its adjacency row loads while this one is scored
             _prefetch(adj, g, c_i[0], 0)
-        # gather the unvisited neighbours first and prefetch their key rows, then score them: the rows'
-        # DRAM loads overlap instead of one row per distance (search is bound by memory latency)
-        nn = 0
-        for m in range(M):
-            nb = adj[g, node, m]
-            if nb < 0:
-                break
-            if not _test_and_set(vis, nb):
-                nbuf[nn] = nb
-                nn += 1
-                _prefetch_row(keys, kv, nb)
-        for m in range(nn):
-            sbuf[m] = _dot(qv, keys, kv, nbuf[m])
+        nn = _expand(adj, keys, g, kv, node, qv, vis, nbuf, sbuf)
         ns += nn
         for m in range(nn):
             s = sbuf[m]
             nb = nbuf[m]
-            if not beam_only:
-                acc, nr = _offer(r_s, r_i, nr, k, s, nb)
+            acc, nr = _offer(r_s, r_i, nr, k, s, nb)
             acc, nw = _offer(w_s, w_i, nw, L, s, nb)
-            if acc or (not beam_only and nr < k):
+            if acc or nr < k:
                 if nc == c_s.shape[0]:
                     c_s, c_i = _grow_heap(c_s, c_i)
                 nc = _max_push(c_s, c_i, nc, s, nb)
                 # a candidate's adjacency row is read when it is expanded: start loading it now, so that
                 # expansion waits for one DRAM round trip (its neighbours' keys) instead of two
                 _prefetch_row(adj, g, nb)
-    if beam_only:  # results = the beam's k best, stored worst first (ascending order is a valid min-heap)
-        sort_results(w_s, w_i, nw)
-        nr = min(k, nw)
-        for r in range(nr):
-            r_s[r] = w_s[nr - 1 - r]
-            r_i[r] = w_i[nr - 1 - r]
-    # exact scan of the tail (keys added after the graph was built)
-    for j in range(n_graph, n_total):
-        s = _dot(qv, keys, kv, j)
-        ns += 1
-        acc, nr = _offer(r_s, r_i, nr, k, s, j)
-    return nr, ns, c_s, c_i
+    return _scan_tail(keys, kv, qv, n_graph, n_total, k, r_s, r_i, nr), ns + (n_total - n_graph), c_s, c_i
 
 
 @njit(nogil=True, cache=True)

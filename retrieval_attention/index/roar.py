@@ -435,8 +435,9 @@ class RoarIndex(KVIndex):
         path, with the residual estimate inside the same call; others (float16) the generic one."""
         values = self._check_values(values)
         res = residual if residual is not None and residual.active else None
+        res_keys = None if res is None else np.asarray(res.keys)
         if values.dtype not in (np.float32, np.uint16) or budget or (
-                res is not None and np.asarray(res.keys).dtype not in (np.float32, np.uint16)):
+                res_keys is not None and res_keys.dtype not in (np.float32, np.uint16)):
             return super().search_attend(queries, k, values, scaling, return_ids=return_ids, residual=residual,
                                          **({} if ef is None else {"ef": ef}), **budget)
         q, k = self._check_search(queries, k, {})
@@ -452,7 +453,6 @@ class RoarIndex(KVIndex):
         # the previous call's keys scanned per pair predict this one's cost: balance the workers by them
         order = DK.balanced_order(self._last_scanned, Hq * nq)
         if res is not None:
-            res_keys = np.asarray(res.keys)
             if res_keys.ndim != 3 or res_keys.shape[0] != self.n_kv_heads or res_keys.shape[2] != self.head_dim or \
                     res_keys.shape[1] < res.n or res.n > values.shape[1]:
                 raise IndexError_(f"residual keys must have shape [{self.n_kv_heads}, >= n={res.n}, {self.head_dim}] "
