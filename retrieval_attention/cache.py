@@ -24,6 +24,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .config import RetrievalConfig
+from .hostmem import huge_tensor
 from .index import KVIndex, make_index
 from .index.base import Residual, spare_rows
 from .index.bf16 import tensor_as_numpy
@@ -58,7 +59,7 @@ def host_copy(t: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     rows = n if rows is None else max(rows, n)
     if t.device.type == "cpu" and rows == n:
         return t.detach()
-    out = torch.empty((H, rows, D), dtype=t.dtype)
+    out = huge_tensor((H, rows, D), t.dtype)  # read at random by the decode kernels: huge pages
     if t.device.type != "cpu":
         out.zero_()
     out[:, :n].copy_(t.detach())

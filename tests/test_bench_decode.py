@@ -57,6 +57,15 @@ def test_bench_decode_rejects_unknown_method():
     assert main(["bench", "decode", "--shape", "tiny", "--context", "100", "--methods", "fast"]) == 2
 
 
+def test_bench_decode_dtype_spellings(capsys):
+    from retrieval_attention.bench.decode import DTYPES
+
+    assert {DTYPES[k] for k in ("bf16", "fp16", "fp32")} == {"bfloat16", "float16", "float32"}
+    with pytest.raises(SystemExit) as e:  # argparse: names the valid choices instead of a traceback
+        main(["bench", "decode", "--shape", "tiny", "--dtype", "bfloat"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bad, msg", [(["--residual-samples", "-1"], "--residual-samples must be >= 0"),
                                       (["--ef", "0"], "--ef must be >= 1"),
                                       (["--max-train-queries", "0"], "--max-train-queries must be >= 1"),

@@ -40,6 +40,21 @@ def test_bench_kernels_thread_sweep(tmp_path):
     assert recs[0]["worker_imbalance"] == 1.0 and recs[1]["worker_imbalance"] >= 1.0  # one worker: balanced
 
 
+def test_bench_kernels_layers_in_turn(tmp_path):
+    """--layers: several independent layers (own data and index) called in turn each step, as decoding does."""
+    out = tmp_path / "k.json"
+    assert main(["bench", "kernels", "--keys", "1K", "--shape", "tiny", "--ef", "32", "--steps", "3",
+                 "--threads", "1", "--layers", "3", "--json", str(out)]) == 0
+    (rec,) = json.loads(out.read_text())["records"]
+    assert rec["layers"] == 3 and rec["timed_calls"] == 9
+    assert main(["bench", "kernels", "--keys", "1K", "--shape", "tiny", "--ef", "32", "--steps", "3",
+                 "--threads", "1", "--json", str(out)]) == 0
+    (one,) = json.loads(out.read_text())["records"]
+    assert one["layers"] == 1 and one["timed_calls"] == 3
+    # the first layer's data is the one-layer run's; the other layers are new draws, so the means differ
+    assert rec["scanned_fraction"] != one["scanned_fraction"]
+
+
 def test_bench_kernels_bad_input(capsys):
     assert main(["bench", "kernels", "--threads", "0,4"]) == 2
     assert "--threads takes positive integers" in capsys.readouterr().err
@@ -49,3 +64,5 @@ def test_bench_kernels_bad_input(capsys):
     assert "--top-k" in capsys.readouterr().err
     assert main(["bench", "kernels", "--keys", "1K", "--shape", "tiny", "--residual-samples", "-1"]) == 2
     assert "--residual-samples must be >= 0" in capsys.readouterr().err
+    assert main(["bench", "kernels", "--keys", "1K", "--shape", "tiny", "--layers", "0"]) == 2
+    assert "--layers" in capsys.readouterr().err

@@ -99,7 +99,7 @@ def _run_search(adj, keys, n_graph, n_total, queries, goh, koh, entries, k, L, T
 
 
 def _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L, scaling, T=2, order=None,
-               res_m=0, res_seed=0):
+               res_m=0, res_seed=0, dynamic=False):
     Hq, nq = queries.shape[:2]
     out = np.empty((Hq, nq, values.shape[2]), np.float32)
     lse = np.empty((Hq, nq), np.float32)
@@ -109,11 +109,13 @@ def _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, 
     w = DK.SearchScratch(T, keys.shape[1], 3)  # tiny candidate heaps: grown inside
     w.visited[1] = np.uint64(2**64 - 1)  # dirty bits: the kernel clears them before each search
     for _ in range(2):  # reused scratch must not leak state between calls
+        worker = np.full(Hq * nq, -1, np.int64)
         DK.search_attend_batch(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L, scaling,
                                w.visited, w.cand_s, w.cand_i, out, lse, ns, ids, sc,
                                DK.balanced_order(None, Hq * nq) if order is None else order,
-                               keys, n_total, res_m, res_seed, w.taken)
+                               keys, n_total, res_m, res_seed, w.taken, worker, dynamic)
         assert not w.taken.any()  # the residual's bitsets are left zeroed
+        assert ((worker >= 0) & (worker < T)).all()  # every pair was run, by one of the T workers
     return out, lse, ns, ids, sc
 
 
@@ -137,9 +139,11 @@ def test_fused_kernel_matches_search_and_reference(seed, graph_per, storage):
         np.testing.assert_array_equal(ns2, ns)
         # any work order (the load balancing by last step's cost) gives the same results, odd thread counts too
         P = queries.shape[0] * queries.shape[1]
-        for T, order in ((3, DK.balanced_order(rng.random(P), P)), (5, rng.permutation(P).astype(np.int64))):
+        for T, order, dyn in ((3, DK.balanced_order(rng.random(P), P), False),
+                              (5, rng.permutation(P).astype(np.int64), False),
+                              (4, DK.balanced_order(rng.random(P), P), True)):  # the atomic work counter
             o3, l3, ns3, ids3, sc3 = _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k,
-                                                L, scaling, T=T, order=order)
+                                                L, scaling, T=T, order=order, dynamic=dyn)
             np.testing.assert_array_equal(ids3, ids)
             np.testing.assert_array_equal(ns3, ns)
             np.testing.assert_array_equal(o3, out)
@@ -476,16 +480,37 @@ def test_add_stored_equals_add(storage):
     assert not b.add_stored(tensor_as_numpy(other))
 
 
-def test_worker_loads_follow_the_snake():
+def test_worker_loads_sum_each_workers_pairs():
     cost = np.array([5.0, 1.0, 7.0, 2.0, 8.0, 3.0])
-    order = DK.balanced_order(cost, 6)  # 8, 7, 5, 3, 2, 1
-    # 3 workers, ranks 0 1 2 | 5 4 3: worker 0 gets 8 + 1, worker 1 7 + 2, worker 2 5 + 3
-    np.testing.assert_array_equal(DK.worker_loads(cost, order, 3), [9.0, 9.0, 8.0])
+    worker = np.array([0, 2, 1, 1, 0, 2])
+    np.testing.assert_array_equal(DK.worker_loads(cost, worker, 4), [13.0, 9.0, 4.0, 0.0])
     rng = np.random.default_rng(3)
     for P, T in ((32, 16), (32, 14), (7, 3), (3, 5)):
         c = rng.random(P)
-        loads = DK.worker_loads(c, rng.permutation(P), T)
+        loads = DK.worker_loads(c, rng.integers(0, T, P), T)
         assert loads.shape == (T,) and np.isclose(loads.sum(), c.sum())  # every pair on exactly one worker
+
+
+def test_atomic_counter_hands_out_each_rank_once():
+    """The fused call's work counter: under many threads every rank 0..P-1 is taken exactly once."""
+    from numba import njit, prange
+
+    @njit(parallel=True)
+    def take_all(P, T):
+        counter = np.zeros(1, np.int64)
+        times = np.zeros(P, np.int64)
+        for t in prange(T):
+            while True:
+                j = K.atomic_fetch_add(counter, 0, 1)
+                if j >= P:
+                    break
+                times[j] += 1  # no race: rank j goes to one worker only
+        return times, counter
+
+    for P, T in ((1000, 8), (5, 16), (0, 3)):
+        times, counter = take_all(P, T)
+        assert (times == 1).all()
+        assert counter[0] == P + T  # each worker's last fetch sees the counter past the end
 
 
 def test_roar_records_the_call_balance():
@@ -495,6 +520,20 @@ def test_roar_records_the_call_balance():
     most, mean = idx.last_call_loads
     T = min(numba.get_num_threads(), ns.size)
     assert np.isclose(mean * T, ns.sum()) and most >= mean
+
+
+def test_roar_schedules_give_the_same_results():
+    keys, tq, q, values = _data(10)
+    snake = make_index("roar").build(keys, tq)
+    dynamic = make_index("roar", schedule="dynamic").build(keys, tq)  # deterministic build: the same graph
+    np.testing.assert_array_equal(dynamic._adj, snake._adj)
+    for _ in range(2):  # the second call orders the pairs by the first call's cost
+        a = snake.search_attend(q, 10, values, 0.3, return_ids=True)
+        b = dynamic.search_attend(q, 10, values, 0.3, return_ids=True)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    with pytest.raises(IndexError_, match="schedule"):
+        make_index("roar", schedule="greedy")
 
 
 def test_balanced_order_sorts_by_cost():

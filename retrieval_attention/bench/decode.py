@@ -36,6 +36,9 @@ SHAPES = {
                  num_key_value_heads=2, head_dim=32, vocab_size=1024, rope_theta=10000.0),
 }
 METHODS = ("full", "offload", "retrieval", "streaming")
+#: --dtype spellings -> torch dtype names
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+          "fp32": "float32", "float32": "float32"}
 
 
 def parse_size(s: str) -> int:
@@ -79,7 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=64, help="timed decode steps (median reported)")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="model dtype (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--gpu-memory-budget", default=None, help="emulate a smaller GPU, e.g. 24GB")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
@@ -314,7 +318,7 @@ def run(args) -> int:
     from .common import command_line, default_docs_path, machine_line, markdown_table, update_doc_section, write_json
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:

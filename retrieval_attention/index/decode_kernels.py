@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from .bf16 import as_float32
-from .kernels import (_dot, _test_and_set, clear_visited, elem, emit_results, prefetch_rows_ahead, search_pair,
+from .kernels import (_dot, atomic_fetch_add, _test_and_set, clear_visited, elem, emit_results, prefetch_rows_ahead, search_pair,
                       visited_words)
 from ..attention.residual_kernels import _draw, _finish, _row, _seed
 
@@ -37,7 +37,7 @@ CAND_INIT = 4096
 @njit(parallel=True, nogil=True, cache=True)
 def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_head, kv_of_head, entries, k, L,
                         scaling, visited, cand_s, cand_i, out, out_lse, out_ns, out_ids, out_sc, order,
-                        res_keys, res_n, res_m, res_seed, taken):
+                        res_keys, res_n, res_m, res_seed, taken, out_worker, dynamic):
     """Fused top-``k`` search + attention of every (query head, query) pair of a layer.
 
     Inputs as :func:`.kernels.search_batch` (adj, keys, n_graph, n_total, queries [Hq, nq, d] float32,
@@ -48,9 +48,11 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
     results out_ids [Hq, nq, k] int64 / out_sc [Hq, nq, k] float32 exactly as ``search_batch`` would.
 
     ``order [Hq * nq]`` int64: the pairs (``h * nq + i``) from the most to the least expensive expected (see
-    :func:`balanced_order`); worker ``t`` takes ranks ``t, 2T-1-t, 2T+t, ...`` (a snake: the costliest pair
-    goes with the cheapest), so the slowest worker, which the call waits for, has less to do. Any permutation
-    gives the same results.
+    :func:`balanced_order`). ``dynamic`` False: worker ``t`` takes ranks ``t, 2T-1-t, 2T+t, ...`` (a snake:
+    the costliest pair goes with the cheapest), so the slowest worker, which the call waits for, has less to
+    do; True: workers take the next rank from a shared atomic counter as they become free (longest expected
+    first, then whoever finishes first takes the next). ``out_worker [Hq * nq]`` int64 receives the worker
+    that ran each pair. Any order and any assignment give the same results.
 
     Residual estimate (``res_m > 0``): each pair then merges the estimate of the attention over its
     non-retrieved keys into its result, exactly as :func:`~retrieval_attention.attention.residual.add_residual_into`
@@ -65,6 +67,7 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
     P = Hq * nq
     T = visited.shape[0]
     M = adj.shape[2]
+    next_pair = np.zeros(1, np.int64)  # rank in ``order`` of the next pair to hand out
     for t in prange(T):
         c_s = cand_s[t]
         c_i = cand_i[t]
@@ -85,11 +88,17 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
         r_sc = np.empty(r_cnt, np.float64)
         r_keep = np.empty(r_cnt, np.bool_)
         r_row = np.empty(dv, np.float32)
-        for r in range((P + T - 1) // T):
-            j = r * T + (np.int64(t) if r % 2 == 0 else T - 1 - np.int64(t))
+        r = 0
+        while True:
+            if dynamic:
+                j = atomic_fetch_add(next_pair, 0, 1)
+            else:
+                j = r * T + (np.int64(t) if r % 2 == 0 else T - 1 - np.int64(t))
+                r += 1
             if j >= P:
-                continue
+                break
             p = order[j]
+            out_worker[p] = t
             h = p // nq
             i = p - h * nq
             kv = kv_of_head[h]
@@ -158,19 +167,12 @@ def balanced_order(cost: np.ndarray | None, P: int) -> np.ndarray:
     return np.argsort(-np.asarray(cost, np.float64), kind="stable").astype(np.int64)
 
 
-def worker_loads(cost: np.ndarray, order: np.ndarray, T: int) -> np.ndarray:
-    """Per-worker sums of ``cost [P]`` (e.g. keys scanned per pair) under :func:`search_attend_batch`'s snake
-    assignment of ``order`` to ``T`` workers -> ``[T]`` float64. A layer call lasts about as long as its most
-    loaded worker: ``max / mean`` of this is the call's imbalance (1 = perfect)."""
-    cost = np.asarray(cost, np.float64).reshape(-1)
-    P = len(order)
-    loads = np.zeros(T, np.float64)
-    for r in range((P + T - 1) // T):
-        for t in range(T):
-            j = r * T + (t if r % 2 == 0 else T - 1 - t)
-            if j < P:
-                loads[t] += cost[order[j]]
-    return loads
+def worker_loads(cost: np.ndarray, worker: np.ndarray, T: int) -> np.ndarray:
+    """Per-worker sums of ``cost [P]`` (e.g. keys scanned per pair) given the worker that ran each pair
+    (``worker [P]``, as :func:`search_attend_batch` reports it) -> ``[T]`` float64. A layer call lasts about as
+    long as its most loaded worker: ``max / mean`` of this is the call's imbalance (1 = perfect)."""
+    return np.bincount(np.asarray(worker, np.int64).reshape(-1), weights=np.asarray(cost, np.float64).reshape(-1),
+                       minlength=T)[:T]
 
 
 @njit(fastmath={"reassoc", "contract", "nsz", "arcp"}, nogil=True, cache=True)

@@ -26,6 +26,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from ..hostmem import huge_full
+
 _FM = {"reassoc", "contract", "nsz", "arcp"}  # vectorisable reductions, but keep inf semantics
 
 
@@ -99,6 +101,24 @@ def _prefetch(typingctx, arr, h, j, t):
         return context.get_dummy_value()
 
     return types.void(arr, h, j, t), codegen
+
+
+@intrinsic
+def atomic_fetch_add(typingctx, arr, i, v):
+    """Atomically ``old = arr[i]; arr[i] += v``; returns ``old`` (1-D int64 ``arr``): a work counter shared by
+    the workers of a parallel loop."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        arrty = sig.args[0]
+        ary = context.make_array(arrty)(context, builder, args[0])
+        idx = context.cast(builder, args[1], sig.args[1], types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, arrty, ary, [idx])
+        val = context.cast(builder, args[2], sig.args[2], types.int64)
+        return builder.atomic_rmw("add", ptr, val, "seq_cst")
+
+    return types.int64(arr, i, v), codegen
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -815,16 +835,23 @@ def owners(knn_ids, knn_sc, n, R):
     return own
 
 
-@njit(parallel=True, nogil=True, cache=True)
 def project(knn_ids, own, keys, kv_of_graph, n, M, alpha, fill, by_count, max_cand, n_workers):
     """Project the query->key bipartite kNN graph onto keys: key b (pivot) takes as candidates the keys of
     its owner queries' kNN lists (``own [G, n, R]``), at most ``max_cand`` of them (by co-occurrence count
     when ``by_count``, then distance), pruned by occlusion to <= M out-edges (:func:`_prune_into`).
     keys [Hkv, >= n, d] float32 or uint16 (bfloat16 bits); ``n_workers`` parallel workers (each with its
-    own O(n) scratch; pass ``numba.get_num_threads()``). -> adj [G, n, M] int32."""
+    own O(n) scratch; pass ``numba.get_num_threads()``). -> adj [G, n, M] int32 (on huge pages: the decode
+    searches read it at random)."""
+    adj = huge_full((knn_ids.shape[0], n, M), -1, np.int32)
+    project_into(adj, knn_ids, own, keys, kv_of_graph, n, M, alpha, fill, by_count, max_cand, n_workers)
+    return adj
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def project_into(adj, knn_ids, own, keys, kv_of_graph, n, M, alpha, fill, by_count, max_cand, n_workers):
+    """:func:`project` into ``adj [G, n, M]`` int32, filled with -1 by the caller."""
     G, m, kq = knn_ids.shape
     R = own.shape[2]
-    adj = np.full((G, n, M), -1, np.int32)
     alpha2 = alpha * alpha
     P = max(1, R * kq)
     # covered pivots, grouped by their best owner query: consecutive pivots share most candidates (cache

@@ -54,6 +54,7 @@ import torch
 from . import decode_kernels as DK
 from . import kernels as K
 from .base import IndexError_, KVIndex, Residual, register_index, spare_rows  # noqa: F401 (Residual: annotations)
+from ..hostmem import huge_copy, huge_empty, huge_full
 from .bf16 import as_float32, bits_as_tensor, f32_to_bf16_bits
 
 GRAPH_PER = ("query_head", "kv_head")
@@ -62,6 +63,9 @@ GRAPH_PER = ("query_head", "kv_head")
 PROJECTION = ("kernel", "torch")
 #: key storage of the index: float32, or bfloat16 (uint16 bits, rounded to nearest even; half the memory)
 STORAGE = ("float32", "bfloat16")
+#: how the fused decode call hands (query head, query) pairs to its workers: ``"snake"`` (fixed ranks by the
+#: previous call's cost) or ``"dynamic"`` (a shared atomic counter, longest expected first)
+SCHEDULES = ("snake", "dynamic")
 
 #: "no cap" for the kernels' candidate limit
 _NO_CAP = 2**62
@@ -245,6 +249,7 @@ class RoarIndex(KVIndex):
                        the current one (default ``insert_threshold // 2``; 0: insert synchronously). The swap
                        happens at that count on every run, so results do not depend on the job's speed; a
                        128K-key layer's insertion took 17 s on 2 idle cores, which decoding no longer waits for
+    schedule           pair-to-worker assignment of the fused decode call (:data:`SCHEDULES`); the same results
     max_candidates     at most this many candidates (the first by the ``order`` ranking) are pruned per node,
                        in the projection and when lists are re-pruned (None: all). Bounds the build cost;
                        128 measured no recall loss at equal keys scanned (SmolLM2 8K: +0.006 / +0.004
@@ -263,11 +268,16 @@ class RoarIndex(KVIndex):
                  graph_per: str = "kv_head", max_train_queries: int = 4096, n_entry: int = 4,
                  fill: bool = False, n_owners: int = 8, order: str = "count", repair_branching: int = 4,
                  insert_threshold: int = 4096, storage: str = "float32",
-                 max_candidates: int | None = 128, projection: str = "kernel", insert_lag: int | None = None) -> None:
+                 max_candidates: int | None = 128, projection: str = "kernel", insert_lag: int | None = None,
+                 schedule: str = "snake") -> None:
         super().__init__(M=M, n_query_neighbors=n_query_neighbors, alpha=alpha, ef=ef, graph_per=graph_per,
                          max_train_queries=max_train_queries, n_entry=n_entry, fill=fill, n_owners=n_owners, order=order,
                          repair_branching=repair_branching, insert_threshold=insert_threshold, storage=storage,
-                         max_candidates=max_candidates, projection=projection, insert_lag=insert_lag)
+                         max_candidates=max_candidates, projection=projection, insert_lag=insert_lag,
+                         schedule=schedule)
+        if schedule not in SCHEDULES:
+            raise IndexError_(f"roar: schedule must be one of {SCHEDULES}, got {schedule!r}")
+        self.schedule = schedule
         self.M = _pos_int("M", M)
         self.n_query_neighbors = _pos_int("n_query_neighbors", n_query_neighbors, 2)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha < 1.0:
@@ -328,7 +338,7 @@ class RoarIndex(KVIndex):
 
         # the graph is built over the keys as stored (bfloat16: rounded; the compiled kernels read the bits,
         # the torch matmuls get a transient float32 copy of one KV head at a time)
-        stored = np.empty((Hkv, n + spare_rows(n), d), self._key_dtype)  # spare rows for added keys
+        stored = huge_empty((Hkv, n + spare_rows(n), d), self._key_dtype)  # spare rows for added keys
         if self.storage == "bfloat16":  # rounded to nearest even by torch, written in place (no extra copy)
             bits_as_tensor(stored)[:, :n].copy_(torch.from_numpy(keys))
         else:
@@ -354,9 +364,11 @@ class RoarIndex(KVIndex):
 
             adj = project_torch(knn_ids, own, keys, kv_of_graph, n, self.M, self.alpha, self.order == "count",
                                 self._cand_cap, "cuda" if torch.cuda.is_available() else "cpu")
+            adj = huge_copy(adj)  # read at random by the decode searches
         else:
             adj = K.project(knn_ids, own, keys, kv_of_graph, n, self.M, self.alpha, self.fill,
                             self.order == "count", self._cand_cap, numba.get_num_threads())
+        t_proj = time.perf_counter()
         src, dst, cnt = K.reverse_edges(adj, n)
         K.merge_edges(adj, src, dst, cnt, keys, kv_of_graph, n, self.alpha, self.fill, self._cand_cap,
                       numba.get_num_threads())
@@ -370,6 +382,7 @@ class RoarIndex(KVIndex):
         links = self._repair()
         t3 = time.perf_counter()
         self.build_stats = {"knn_s": t1 - t0, "graph_s": t2 - t1, "repair_s": t3 - t2, "total_s": t3 - t0,
+                            "projection_s": t_proj - t1, "reverse_s": t2 - t_proj,
                             "n_train": float(m), "repair_links": float(links),
                             "covered_frac": float((own[:, :, 0] >= 0).mean())}
 
@@ -449,8 +462,9 @@ class RoarIndex(KVIndex):
         ids = np.empty((Hq, nq, k), np.int64)
         sc = np.empty((Hq, nq, k), np.float32)
         ns = np.empty((Hq, nq), np.int64)
+        worker = np.empty(Hq * nq, np.int64)
         T = max(1, min(numba.get_num_threads(), Hq * nq))
-        # the previous call's keys scanned per pair predict this one's cost: balance the workers by them
+        # the previous call's keys scanned per pair predict this one's cost: the longest are handed out first
         order = DK.balanced_order(self._last_scanned, Hq * nq)
         if res is not None:
             if res_keys.ndim != 3 or res_keys.shape[0] != self.n_kv_heads or res_keys.shape[2] != self.head_dim or \
@@ -465,9 +479,9 @@ class RoarIndex(KVIndex):
                                    w.cand_s[:T], w.cand_i[:T], out, lse, ns, ids, sc, order,
                                    self._keys if res is None else res_keys, 0 if res is None else int(res.n),
                                    0 if res is None else int(res.m), 0 if res is None else int(res.seed),
-                                   w.taken[:T])
+                                   w.taken[:T], worker, self.schedule == "dynamic")
         self._last_scanned = ns.reshape(-1)
-        loads = DK.worker_loads(self._last_scanned, order, T)
+        loads = DK.worker_loads(self._last_scanned, worker, T)
         #: (most, mean) keys scanned by one worker in the last fused call: its load balance
         self.last_call_loads = (float(loads.max()), float(loads.mean()))
         return (out, lse, ns, ids) if return_ids else (out, lse, ns)
@@ -502,7 +516,7 @@ class RoarIndex(KVIndex):
             cap = self._keys.shape[1]
             if n + m > cap:  # amortised growth of the key store (the tail lives at its end)
                 cap = max(n + m, 2 * cap)
-                grown = np.empty((self.n_kv_heads, cap, self.head_dim), self._key_dtype)
+                grown = huge_empty((self.n_kv_heads, cap, self.head_dim), self._key_dtype)
                 grown[:, :n] = self._keys[:, :n]
                 self._keys = grown
             self._keys[:, n:n + m] = rows
@@ -537,7 +551,7 @@ class RoarIndex(KVIndex):
         edges re-pruned, connectivity repair), computed on a copy: ``keys`` rows below ``hi`` and ``adj_old``
         rows below ``lo`` are only read, so searches keep running on the current graph meanwhile."""
         G, cap_a, M = adj_old.shape
-        adj = np.full((G, max(hi, cap_a), M), -1, np.int32)
+        adj = huge_full((G, max(hi, cap_a), M), -1, np.int32)
         adj[:, :lo] = adj_old[:, :lo]
         kvg = self._kv_of_graph
         new = np.arange(lo, hi)
@@ -603,10 +617,10 @@ class RoarIndex(KVIndex):
         if self.storage == "bfloat16":
             if keys.dtype not in (np.uint16, np.int16):
                 raise IndexError_(f"roar index file: bfloat16 keys must be stored as 16-bit integers, got {keys.dtype}")
-            self._keys = np.ascontiguousarray(keys).view(np.uint16)
+            self._keys = huge_copy(keys).view(np.uint16)
         else:
-            self._keys = np.ascontiguousarray(keys, np.float32)
-        self._adj = np.ascontiguousarray(arrays["adj"], np.int32)
+            self._keys = huge_copy(np.asarray(keys, np.float32))
+        self._adj = huge_copy(np.asarray(arrays["adj"], np.int32))
         self._entries = np.ascontiguousarray(arrays["entries"], np.int32)
         self._kv_of_graph = np.ascontiguousarray(arrays["kv_of_graph"], np.int64)
         self.n_graph = int(arrays["n_graph"][0])
