@@ -7,7 +7,7 @@ import argparse
 import random
 import sys
 
-from .generation_cli import add_model_arguments, config_from_args, summary_line
+from .generation_cli import add_model_arguments, compile_kernels_for, config_from_args, summary_line
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,6 +48,7 @@ def run(args) -> int:
     prompt, answer = needle_prompt(tok, args.context, args.depth, args.seed)
     print(f"needle: magic number {answer} at depth {args.depth:.0%} of a ~{args.context}-token essay prompt")
     methods = [config] if config.method == "full" else [config, config_from_args(argparse.Namespace(**{**vars(args), "attention": "full"}))]
+    compile_kernels_for(model, config)  # so the summaries below time the work, not numba's compilation
     ok = True
     for cfg in methods:
         out = generate(model, tok, prompt, cfg, max_new_tokens=args.max_new_tokens, progress=True)

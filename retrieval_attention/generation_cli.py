@@ -103,6 +103,19 @@ def summary_line(stats: dict) -> str:
     )
 
 
+def compile_kernels_for(model, config) -> float:
+    """:func:`~retrieval_attention.warmup.compile_kernels` with the model's dtype and head shapes."""
+    from .warmup import compile_kernels
+
+    mc = model.config
+    mc = getattr(mc, "text_config", None) or mc
+    heads = mc.num_attention_heads
+    kv = getattr(mc, "num_key_value_heads", None) or heads
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // heads
+    return compile_kernels(config, next(model.parameters()).dtype, n_kv_heads=kv, group=heads // kv,
+                           head_dim=head_dim)
+
+
 def run(args) -> int:
     from .threads import configure_threads
 
@@ -122,6 +135,7 @@ def run(args) -> int:
         return 2
     from .server.contexts_cli import handle
 
+    compile_kernels_for(model, config)
     if handle(args, model, tok, config, prompt):  # --save-context / --load-context
         return 0
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)

@@ -36,7 +36,7 @@ def run(args) -> int:
     configure_threads(args.threads)
     import uvicorn
 
-    from ..generation_cli import config_from_args
+    from ..generation_cli import compile_kernels_for, config_from_args
     from ..models import ModelNotAvailable, load_model
     from .app import create_app
     from .contexts import parse_size
@@ -51,6 +51,7 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError, ModelNotAvailable, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    compile_kernels_for(model, config)  # before the first request, not during it
     name = args.served_model_name or served_name(args.model)
     app = create_app(
         model, tok, config, model_name=name, context_dir=args.context_dir, context_memory=budget,
