@@ -26,8 +26,8 @@ import numpy as np
 from numba import njit, prange
 
 from .bf16 import as_float32
-from .kernels import (_dot, atomic_fetch_add, _test_and_set, clear_visited, elem, emit_results, prefetch_rows_ahead, search_pair,
-                      visited_words)
+from .kernels import (_dot, _test_and_set, atomic_fetch_add, clear_visited, elem, emit_results, prefetch_rows_ahead,
+                      search_pair, visited_words)
 from ..attention.residual_kernels import _draw, _finish, _row, _seed
 
 #: initial capacity of a worker's candidate heap (entries); a search that needs more grows a private copy
