@@ -86,6 +86,8 @@ def huge_tensor(shape, dtype):
     for s in shape:
         n *= int(s)
     itemsize = torch.empty((), dtype=dtype).element_size()
+    if n * itemsize < HUGE_PAGE_MIN_BYTES or not huge_pages_enabled():  # small (or empty): torch's own
+        return torch.empty(tuple(int(s) for s in shape), dtype=dtype)
     buf = huge_empty(n * itemsize, np.uint8)
     return torch.from_numpy(buf).view(dtype).view(*shape)
 

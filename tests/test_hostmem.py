@@ -30,6 +30,9 @@ def test_huge_tensor_holds_any_dtype(dtype):
     assert torch.equal(t, x)
     t[1, 5] = 3.0  # views of the same storage
     assert float(t[1, 5, 0]) == 3.0
+    for shape in ((2, 0, 4), (3, 5, 7)):  # empty and small: plain tensors of the same kind
+        e = hostmem.huge_tensor(shape, dtype)
+        assert e.shape == shape and e.dtype == dtype and e.is_contiguous()
 
 
 def test_huge_pages_can_be_turned_off(monkeypatch):
