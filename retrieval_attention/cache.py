@@ -716,6 +716,11 @@ class RetrievalLayer(DynamicLayer):
         return sum(s.nbytes() for s in self.stores)
 
 
+def _ratio(num: float, den: float) -> float | None:
+    """num / den, or None when nothing was recorded (den 0)."""
+    return num / den if den > 0 else None
+
+
 def _sum_build_stages(layers) -> dict:
     """Build seconds per stage (host copy / conversion, kNN, graph, repair) summed over every store whose index
     reports them (``build_stats``); waits for background builds."""
@@ -821,10 +826,8 @@ class RetrievalCache(DynamicCache):
             "cpu_attention_s": sum(l.stats.cpu_attention_s for l in rl),
             # keys scanned by a layer call's most loaded worker over the average worker's (1 = balanced; the
             # call waits for the most loaded one); None when no fused call recorded it
-            "worker_imbalance": (
-                sum(l.stats.worker_keys_max for l in rl) / sum(l.stats.worker_keys_mean for l in rl)
-                if sum(l.stats.worker_keys_mean for l in rl) > 0 else None
-            ),
+            "worker_imbalance": _ratio(sum(l.stats.worker_keys_max for l in rl),
+                                       sum(l.stats.worker_keys_mean for l in rl)),
             "n_searches": sum(l.stats.n_searches for l in rl),
             "scanned_fraction": (
                 sum(l.stats.n_scanned for l in rl) / max(1, sum(l.stats.n_cpu_keys_at_search for l in rl))

@@ -28,7 +28,7 @@ from numba import njit, prange
 from .bf16 import as_float32
 from .kernels import (_dot, _test_and_set, atomic_fetch_add, clear_visited, elem, emit_results, prefetch_rows_ahead,
                       search_pair, visited_words)
-from ..attention.residual_kernels import _draw, _finish, _row, _seed
+from ..attention.residual_kernels import _finish, _row, draw_ids
 
 #: initial capacity of a worker's candidate heap (entries); a search that needs more grows a private copy
 CAND_INIT = 4096
@@ -128,9 +128,7 @@ def _residual_one(keys, values, qv, kv, h, i, r_i, nr, n, exact, cnt, scaling, s
         for t in range(cnt):
             ids[t] = t
     else:
-        st0 = _seed(seed, n, kv, i)
-        for t in range(cnt):
-            ids[t] = _draw(st0, t, n, cnt)
+        draw_ids(seed, n, kv, i, cnt, ids)
     mx = -np.inf
     for t in range(cnt):
         prefetch_rows_ahead(keys, kv, ids, t, cnt)  # the draws are random rows
