@@ -582,7 +582,7 @@ class RetrievalLayer(DynamicLayer):
             store = CPUStore(cfg, self.layer_idx)
             if self.retrieve and hi > lo:
                 tq = queries[b] if per_seq else queries[b, :, int(pad[b]) :]
-                tq = _subsample(tq, cfg.max_train_queries)
+                tq = _subsample(tq, cfg.train_queries(T - int(pad[b])))  # per_seq: picked by the same rule
                 # on CUDA the build overlaps the next layers' prefill; on CPU it would compete for the cores
                 store.build(K[b, :, lo:hi], V[b, :, lo:hi], tq, background=on_cuda)
             self.stores.append(store)
@@ -601,10 +601,10 @@ class RetrievalLayer(DynamicLayer):
             raise ValueError(f"layer {self.layer_idx}: layer-by-layer prefill needs an empty cache layer")
         self._lw_len = int(prompt_len)
         self._lw_pad = pad.detach().cpu().long()
-        m = self.config.max_train_queries
         self._lw_pick = []
         for p in self._lw_pad.tolist():
             n = self._lw_len - p
+            m = self.config.train_queries(n)
             if n <= m:
                 self._lw_pick.append(torch.arange(p, self._lw_len))
             else:  # the positions _subsample would keep from the whole prompt

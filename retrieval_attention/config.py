@@ -32,7 +32,9 @@ class RetrievalConfig:
     offload_device  where the retrievable KV lives (``cpu``)
     prefill_chunk   query-chunk size of exact prefill attention (bounds the score matrix)
     dense_layers    layer indices kept exact (full attention) whatever the method
-    max_train_queries  prefill queries per query head used to train the index (evenly subsampled)
+    max_train_queries  prefill queries per query head used to train the index (evenly subsampled); ``None``: 4,096
+                    up to 8K tokens, then growing as the square root of the prompt length, 16,384 at 128K
+                    (:meth:`train_queries`; recall at 128K needs them)
     residual_samples   keys drawn uniformly per query head and step to estimate the attention mass of the
                     keys retrieval did not return (0 = drop it, the published method; see
                     :mod:`retrieval_attention.attention.residual`)
@@ -51,7 +53,7 @@ class RetrievalConfig:
     offload_device: str = "cpu"
     prefill_chunk: int = 2048
     dense_layers: tuple[int, ...] = (0, 1)
-    max_train_queries: int = 4096
+    max_train_queries: int | None = None
     residual_samples: int = DEFAULT_RESIDUAL_SAMPLES
     residual_seed: int = 0
     exact_below: int = DEFAULT_EXACT_BELOW
@@ -65,6 +67,8 @@ class RetrievalConfig:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         for name in ("n_sink", "window", "top_k", "prefill_chunk", "max_train_queries"):
             v = getattr(self, name)
+            if v is None and name == "max_train_queries":
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         from .index import available_indexes
@@ -81,6 +85,15 @@ class RetrievalConfig:
     def n_static(self) -> int:
         """Tokens kept on the device (sink + window)."""
         return self.n_sink + self.window
+
+    def train_queries(self, n_tokens: int) -> int:
+        """Prefill queries per query head that train the index of a ``n_tokens``-token prompt: ``max_train_queries``,
+        or when that is ``None`` :func:`retrieval_attention.index.roar.auto_train_queries` of ``n_tokens``."""
+        if self.max_train_queries is not None:
+            return self.max_train_queries
+        from .index.roar import auto_train_queries
+
+        return auto_train_queries(n_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -54,6 +54,13 @@ def build_identity(config: RetrievalConfig) -> dict:
     return {k: d[k] for k in BUILD_FIELDS}
 
 
+def _effective(build: dict, n_tokens: int) -> dict:
+    """``build`` with ``max_train_queries`` as the count a ``n_tokens`` prompt trains on: the automatic count
+    (``None``) and the number it stands for are the same build (a context saved when 4,096 was the default)."""
+    cfg = RetrievalConfig(max_train_queries=build.get("max_train_queries"))
+    return {**build, "max_train_queries": cfg.train_queries(n_tokens)}
+
+
 def fork_cache(cache):
     """A continuation of ``cache`` that leaves it untouched (RetrievalCache or plain DynamicCache)."""
     if isinstance(cache, RetrievalCache):
@@ -171,7 +178,8 @@ class PrefilledContext:
         saved_cfg = RetrievalConfig(**{"exact_below": 0, **meta["config"],
                                        "dense_layers": tuple(meta["config"]["dense_layers"])})
         saved_build = {"exact_below": 0, **meta["build"]}
-        if config is not None and build_identity(config) != saved_build:
+        n_tokens = len(meta["token_ids"])
+        if config is not None and _effective(build_identity(config), n_tokens) != _effective(saved_build, n_tokens):
             want = build_identity(config)
             diff = {k: (saved_build.get(k), want[k]) for k in BUILD_FIELDS if saved_build.get(k) != want[k]}
             raise ContextFileError(f"context {d} was built with another configuration (saved vs requested: {diff})")

@@ -80,3 +80,16 @@ def test_question_on_a_context_attends_exactly_like_a_fresh_prefill(setup):
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([doc + q])).logits[0, -1].argmax().item()
     assert got == [ref]
+
+
+def test_training_query_count_compares_by_its_effective_value(setup, tmp_path):
+    """A context saved with the count the automatic rule gives (4,096 was the fixed default) loads under the
+    automatic default; a different count is another build."""
+    model, doc, _ = setup
+    base = dict(index="flat", n_sink=8, window=16, top_k=32, dense_layers=(0,))
+    PrefilledContext.prefill(model, doc, RetrievalConfig(**base, max_train_queries=4096)).save(tmp_path / "c")
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    assert meta["build"]["max_train_queries"] == 4096
+    PrefilledContext.load(tmp_path / "c", model, RetrievalConfig(**base))  # None -> 4096 for 140 tokens
+    with pytest.raises(ContextFileError, match="max_train_queries"):
+        PrefilledContext.load(tmp_path / "c", model, RetrievalConfig(**base, max_train_queries=23))

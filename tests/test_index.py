@@ -550,3 +550,28 @@ def test_roar_background_insertion_is_deterministic(monkeypatch):
         assert R.reachable_ref(fast._adj[g], fast.n_graph, fast._entries[g]).all()
     with pytest.raises(IndexError_, match="insert_lag"):
         make_index("roar", insert_lag=-1)
+
+
+def test_auto_train_queries_rule():
+    """The automatic training-query count: the minimum up to the reference size, then square-root growth."""
+    from retrieval_attention.index.roar import MIN_TRAIN_QUERIES as MIN, TRAIN_REF_KEYS as REF, auto_train_queries
+
+    assert all(auto_train_queries(n) == MIN for n in (0, 1, 100, REF))
+    for n in (REF, 3 * REF + 5, 16 * REF):
+        assert auto_train_queries(4 * n) in (2 * auto_train_queries(n), 2 * auto_train_queries(n) + 1)
+    vals = [auto_train_queries(n) for n in range(REF, 40 * REF, 997)]
+    assert all(a <= b for a, b in zip(vals, vals[1:]))
+
+
+def test_roar_training_query_count(monkeypatch):
+    """Without max_train_queries a graph trains on auto_train_queries(n_keys) queries (when there are that many);
+    an explicit count caps it; kv_head graphs draw from their whole group's queries."""
+    import retrieval_attention.index.roar as roar_mod
+
+    keys, _, _ = _gauss(709, hkv=2, group=3, n=600)
+    tq = np.random.default_rng(710).standard_normal((6, 500, 16)).astype(np.float32)
+    monkeypatch.setattr(roar_mod, "auto_train_queries", lambda n: n + 100)  # 700: more than one head's 500
+    assert _build("roar", keys, tq).build_stats["n_train"] == 700
+    assert _build("roar", keys, tq, graph_per="query_head").build_stats["n_train"] == 500  # all it has
+    assert _build("roar", keys, tq, max_train_queries=37).build_stats["n_train"] == 37
+    assert make_index("roar").params["max_train_queries"] is None

@@ -131,8 +131,13 @@ def test_layerwise_retrieval_cache_equals_forward(arch):
             tok = a.argmax(-1, keepdim=True)
 
 
-def test_layerwise_collects_the_same_training_queries(monkeypatch):
-    """The index is trained on the same evenly subsampled prompt queries as the single-forward prefill."""
+@pytest.mark.parametrize("max_train_queries", [23, None])
+def test_layerwise_collects_the_same_training_queries(monkeypatch, max_train_queries):
+    """The index is trained on the same evenly subsampled prompt queries as the single-forward prefill, with a
+    fixed count and with the automatic one (a rule of the prompt length, here made small: n // 4 = 32)."""
+    import retrieval_attention.index.roar as roar_mod
+
+    monkeypatch.setattr(roar_mod, "auto_train_queries", lambda n: n // 4)
     seen = []
     orig = CPUStore.build
 
@@ -143,14 +148,16 @@ def test_layerwise_collects_the_same_training_queries(monkeypatch):
     monkeypatch.setattr(CPUStore, "build", spy)
     model = tiny_model("llama", seed=14)
     ids = _ids(130, seed=3)
-    cfg = RetrievalConfig(index="flat", n_sink=8, window=16, top_k=4096, dense_layers=(), max_train_queries=23)
+    cfg = RetrievalConfig(index="flat", n_sink=8, window=16, top_k=4096, dense_layers=(),
+                          max_train_queries=max_train_queries)
     with torch.no_grad(), enable(model):
         model(input_ids=ids, **{cache_kwarg(model): make_cache(model, cfg)})
         n = len(seen)
         layerwise_prefill(model, ids, make_cache(model, cfg), chunk=29)
     assert n == 3 and len(seen) == 6
+    m = 23 if max_train_queries is not None else 130 // 4
     for a, b in zip(seen[:3], seen[3:]):
-        assert a.shape == b.shape == (4, 23, 16)
+        assert a.shape == b.shape == (4, m, 16)
         assert torch.allclose(a, b, atol=1e-5)
 
 

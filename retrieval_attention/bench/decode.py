@@ -78,7 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_RESIDUAL_SAMPLES}; 0 = the published method)")
     p.add_argument("--ef", type=int, default=None, help="beam width of the roar search (default: the index's)")
     p.add_argument("--max-train-queries", type=int, default=None,
-                   help="prefill queries per query head that train the index (default: RetrievalConfig's)")
+                   help="prefill queries per query head that train the index (default: RetrievalConfig's, "
+                        "4,096 up to 8K tokens, 16,384 at 128K: roar.auto_train_queries)")
     p.add_argument("--steps", type=int, default=64, help="timed decode steps (median reported)")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--device", default=None)
@@ -209,7 +210,7 @@ def run_one(model, method, index, ctx, args, device):
                               **({} if train is None else {"max_train_queries": train}))
         if method == "retrieval":
             rec["residual_samples"], rec["search_params"] = cfg.residual_samples, dict(cfg.search_params)
-            rec["max_train_queries"] = cfg.max_train_queries
+            rec["max_train_queries"] = cfg.train_queries(ctx)  # per query head (the automatic count when not given)
         cache, ctxm = make_cache(model, cfg), enable(model)
     kw = {cache_kwarg(model): cache}
     prefill_mode = getattr(args, "prefill", None) or ("layerwise" if unsupported_reason(model) is None else "forward")

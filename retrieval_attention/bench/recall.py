@@ -263,7 +263,7 @@ def run_benchmark(
     layers: list[int],
     sink: int = 128,
     window: int = 512,
-    max_train_queries: int = 4096,
+    max_train_queries: int | None = None,
     attn_error: bool = True,
     progress: bool = True,
     extra: dict | None = None,
@@ -275,6 +275,7 @@ def run_benchmark(
 
     from ..index import make_index
     from ..index.flat import exact_topk
+    from ..index.roar import auto_train_queries
 
     meta = capture.meta
     attn_error = attn_error and capture.has_values
@@ -292,7 +293,8 @@ def run_benchmark(
         if T == 0:
             raise ValueError("the capture has no decode queries")
         keys = np.ascontiguousarray(lv.keys[:, lo:hi])
-        train = subsample_rows(lv.prefill_queries, max_train_queries)
+        mtq = auto_train_queries(lv.prefill_queries.shape[1]) if max_train_queries is None else max_train_queries
+        train = subsample_rows(lv.prefill_queries, mtq)
         queries = lv.decode_queries
         n_idx = keys.shape[1]
         k = min(TOP_K, n_idx)
@@ -592,7 +594,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=int, default=128, help="initial tokens kept on the device, not indexed (128)")
     p.add_argument("--window", type=int, default=512, help="recent tokens kept on the device, not indexed (512)")
     p.add_argument("--max-train-queries", type=int, default=None,
-                   help="prefill queries per query head given to build() (default: RetrievalConfig's, 4096; 0 = all)")
+                   help="prefill queries per query head given to build() (default: RetrievalConfig's, 4,096 up to 8K "
+                        "tokens, 16,384 at 128K: roar.auto_train_queries; 0 = all)")
     p.add_argument("--search-repeats", type=int, default=None,
                    help="time each batched search this many times and keep the fastest (default 2; 1 with --quick)")
     p.add_argument("--no-attn-error", action="store_true", help="skip the attention-output error column")

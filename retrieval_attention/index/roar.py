@@ -44,6 +44,7 @@ process-wide pool shared by all indexes (:func:`.decode_kernels.scratch`).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -66,6 +67,22 @@ STORAGE = ("float32", "bfloat16")
 #: how the fused decode call hands (query head, query) pairs to its workers: ``"snake"`` (fixed ranks by the
 #: previous call's cost) or ``"dynamic"`` (a shared atomic counter, longest expected first)
 SCHEDULES = ("snake", "dynamic")
+
+#: training queries per graph when ``max_train_queries`` is not given: ``MIN_TRAIN_QUERIES`` at
+#: ``TRAIN_REF_KEYS`` keys or fewer, growing with the square root of the key count above (8,192 at 32K keys,
+#: 16,384 at 128K, 32,768 at 512K). SmolLM2, recall@100 at equal keys scanned (docs/BENCHMARKS.md session 8):
+#: at 128K tokens 0.924 at 1.9% with 4,096 per graph, 0.958 at 2.0% with 8,192, 0.970 at 2.1% with 16,384,
+#: 0.976 at 2.1% with 32,768 (build 0.70 / 0.95 / 1.32 / 1.84 s per layer); at 32K (layer 14) 0.905 -> 0.941
+#: at 2.4% with 8,192 instead of 4,096; at 16K and 8K more queries gained nothing
+MIN_TRAIN_QUERIES = 4096
+TRAIN_REF_KEYS = 8192
+
+
+def auto_train_queries(n_keys: int) -> int:
+    """Training queries per graph (or per query head) for ``n_keys`` keys when no count is given:
+    ``max(MIN_TRAIN_QUERIES, MIN_TRAIN_QUERIES * sqrt(n_keys / TRAIN_REF_KEYS))`` (integer square root)."""
+    return max(MIN_TRAIN_QUERIES, math.isqrt(MIN_TRAIN_QUERIES * MIN_TRAIN_QUERIES * int(n_keys) // TRAIN_REF_KEYS))
+
 
 #: "no cap" for the kernels' candidate limit
 _NO_CAP = 2**62
@@ -236,7 +253,9 @@ class RoarIndex(KVIndex):
     ef                 default beam width of search, the budget param of ``search`` (may be < k)
     graph_per          ``"query_head"`` (one graph per query head, trained on its queries) or
                        ``"kv_head"`` (one per KV head, trained on its group's queries; G x less memory)
-    max_train_queries  training queries per graph (evenly subsampled)
+    max_train_queries  training queries per graph (evenly subsampled); ``None``: :func:`auto_train_queries` of the
+                       number of keys (4,096 up to 8K keys, then growing as its square root: 16,384 at 128K,
+                       where recall needs them)
     n_entry            entry points per graph (:func:`entry_points`; 4 fixed a recall-0 head at 32K, was
                        neutral elsewhere at equal keys scanned; 8 lost recall on one head)
     fill               top pruned lists up to ``M`` with the occluded candidates
@@ -265,7 +284,7 @@ class RoarIndex(KVIndex):
     budget_params = ("ef",)
 
     def __init__(self, M: int = 24, n_query_neighbors: int = 64, alpha: float = 1.0, ef: int = 128,
-                 graph_per: str = "kv_head", max_train_queries: int = 4096, n_entry: int = 4,
+                 graph_per: str = "kv_head", max_train_queries: int | None = None, n_entry: int = 4,
                  fill: bool = False, n_owners: int = 8, order: str = "count", repair_branching: int = 4,
                  insert_threshold: int = 4096, storage: str = "float32",
                  max_candidates: int | None = 128, projection: str = "kernel", insert_lag: int | None = None,
@@ -287,7 +306,7 @@ class RoarIndex(KVIndex):
         if graph_per not in GRAPH_PER:
             raise IndexError_(f"roar: graph_per must be one of {GRAPH_PER}, got {graph_per!r}")
         self.graph_per = graph_per
-        self.max_train_queries = _pos_int("max_train_queries", max_train_queries)
+        self.max_train_queries = None if max_train_queries is None else _pos_int("max_train_queries", max_train_queries)
         self.n_entry = _pos_int("n_entry", n_entry)
         self.fill = bool(fill)
         self.n_owners = _pos_int("n_owners", n_owners)
@@ -330,7 +349,8 @@ class RoarIndex(KVIndex):
             G = Hkv
             kv_of_graph = np.arange(G, dtype=np.int64)
             tq = [train_queries[h * group:(h + 1) * group].reshape(-1, d) for h in range(Hkv)]
-        m = min(self.max_train_queries, min(t.shape[0] for t in tq))
+        cap = auto_train_queries(n) if self.max_train_queries is None else self.max_train_queries
+        m = min(cap, min(t.shape[0] for t in tq))
         sel = [np.unique(np.linspace(0, t.shape[0] - 1, m).round().astype(np.int64)) for t in tq]
         m = min(len(s) for s in sel)
         tq = np.stack([t[s[:m]] for t, s in zip(tq, sel)])  # [G, m, d]

@@ -1,0 +1,24 @@
+"""RetrievalConfig: the automatic index-training query count."""
+
+import pytest
+
+from retrieval_attention.config import RetrievalConfig
+from retrieval_attention.index.roar import auto_train_queries
+
+
+def test_train_queries_default_is_automatic():
+    cfg = RetrievalConfig()
+    assert cfg.max_train_queries is None
+    for n in (1000, 8192, 32768, 131072):
+        assert cfg.train_queries(n) == auto_train_queries(n)
+    assert cfg.train_queries(131072) > cfg.train_queries(8192)
+
+
+def test_train_queries_explicit_count_wins():
+    assert RetrievalConfig(max_train_queries=100).train_queries(131072) == 100
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, True])
+def test_train_queries_bad_value(bad):
+    with pytest.raises(ValueError, match="max_train_queries"):
+        RetrievalConfig(max_train_queries=bad)
