@@ -200,11 +200,14 @@ def knn_ip_torch(queries, keys, k, excl, l2, ids, sc, device):
         if bool(has.any()):
             S[torch.nonzero(has).flatten(), e[has]] = float("-inf")
         v, i = torch.topk(S, kk, dim=1)
+        # best first, ties smaller id, on the device: ids ascending, then a stable sort by score (was a host
+        # np.lexsort, ~40-60 ms per 16K-query graph)
+        i, o = torch.sort(i, dim=1)
+        v, o = torch.sort(torch.gather(v, 1, o), dim=1, descending=True, stable=True)
+        i = torch.gather(i, 1, o)
         v, i = v.cpu().numpy(), i.cpu().numpy()
-        i = np.where(np.isneginf(v), -1, i)  # an excluded key (only when k >= n)
-        o = np.lexsort((np.where(i < 0, n, i), -v), axis=1)  # best first, ties smaller id, pads last
-        ids[r0:r1, :kk] = np.take_along_axis(i, o, 1)
-        sc[r0:r1, :kk] = np.take_along_axis(v, o, 1)
+        ids[r0:r1, :kk] = np.where(np.isneginf(v), -1, i)  # -inf: an excluded key (only when k >= n), last
+        sc[r0:r1, :kk] = v
     return ids, sc
 
 
