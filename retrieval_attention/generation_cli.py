@@ -15,7 +15,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--attention", default="retrieval", choices=["full", "retrieval", "streaming"], help="attention method")
-    p.add_argument("--index", default="roar", help="index for retrieval: roar, flat, ivf, hnsw")
+    p.add_argument("--index", default="roar",
+                   help="index for retrieval: roar, flat, ivf, hnsw, with options as name:key=value[:...] "
+                        "(e.g. roar:graph_per=query_head, one graph per query head)")
+    p.add_argument("--max-train-queries", type=int, default=None,
+                   help="prefill queries per query head that train the index (default: automatic, 4,096 up to "
+                        "8K tokens, 16,384 at 128K)")
     p.add_argument("--top-k", type=int, default=100, help="keys retrieved per query head per step")
     p.add_argument("--residual-samples", type=int, default=DEFAULT_RESIDUAL_SAMPLES,
                    help="keys drawn per head and step to estimate the attention of the keys not retrieved "
@@ -32,17 +37,31 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args):
+    """The ``RetrievalConfig`` of the shared model options; ``ValueError`` names a bad one (index options are
+    checked here, not when the first index is built)."""
+    from .bench.common import parse_index_spec
     from .config import RetrievalConfig
+    from .index import available_indexes, make_index
 
+    name, index_params = parse_index_spec(args.index)
+    if index_params:
+        if name not in available_indexes():
+            raise ValueError(f"unknown index {name!r}; available: {', '.join(available_indexes())}")
+        try:
+            make_index(name, **index_params)
+        except TypeError as e:  # an option the index does not have
+            raise ValueError(f"--index {args.index}: {e}") from e
     search = {}
     if args.ef is not None:
-        search = {"nprobe": args.ef} if args.index == "ivf" else {"ef": args.ef}
+        search = {"nprobe": args.ef} if name == "ivf" else {"ef": args.ef}
     kw = {}
     if args.dense_layers is not None:
         kw["dense_layers"] = tuple(int(x) for x in args.dense_layers.split(",") if x.strip())
     return RetrievalConfig(
         method=args.attention,
-        index=args.index,
+        index=name,
+        index_params=index_params,
+        max_train_queries=getattr(args, "max_train_queries", None),
         top_k=args.top_k,
         residual_samples=args.residual_samples,
         n_sink=args.n_sink,

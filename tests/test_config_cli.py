@@ -116,3 +116,21 @@ def test_explicit_thread_count_survives_later_default_calls():
         assert threads.configure_threads(2) == 2
     finally:
         threads._CONFIGURED = None
+
+
+def test_cli_index_options_and_training_queries():
+    from retrieval_attention.generation_cli import config_from_args
+
+    argv = ["generate", "hi", "--index", "roar:graph_per=query_head:M=16", "--max-train-queries", "2048", "--ef", "64"]
+    cfg = config_from_args(build_parser(argv).parse_args(argv))
+    assert cfg.index == "roar" and cfg.index_params == {"graph_per": "query_head", "M": 16}
+    assert cfg.max_train_queries == 2048 and cfg.search_params == {"ef": 64}
+    argv = ["generate", "hi"]
+    cfg = config_from_args(build_parser(argv).parse_args(argv))
+    assert cfg.index_params == {} and cfg.max_train_queries is None  # automatic count
+    for bad, msg in ((["--index", "roar:M=0"], "M"), (["--index", "roar:bogus=1"], "bogus"),
+                     (["--index", "nope:M=3"], "unknown index"), (["--index", "roar:M"], "key=value"),
+                     (["--max-train-queries", "0"], "max_train_queries")):
+        argv = ["generate", "hi", *bad]
+        with pytest.raises(ValueError, match=msg):
+            config_from_args(build_parser(argv).parse_args(argv))
