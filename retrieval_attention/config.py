@@ -71,10 +71,15 @@ class RetrievalConfig:
                 continue
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        from .index import available_indexes
+        from .index import available_indexes, make_index
 
         if self.index not in available_indexes():
             raise ValueError(f"unknown index {self.index!r}; available: {', '.join(available_indexes())}")
+        if self.index_params:  # checked now, not when the first store builds its index
+            try:
+                make_index(self.index, **self.index_params)
+            except TypeError as e:  # an option the index does not have
+                raise ValueError(f"index_params {self.index_params} for {self.index!r}: {e}") from e
         if self.offload_device != "cpu":
             raise ValueError(f"offload_device must be 'cpu' (got {self.offload_device!r})")
         self.dense_layers = tuple(int(i) for i in (self.dense_layers or ()))

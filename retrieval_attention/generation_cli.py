@@ -37,20 +37,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args):
-    """The ``RetrievalConfig`` of the shared model options; ``ValueError`` names a bad one (index options are
-    checked here, not when the first index is built)."""
+    """The ``RetrievalConfig`` of the shared model options; ``ValueError`` names a bad one (``--index`` options
+    included: ``RetrievalConfig`` checks them)."""
     from .bench.common import parse_index_spec
     from .config import RetrievalConfig
-    from .index import available_indexes, make_index
 
     name, index_params = parse_index_spec(args.index)
-    if index_params:
-        if name not in available_indexes():
-            raise ValueError(f"unknown index {name!r}; available: {', '.join(available_indexes())}")
-        try:
-            make_index(name, **index_params)
-        except TypeError as e:  # an option the index does not have
-            raise ValueError(f"--index {args.index}: {e}") from e
     search = {}
     if args.ef is not None:
         search = {"nprobe": args.ef} if name == "ivf" else {"ef": args.ef}
@@ -126,8 +118,7 @@ def compile_kernels_for(model, config) -> float:
     """:func:`~retrieval_attention.warmup.compile_kernels` with the model's dtype and head shapes."""
     from .warmup import compile_kernels
 
-    mc = model.config
-    mc = getattr(mc, "text_config", None) or mc
+    mc = model.config.get_text_config(decoder=True)
     heads = mc.num_attention_heads
     kv = getattr(mc, "num_key_value_heads", None) or heads
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // heads

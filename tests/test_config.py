@@ -22,3 +22,9 @@ def test_train_queries_explicit_count_wins():
 def test_train_queries_bad_value(bad):
     with pytest.raises(ValueError, match="max_train_queries"):
         RetrievalConfig(max_train_queries=bad)
+
+
+@pytest.mark.parametrize("params,msg", [({"M": 0}, "M must"), ({"bogus": 1}, "bogus")])
+def test_bad_index_params_are_refused_on_construction(params, msg):
+    with pytest.raises(ValueError, match=msg):
+        RetrievalConfig(index="roar", index_params=params)
