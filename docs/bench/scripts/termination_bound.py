@@ -5,9 +5,9 @@ expansion order (the node a wide beam expands next is one a narrow beam holds, o
 one unbounded best-first trace per query gives recall as a function of keys scanned for every stopping rule: the
 ef rule stops at the first expansion of a node ranked >= ef among the scored keys; an oracle stops each query where
 it best trades recall for scans (Lagrangian over all queries at a mean budget). Options: ``--seeds S`` scores the
-previous decode step's top-S results first (warm start), ``--positional R`` also scores ids within R of an expanded
+previous decode step's top-S results first (warm start; those of an ef = ``--seed-ef`` search, default 80), ``--positional R`` also scores ids within R of an expanded
 node (neighbouring tokens). Python reference search (slow: ~40 s per run on the cached capture).
-Usage: ``python docs/bench/scripts/termination_bound.py [--seeds S] [--positional R] [--spec roar-params]``."""
+Usage: ``python docs/bench/scripts/termination_bound.py [--seeds S [--seed-ef L]] [--positional R] [--spec roar-params]``."""
 import argparse
 import heapq
 import bisect
@@ -52,13 +52,15 @@ def trace(kh, adj_g, entries, q, seeds, radius, max_scans):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", type=int, default=0)
+    p.add_argument("--seed-ef", type=int, default=80, help="beam width of the search whose results seed the next step")
     p.add_argument("--positional", type=int, default=0)
     p.add_argument("--spec", default="roar")
     p.add_argument("--layers", default="2,8,14,20,26")
     p.add_argument("--max-scanned", type=float, default=0.3)
+    p.add_argument("--capture", default="smollm2_ctx8192_dec32.npz", help="capture file in the captures directory")
     a = p.parse_args()
     name, params = parse_index_spec(a.spec)
-    cap = load_capture(str(captures_dir() / "smollm2_ctx8192_dec32.npz"))
+    cap = load_capture(str(captures_dir() / a.capture))
     runs = []  # (n, hits per scan prefix, ranks) per query
     for L in (int(x) for x in a.layers.split(",")):
         lv = cap.layer(L)
@@ -76,7 +78,11 @@ def main():
                 true = set(np.argsort(-allsc, kind="stable")[:K].tolist())
                 seq, ranks = trace(kh, adj[gi], ent[gi], dq[h, t], prev[: a.seeds], a.positional,
                                    int(a.max_scanned * kh.shape[0]))
-                prev = seq[np.argsort(-(kh[seq] @ dq[h, t]), kind="stable")][: max(a.seeds, 1)].tolist()
+                # the seeds of the next step: this step's top results as an ef = --seed-ef search returns them
+                # (the prefix of the trace up to that rule's stop), not the whole (near exact) trace
+                stop = next((sc for sc, rk in ranks if rk >= a.seed_ef), len(seq))
+                found = seq[:stop]
+                prev = found[np.argsort(-(kh[found] @ dq[h, t]), kind="stable")][: max(a.seeds, 1)].tolist()
                 runs.append((kh.shape[0], np.cumsum([i in true for i in seq]), ranks))
         print(f"layer {L} traced", flush=True)
     for ef in (64, 80, 100, 128, 160):
