@@ -7,7 +7,8 @@ ef rule stops at the first expansion of a node ranked >= ef among the scored key
 it best trades recall for scans (Lagrangian over all queries at a mean budget). Options: ``--seeds S`` scores the
 previous decode step's top-S results first (warm start; those of an ef = ``--seed-ef`` search, default 80), ``--positional R`` also scores ids within R of an expanded
 node (neighbouring tokens). Python reference search (slow: ~40 s per run on the cached capture).
-Usage: ``python docs/bench/scripts/termination_bound.py [--seeds S [--seed-ef L]] [--positional R] [--spec roar-params]``."""
+Usage: ``python docs/bench/scripts/termination_bound.py [--seeds S [--seed-ef L]] [--positional R] [--spec roar-params]
+[--stats]``."""
 import argparse
 import heapq
 import bisect
@@ -58,10 +59,13 @@ def main():
     p.add_argument("--layers", default="2,8,14,20,26")
     p.add_argument("--max-scanned", type=float, default=0.3)
     p.add_argument("--capture", default="smollm2_ctx8192_dec32.npz", help="capture file in the captures directory")
+    p.add_argument("--stats", action="store_true", help="also print where the scans go (first hit, hit rate, misses)")
     a = p.parse_args()
     name, params = parse_index_spec(a.spec)
     cap = load_capture(str(captures_dir() / a.capture))
     runs = []  # (n, hits per scan prefix, ranks) per query
+    where = []  # (layer, head, true rank of each scanned key) per query, for --stats
+    neighbours = {}  # layer -> per query: share of top-K keys with a neighbouring token in the top-K
     for L in (int(x) for x in a.layers.split(",")):
         lv = cap.layer(L)
         keys = np.ascontiguousarray(lv.keys[:, SINK:-WINDOW])
@@ -75,7 +79,10 @@ def main():
             prev = []
             for t in range(T):
                 allsc = kh @ dq[h, t]
-                true = set(np.argsort(-allsc, kind="stable")[:K].tolist())
+                true_rank = {int(j): r for r, j in enumerate(np.argsort(-allsc, kind="stable")[:K])}
+                # share of the top-K keys whose neighbouring token (id +-1) is in the top-K too
+                neighbours.setdefault(L, []).append(np.mean([(j - 1 in true_rank) or (j + 1 in true_rank)
+                                                             for j in true_rank]))
                 seq, ranks = trace(kh, adj[gi], ent[gi], dq[h, t], prev[: a.seeds], a.positional,
                                    int(a.max_scanned * kh.shape[0]))
                 # the seeds of the next step: this step's top results as an ef = --seed-ef search returns them
@@ -83,7 +90,9 @@ def main():
                 stop = next((sc for sc, rk in ranks if rk >= a.seed_ef), len(seq))
                 found = seq[:stop]
                 prev = found[np.argsort(-(kh[found] @ dq[h, t]), kind="stable")][: max(a.seeds, 1)].tolist()
-                runs.append((kh.shape[0], np.cumsum([i in true for i in seq]), ranks))
+                rank_of_scan = np.array([true_rank.get(int(i), -1) for i in seq])  # -1: not in the top-K
+                runs.append((kh.shape[0], np.cumsum(rank_of_scan >= 0), ranks))
+                where.append((L, h, rank_of_scan))
         print(f"layer {L} traced", flush=True)
     for ef in (64, 80, 100, 128, 160):
         rec, scan = [], []
@@ -101,6 +110,36 @@ def main():
             lo, hi = (lam, hi) if scan > budget else (lo, lam)
         rec = np.mean([hits[s] / K for s, (_, hits, _) in zip(picks, runs)])
         print(f"oracle stop at {100 * budget:.0f}% mean scanned: recall@100 {rec:.3f}")
+    if a.stats:
+        print_stats(runs, where)
+        print(f"top-{K} keys with a neighbouring token (id +-1) in the top-{K}, per layer: " +
+              ", ".join(f"L{L} {np.mean(v):.3f}" for L, v in neighbours.items()))
+
+
+def print_stats(runs, where, ef=80, budget=0.08):
+    """Where the scans go: first hit, hit rate per window of scans, misses by true rank at the ef rule, recall per
+    (layer, head) at a fixed share of keys scanned."""
+    first = [int(np.argmax(hits > 0)) + 1 if hits[-1] else len(hits) for _, hits, _ in runs]
+    to50 = [int(np.searchsorted(hits, K // 2)) + 1 for _, hits, _ in runs]
+    print(f"scans to the first top-{K} key: median {np.median(first):.0f}; to {K // 2} of them: median "
+          f"{np.median(to50):.0f}")
+    for lo, hi in ((0, 100), (100, 200), (200, 400), (400, 600), (600, 800)):
+        got = [(hits[min(hi, len(hits)) - 1] - (hits[min(lo, len(hits)) - 1] if lo else 0)) / (hi - lo)
+               for _, hits, _ in runs]
+        print(f"scans {lo}-{hi}: {np.mean(got):.3f} top-{K} keys found per scan")
+    missed = np.zeros(K)
+    for (n, hits, ranks), (_, _, rk) in zip(runs, where):
+        stop = next((sc for sc, r in ranks if r >= ef), len(hits))
+        seen = np.zeros(K, bool)
+        seen[rk[:stop][rk[:stop] >= 0]] = True
+        missed += ~seen
+    print(f"missed at ef {ef}, by true rank decile: " + " ".join(f"{m:.3f}" for m in
+          (missed.reshape(10, -1).sum(1) / (K // 10 * len(runs)))))
+    per_head = {}
+    for (n, hits, _), (L, h, _) in zip(runs, where):
+        per_head.setdefault((L, h), []).append(hits[min(len(hits), int(budget * n)) - 1] / K)
+    means = sorted(np.mean(v) for v in per_head.values())
+    print(f"recall@{K} per (layer, head) at {100 * budget:.0f}% scanned: {means[0]:.2f} to {means[-1]:.2f}")
 
 
 if __name__ == "__main__":
