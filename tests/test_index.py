@@ -575,3 +575,46 @@ def test_roar_training_query_count(monkeypatch):
     assert _build("roar", keys, tq, graph_per="query_head").build_stats["n_train"] == 500  # all it has
     assert _build("roar", keys, tq, max_train_queries=37).build_stats["n_train"] == 37
     assert make_index("roar").params["max_train_queries"] is None
+
+
+def test_projection_auto_picks_torch_only_with_cuda(monkeypatch):
+    """``projection="auto"`` runs the batched torch projection where CUDA is available, else the kernel; ``fill``
+    always takes the kernel (torch does not implement it)."""
+    import torch
+
+    auto, fill = make_index("roar"), make_index("roar", fill=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert auto._projection_on() == "kernel" and fill._projection_on() == "kernel"
+    assert make_index("roar", projection="torch")._projection_on() == "torch"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert auto._projection_on() == "torch" and fill._projection_on() == "kernel"
+    assert make_index("roar", projection="kernel")._projection_on() == "kernel"
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_reverse_edges_torch_matches_kernel(bf16):
+    """The batched torch reverse-edge merge (for GPUs) gives the compiled kernels' graph on random inputs, with
+    lists that fit (kept in order) and lists that overflow (re-pruned), including a candidate cap below M."""
+    from retrieval_attention.index.bf16 import f32_to_bf16_bits
+    from retrieval_attention.index.projection_torch import add_reverse_edges_torch
+    from retrieval_attention.index.roar import knn_ip
+
+    for M, max_cand in ((8, 32), (6, 5), (24, 128)):
+        rng = np.random.default_rng(M + 100 * bf16)
+        n, m, kq, R, G, d = 400, 200, 16, 4, 3, 24
+        keys = rng.standard_normal((2, n + 5, d)).astype(np.float32)
+        kk = f32_to_bf16_bits(keys) if bf16 else keys
+        kvg = np.array([0, 1, 1], np.int64)
+        knn_ids = np.empty((G, m, kq), np.int32)
+        knn_sc = np.empty((G, m, kq), np.float32)
+        for g in range(G):
+            knn_ids[g], knn_sc[g] = knn_ip(rng.standard_normal((m, d)).astype(np.float32) + 0.5, kk[kvg[g], :n], kq)
+        adj = K.project(knn_ids, K.owners(knn_ids, knn_sc, n, R), kk, kvg, n, M, 1.0, False, True, max_cand, 2)
+        got = adj.copy()
+        src, dst, cnt = K.reverse_edges(adj, n)
+        pool = (adj[:, :n] >= 0).sum(-1) + np.stack([np.bincount(src[g, :cnt[g]], minlength=n) for g in range(G)])
+        has_new = np.stack([np.bincount(src[g, :cnt[g]], minlength=n) > 0 for g in range(G)])
+        assert (pool > M).any() and (has_new & (pool <= M)).any()  # some lists are re-pruned, some just extended
+        K.merge_edges(adj, src, dst, cnt, kk, kvg, n, 1.0, False, max_cand, 2)
+        add_reverse_edges_torch(got, kk, kvg, n, 1.0, max_cand)
+        np.testing.assert_array_equal(got, adj)

@@ -6,30 +6,40 @@ counting, up to ``max_cand`` distances, occlusion pruning): at 128K keys it is m
 
 1. pool ``[P, R * kq]`` = the kNN lists of each pivot's owner queries; ids sorted per row, duplicates
    counted (run lengths), the pivot itself and padding dropped;
-2. squared L2 distance of every pool entry to its pivot (float32, direct differences);
+2. squared L2 distance of every pool entry to its pivot (float32, ``|c|^2 + |p|^2 - 2 c.p`` with one batched
+   matmul over the gathered rows);
 3. ranking by (count desc, distance asc, id asc) through three stable sorts; the first ``max_cand`` are the
    candidates (exactly the candidates of :func:`.kernels._prune_into`, up to float rounding of distances);
-4. occlusion pruning, vectorised over pivots and sequential over the candidate rank (the greedy is
-   inherently ordered): candidate ``c`` is kept unless an already kept ``r`` has
-   ``alpha^2 d(r, c) < d(pivot, c)`` (compared in float64 as the kernel does), until ``M`` are kept.
+4. occlusion pruning: candidate ``c`` is kept unless an already kept ``r`` has ``alpha^2 d(r, c) < d(pivot, c)``,
+   until ``M`` are kept. All pairwise tests come from batched Gram matrices at once; only the greedy itself is
+   sequential over the candidate rank (three tensor operations per rank over 64K pivots).
 
 Results equal the compiled kernel's except where two distances differ only in their last float32 bits
-(summation order); the tests compare them on random data. ``fill`` is not supported (the kernel handles it).
+(summation order): 99.99% of pivot rows on 128K random keys, all of them on the tests' random data. ``fill``
+is not supported (the kernel handles it).
 
-Measured on the H200 (docs/BENCHMARKS.md, session 6): one 128K-key layer (8 graphs) takes 23 s here against
-8 s for the compiled kernel on the host's 16 cores: step 4's sequential rank loop makes it launch-bound. Kept
-as an option and as a second, independently written implementation the kernel is tested against.
+Measured on the H200 host (docs/BENCHMARKS.md, session 9; ``docs/bench/scripts/projection_profile.py``): one
+graph over 128K keys with 16,384 training queries takes 0.18 s (candidates 0.09, pruning 0.09) against 0.55 s for
+the compiled kernel on the host's 16 cores. On a CPU the kernel is ~20x faster, so ``RoarIndex(projection="auto")``
+uses this module only where CUDA is available. (Session 6's version computed the pairwise distances with
+``cdist`` and tested each rank against the kept set in float64: 23 s per 8-graph layer.)
 """
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
-#: pivots per chunk of steps 1-3 (their gathered rows dominate: chunk x R*kq x d float32)
-POOL_CHUNK = 1024
-#: pivots per chunk of step 4 (its pairwise distances: chunk x max_cand^2 float32)
-PRUNE_CHUNK = 8192
+from ..hostmem import huge_full
+
+#: bytes of the gathered rows per chunk of steps 1-3 (chunk x R*kq x d float32; 2,048 pivots at R*kq 512, d 128)
+POOL_BYTES = 512 << 20
+#: pivots per chunk of step 4 (its occlusion tests: chunk x max_cand^2 booleans, 0.5 GiB at max_cand 128)
+PRUNE_CHUNK = 32768
+#: pivots per Gram matrix of step 4 (chunk x max_cand x (d + 2 max_cand) float32)
+GRAM_CHUNK = 4096
 
 
 def _rows(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -38,44 +48,87 @@ def _rows(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def project_torch(knn_ids: np.ndarray, own: np.ndarray, keys: np.ndarray, kv_of_graph: np.ndarray, n: int, M: int,
-                  alpha: float, by_count: bool, max_cand: int, device: str | torch.device = "cpu") -> np.ndarray:
+                  alpha: float, by_count: bool, max_cand: int, device: str | torch.device = "cpu",
+                  timings: dict | None = None) -> np.ndarray:
     """Same inputs and output as :func:`.kernels.project` with ``fill=False``: knn_ids ``[G, m, kq]`` int32,
     own ``[G, n, R]`` int32, keys ``[Hkv, >= n, d]`` float32 or uint16 bfloat16 bits, kv_of_graph ``[G]``
-    -> adj ``[G, n, M]`` int32 (-1 padded). Runs on ``device``."""
+    -> adj ``[G, n, M]`` int32 (-1 padded). Runs on ``device``. ``timings``: a dict that gets the seconds of
+    steps 1-3 (``"candidates_s"``) and 4 (``"prune_s"``) added (synchronising the device between them)."""
     from .roar import keys_for_knn
 
     G, m, kq = knn_ids.shape
     R = own.shape[2]
-    adj = np.full((G, n, M), -1, np.int32)
+    adj = huge_full((G, n, M), -1, np.int32)  # read at random by the decode searches
     alpha2 = float(alpha) * float(alpha)
-    knn_t = torch.from_numpy(np.ascontiguousarray(knn_ids)).to(device).long()
+    dev = torch.device(device)
+    knn_t = torch.from_numpy(np.ascontiguousarray(knn_ids)).to(dev).long()
     kh_of = None  # the KV head whose keys are on the device (graphs of one KV head are consecutive)
+    clock = _Clock(dev, timings)
     for g in range(G):
         h = int(kv_of_graph[g])
         if h != kh_of:
-            kh, kh_of = keys_for_knn(keys[h, :n], device), h
-        own_g = torch.from_numpy(np.ascontiguousarray(own[g])).to(device).long()  # [n, R]
+            kh, kh_of = keys_for_knn(keys[h, :n], dev), h
+            sq = (kh * kh).sum(1)
+        own_g = torch.from_numpy(np.ascontiguousarray(own[g])).to(dev).long()  # [n, R]
         piv_all = torch.nonzero(own_g[:, 0] >= 0).flatten()
         if piv_all.numel() == 0:
             continue
+        clock.start()
         cands, dists = [], []
-        for c0 in range(0, piv_all.numel(), POOL_CHUNK):
-            piv = piv_all[c0:c0 + POOL_CHUNK]
-            c, d = _candidates(knn_t[g], own_g[piv], piv, kh, n, by_count, max_cand)
+        step = max(1, POOL_BYTES // (4 * R * kq * kh.shape[1]))
+        for c0 in range(0, piv_all.numel(), step):
+            piv = piv_all[c0:c0 + step]
+            c, d = _candidates(knn_t[g], own_g[piv], piv, kh, sq, n, by_count, max_cand)
             cands.append(c)
             dists.append(d)
         C = max(x.shape[1] for x in cands)
         cand = torch.cat([torch.nn.functional.pad(x, (0, C - x.shape[1]), value=-1) for x in cands])
         dpc = torch.cat([torch.nn.functional.pad(x, (0, C - x.shape[1]), value=float("inf")) for x in dists])
+        clock.lap("candidates_s")
         rows_out = []
         for c0 in range(0, cand.shape[0], PRUNE_CHUNK):
             rows_out.append(_prune(cand[c0:c0 + PRUNE_CHUNK], dpc[c0:c0 + PRUNE_CHUNK], kh, M, alpha2))
         adj[g, piv_all.cpu().numpy()] = torch.cat(rows_out).cpu().numpy()
+        clock.lap("prune_s")
     return adj
 
 
-def _candidates(knn_g, own_p, piv, kh, n, by_count, max_cand):
-    """Steps 1-3 for pivots ``piv [P]`` with owners ``own_p [P, R]``: -> candidate ids ``[P, C]`` (-1 padded,
+def _pair_dist(kh, sq, a, b):
+    """Squared L2 distances of key pairs ``a [E]``, ``b [E]`` (``|a|^2 + |b|^2 - 2 a.b`` float32, gathered in
+    chunks of :data:`POOL_BYTES`) -> ``[E]``."""
+    out = torch.empty(a.numel(), dtype=torch.float32, device=a.device)
+    step = max(1, POOL_BYTES // (12 * kh.shape[1]))  # two gathered rows and their product per pair
+    for e0 in range(0, a.numel(), step):
+        x, y = a[e0:e0 + step], b[e0:e0 + step]
+        out[e0:e0 + step] = (sq[x] + sq[y] - 2.0 * (kh[x] * kh[y]).sum(1)).clamp_min_(0.0)
+    return out
+
+
+class _Clock:
+    """Adds the seconds between laps to ``timings[name]`` (no-op when ``timings`` is None)."""
+
+    def __init__(self, dev: torch.device, timings: dict | None):
+        self.dev, self.timings, self.t = dev, timings, 0.0
+
+    def _now(self) -> float:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        return time.perf_counter()
+
+    def start(self) -> None:
+        if self.timings is not None:
+            self.t = self._now()
+
+    def lap(self, name: str) -> None:
+        if self.timings is not None:
+            t = self._now()
+            self.timings[name] = self.timings.get(name, 0.0) + t - self.t
+            self.t = t
+
+
+def _candidates(knn_g, own_p, piv, kh, sq, n, by_count, max_cand):
+    """Steps 1-3 for pivots ``piv [P]`` with owners ``own_p [P, R]`` (keys ``kh [n, d]`` float32 and their squared
+    norms ``sq [n]``): -> candidate ids ``[P, C]`` (-1 padded,
     best first) and their float32 squared distances to the pivot ``[P, C]`` (+inf at padding)."""
     P, R = own_p.shape
     pool = knn_g[own_p.clamp_min(0)]  # [P, R, kq]
@@ -89,8 +142,9 @@ def _candidates(knn_g, own_p, piv, kh, n, by_count, max_cand):
     run = (start.long().cumsum(1) - 1).clamp_min(0)  # run (distinct id) index of each entry
     counts = torch.zeros_like(s).scatter_add_(1, run, valid.long())
     cnt = counts.gather(1, run) if by_count else valid.long()
-    diff = _rows(kh, torch.where(valid, s, 0)) - kh[piv].unsqueeze(1)  # [P, L, d]
-    dist = (diff * diff).sum(-1)  # float32
+    sv = torch.where(valid, s, 0)
+    dot = torch.bmm(_rows(kh, sv), kh[piv].unsqueeze(2)).squeeze(2)  # [P, L]: the only gathered rows
+    dist = (sq[sv] + sq[piv].unsqueeze(1) - 2.0 * dot).clamp_min_(0.0)  # float32
     # rank: count desc, distance asc, id asc (entries are id-ascending already: stable sorts keep that order)
     dist = torch.where(start, dist, torch.full_like(dist, float("inf")))
     o = torch.sort(dist, dim=1, stable=True).indices
@@ -105,20 +159,119 @@ def _candidates(knn_g, own_p, piv, kh, n, by_count, max_cand):
 
 
 def _prune(cand, dpc, kh, M, alpha2):
-    """Step 4: occlusion pruning of ranked candidates ``cand [P, C]`` (distances ``dpc``) -> ``[P, M]`` int32."""
+    """Step 4: occlusion pruning of ranked candidates ``cand [P, C]`` int64 (-1 padded; squared distances to
+    the pivot ``dpc [P, C]`` float32) over keys ``kh [n, d]`` float32 -> ``[P, M]`` int32.
+
+    The greedy keeps candidate ``c`` unless an earlier kept ``r`` occludes it. Capping it at ``M`` kept
+    candidates changes no earlier decision, so it runs uncapped and the first ``M`` kept are the result. The
+    occlusion tests of all pairs are one batched computation (pairwise distances from a Gram matrix, float32,
+    in sub-chunks of :data:`GRAM_CHUNK` pivots), stored as booleans ``occ [C, P, C + 1]`` (candidate, pivot,
+    earlier candidate); column ``C`` is a sentinel that is always "kept" and occludes padding. The sequential
+    part is then three tensor operations per candidate rank over all ``P`` pivots."""
     P, C = cand.shape
-    x = _rows(kh, cand)  # [P, C, d]
-    D = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist").square()  # [P, C, C] float32
-    dpc64 = dpc.double()
+    dev = cand.device
     valid = cand >= 0
-    sel = torch.zeros((P, C), dtype=torch.bool, device=cand.device)
-    nsel = torch.zeros(P, dtype=torch.long, device=cand.device)
+    occ = torch.empty((C, P, C + 1), dtype=torch.bool, device=dev)
+    earlier = torch.ones((C, C), dtype=torch.bool, device=dev).tril(-1)  # [c, r]: r ranks before c
+    for p0 in range(0, P, GRAM_CHUNK):
+        p1 = min(P, p0 + GRAM_CHUNK)
+        x = _rows(kh, cand[p0:p1])  # [p, C, d]
+        sq = (x * x).sum(-1)  # [p, C]
+        D = torch.baddbmm(sq.unsqueeze(2) + sq.unsqueeze(1), x, x.transpose(1, 2), alpha=-2.0).clamp_min_(0.0)
+        lim = dpc[p0:p1].unsqueeze(2)  # [p, C(c), 1]: D is symmetric, D[p, c, r] = d(c, r)
+        hit = (alpha2 * D.double() < lim.double()) if alpha2 != 1.0 else (D < lim)
+        occ[:, p0:p1, :C] = (hit & earlier).transpose(0, 1)
+        del x, D, hit
+    occ[:, :, C] = ~valid.T
+    kept = torch.zeros((P, C + 1), dtype=torch.bool, device=dev)
+    kept[:, C] = True
+    hit = torch.empty(P, dtype=torch.bool, device=dev)
     for c in range(C):
-        occluded = (sel & (alpha2 * D[:, :, c].double() < dpc64[:, c:c + 1])).any(1)
-        keep = valid[:, c] & ~occluded & (nsel < M)
-        sel[:, c] = keep
-        nsel += keep.long()
-    rank = sel.long().cumsum(1) - 1  # slot of each kept candidate
-    out = torch.full((P, M + 1), -1, dtype=torch.long, device=cand.device)
+        torch.any(occ[c] & kept, dim=1, out=hit)
+        torch.logical_not(hit, out=kept[:, c])
+    sel = kept[:, :C]
+    rank = sel.long().cumsum(1) - 1  # slot of each kept candidate; slots >= M are dropped
+    sel &= rank < M
+    out = torch.full((P, M + 1), -1, dtype=torch.long, device=dev)
     out.scatter_(1, torch.where(sel, rank, torch.full_like(rank, M)), torch.where(sel, cand, torch.full_like(cand, -1)))
     return out[:, :M].to(torch.int32)
+
+
+def add_reverse_edges_torch(adj: np.ndarray, keys: np.ndarray, kv_of_graph: np.ndarray, n: int, alpha: float,
+                            max_cand: int, device: str | torch.device = "cpu",
+                            timings: dict | None = None) -> None:
+    """:func:`.kernels.reverse_edges` followed by :func:`.kernels.merge_edges` (without ``fill``) as batched
+    torch ops, in place on ``adj [G, >= n, M]`` int32: every edge b -> c of ``adj[:, :n]`` adds c -> b. A node
+    whose list plus its new edges (deduplicated, itself excluded) fits in ``M`` keeps them all, existing first,
+    then new in edge order (b, slot); a fuller one re-prunes the union: ranked by distance (then id), the first
+    ``max_cand`` pruned by occlusion (:func:`_prune`). keys as in :func:`project_torch`. ``timings`` gets
+    ``"reverse_s"`` added."""
+    from .roar import keys_for_knn
+
+    G, _, M = adj.shape
+    alpha2 = float(alpha) * float(alpha)
+    dev = torch.device(device)
+    clock = _Clock(dev, timings)
+    clock.start()
+    kh_of = None
+    for g in range(G):
+        h = int(kv_of_graph[g])
+        if h != kh_of:
+            kh, kh_of = keys_for_knn(keys[h, :n], dev), h
+            sq = (kh * kh).sum(1)
+        a = torch.from_numpy(np.ascontiguousarray(adj[g, :n])).to(dev).long()  # [n, M]
+        ok = a >= 0
+        b_of, slot = torch.nonzero(ok, as_tuple=True)  # edges b -> c in (b, slot) order
+        c_of = a[b_of, slot]
+        # pool entries (node, candidate, order): the node's own list (order = slot), then its new edges
+        node = torch.cat([b_of, c_of])
+        cand = torch.cat([c_of, b_of])
+        order = torch.cat([slot, M + b_of * M + slot])
+        new_in = torch.zeros(n, dtype=torch.bool, device=dev)
+        new_in[c_of] = True  # nodes that get new edges (the kernel leaves the others untouched)
+        keep = (node != cand) & new_in[node]
+        node, cand, order = node[keep], cand[keep], order[keep]
+        # deduplicate (node, candidate), keeping the first occurrence by order
+        o = torch.sort(order, stable=True).indices
+        o = o[torch.sort(node[o] * n + cand[o], stable=True).indices]
+        node, cand, order = node[o], cand[o], order[o]
+        first = torch.ones_like(node, dtype=torch.bool)
+        first[1:] = (node[1:] != node[:-1]) | (cand[1:] != cand[:-1])
+        node, cand, order = node[first], cand[first], order[first]
+        size = torch.bincount(node, minlength=n)
+        over = size > M
+        # nodes that fit: their entries in order
+        fit = ~over[node]
+        fn, fc, fo = node[fit], cand[fit], order[fit]
+        o = torch.sort(fo, stable=True).indices
+        o = o[torch.sort(fn[o], stable=True).indices]
+        fn, fc = fn[o], fc[o]
+        fit_start = torch.cumsum(torch.where(over, 0, size), 0) - torch.where(over, 0, size)
+        rows = a.clone()
+        touched = new_in & ~over
+        rows[touched] = -1
+        rows[fn, torch.arange(fn.numel(), device=dev) - fit_start[fn]] = fc
+        # nodes that overflow: rank by (distance, id), keep max_cand, prune
+        on, oc = node[~fit], cand[~fit]
+        if on.numel():
+            dist = _pair_dist(kh, sq, on, oc)
+            o = torch.sort(oc, stable=True).indices
+            o = o[torch.sort(dist[o], stable=True).indices]
+            o = o[torch.sort(on[o], stable=True).indices]
+            on, oc, dist = on[o], oc[o], dist[o]
+            over_ids = torch.nonzero(over).flatten()
+            slot_of = torch.full((n,), -1, dtype=torch.long, device=dev)
+            slot_of[over_ids] = torch.arange(over_ids.numel(), device=dev)
+            ostart = torch.cumsum(torch.where(over, size, 0), 0) - torch.where(over, size, 0)
+            rank = torch.arange(on.numel(), device=dev) - ostart[on]
+            C = min(max_cand, int(size.max()))
+            sel = rank < C
+            cmat = torch.full((over_ids.numel(), C), -1, dtype=torch.long, device=dev)
+            dmat = torch.full((over_ids.numel(), C), float("inf"), device=dev)
+            cmat[slot_of[on[sel]], rank[sel]] = oc[sel]
+            dmat[slot_of[on[sel]], rank[sel]] = dist[sel]
+            for c0 in range(0, over_ids.numel(), PRUNE_CHUNK):
+                rows[over_ids[c0:c0 + PRUNE_CHUNK]] = _prune(cmat[c0:c0 + PRUNE_CHUNK], dmat[c0:c0 + PRUNE_CHUNK],
+                                                             kh, M, alpha2).long()
+        adj[g, :n] = rows.to(torch.int32).cpu().numpy()
+    clock.lap("reverse_s")

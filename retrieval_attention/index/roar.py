@@ -59,9 +59,10 @@ from ..hostmem import huge_copy, huge_empty, huge_full
 from .bf16 import as_float32, bits_as_tensor, f32_to_bf16_bits
 
 GRAPH_PER = ("query_head", "kv_head")
-#: how the projection step runs: the compiled CPU kernel, or batched torch ops (on the GPU when there is one;
-#: same graph, see :mod:`.projection_torch`; slower than the kernel on the H200 host, docs/BENCHMARKS.md session 6)
-PROJECTION = ("kernel", "torch")
+#: how the projection step runs: the compiled CPU kernel, batched torch ops (on the GPU when there is one; same
+#: graph, see :mod:`.projection_torch`; 3x faster than the kernel on 16 cores on the H200 host, docs/BENCHMARKS.md
+#: session 9), or "auto": torch when CUDA is available, else the kernel
+PROJECTION = ("auto", "kernel", "torch")
 #: key storage of the index: float32, or bfloat16 (uint16 bits, rounded to nearest even; half the memory)
 STORAGE = ("float32", "bfloat16")
 #: how the fused decode call hands (query head, query) pairs to its workers: ``"snake"`` (fixed ranks by the
@@ -278,10 +279,11 @@ class RoarIndex(KVIndex):
                        recall@100 at 8% / 10% scanned vs no cap)
     storage            ``"float32"`` or ``"bfloat16"``: dtype the keys are kept in (bfloat16 halves the
                        memory and the search bandwidth; exact for keys of a bfloat16 model)
-    projection         ``"kernel"`` (compiled, CPU threads) or ``"torch"`` (batched tensor ops on the GPU when
-                       there is one, :mod:`.projection_torch`; same graph; not with ``fill``). Measured on the
-                       H200: 23 s per 128K-key layer against 8 s for the kernel on 16 cores, so ``"kernel"`` stays
-                       the default.
+    projection         ``"kernel"`` (compiled, CPU threads), ``"torch"`` (batched tensor ops on the GPU when
+                       there is one, :mod:`.projection_torch`; same graph up to float rounding) or ``"auto"``
+                       (torch when CUDA is available, else the kernel). ``fill`` always uses the kernel.
+                       Measured on the H200 host: 0.18 s per 128K-key graph with torch against 0.55 s for
+                       the kernel on its 16 cores.
     """
 
     budget_params = ("ef",)
@@ -290,7 +292,7 @@ class RoarIndex(KVIndex):
                  graph_per: str = "kv_head", max_train_queries: int | None = None, n_entry: int = 4,
                  fill: bool = False, n_owners: int = 8, order: str = "count", repair_branching: int = 4,
                  insert_threshold: int = 4096, storage: str = "float32",
-                 max_candidates: int | None = 128, projection: str = "kernel", insert_lag: int | None = None,
+                 max_candidates: int | None = 128, projection: str = "auto", insert_lag: int | None = None,
                  schedule: str = "snake") -> None:
         super().__init__(M=M, n_query_neighbors=n_query_neighbors, alpha=alpha, ef=ef, graph_per=graph_per,
                          max_train_queries=max_train_queries, n_entry=n_entry, fill=fill, n_owners=n_owners, order=order,
@@ -382,19 +384,24 @@ class RoarIndex(KVIndex):
         t1 = time.perf_counter()
 
         own = K.owners(knn_ids, knn_sc, n, self.n_owners)
-        if self.projection == "torch" and not self.fill:  # batched on the GPU when there is one
+        if self._projection_on() == "torch":
             from .projection_torch import project_torch
 
             adj = project_torch(knn_ids, own, keys, kv_of_graph, n, self.M, self.alpha, self.order == "count",
                                 self._cand_cap, "cuda" if torch.cuda.is_available() else "cpu")
-            adj = huge_copy(adj)  # read at random by the decode searches
         else:
             adj = K.project(knn_ids, own, keys, kv_of_graph, n, self.M, self.alpha, self.fill,
                             self.order == "count", self._cand_cap, numba.get_num_threads())
         t_proj = time.perf_counter()
-        src, dst, cnt = K.reverse_edges(adj, n)
-        K.merge_edges(adj, src, dst, cnt, keys, kv_of_graph, n, self.alpha, self.fill, self._cand_cap,
-                      numba.get_num_threads())
+        if self._projection_on() == "torch":
+            from .projection_torch import add_reverse_edges_torch
+
+            add_reverse_edges_torch(adj, keys, kv_of_graph, n, self.alpha, self._cand_cap,
+                                    "cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            src, dst, cnt = K.reverse_edges(adj, n)
+            K.merge_edges(adj, src, dst, cnt, keys, kv_of_graph, n, self.alpha, self.fill, self._cand_cap,
+                          numba.get_num_threads())
         t2 = time.perf_counter()
 
         self._keys = keys  # [Hkv, cap, d] float32 or uint16 bits; graph nodes 0..n_graph-1, tail n_graph..
@@ -408,6 +415,14 @@ class RoarIndex(KVIndex):
                             "projection_s": t_proj - t1, "reverse_s": t2 - t_proj,
                             "n_train": float(m), "repair_links": float(links),
                             "covered_frac": float((own[:, :, 0] >= 0).mean())}
+
+    def _projection_on(self) -> str:
+        """Where the projection step runs: ``"torch"`` or ``"kernel"`` (see the ``projection`` option)."""
+        if self.fill or self.projection == "kernel":
+            return "kernel"
+        if self.projection == "auto":
+            return "torch" if torch.cuda.is_available() else "kernel"
+        return "torch"
 
     def _repair(self, adj=None, n=None, keys=None) -> int:
         """Connectivity repair over nodes 0..n-1 of ``adj`` (default: the index's graph, ``n_graph`` nodes; see
