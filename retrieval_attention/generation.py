@@ -55,7 +55,12 @@ def encode_prompt(tokenizer, prompt, chat: bool = True) -> list[int]:
 
 
 def max_positions(model) -> int | None:
-    cfg = model.config.get_text_config(decoder=True)
+    """The model's trained positions (``max_position_embeddings`` of its decoder text config), or None when the
+    config does not say (or the model has no config)."""
+    cfg = getattr(model, "config", None)
+    get_text = getattr(cfg, "get_text_config", None)
+    if get_text is not None:
+        cfg = get_text(decoder=True)
     return getattr(cfg, "max_position_embeddings", None)
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..generation import max_positions
 from .tasks import DEFAULT_TASKS, TASKS, Haystack, LengthTooSmall, make_task, prompt_ids, sample_rng
 from ..config import DEFAULT_EXACT_BELOW, DEFAULT_RESIDUAL_SAMPLES
 
@@ -308,14 +309,6 @@ _STAT_KEYS = ("prefill_s", "decode_tokens_per_s", "index_build_s", "kv_device_by
               "shared_prefill_s")
 
 
-def _model_positions(model) -> int | None:
-    try:
-        cfg = model.config.get_text_config(decoder=True)
-    except Exception:
-        cfg = getattr(model, "config", None)
-    return getattr(cfg, "max_position_embeddings", None)
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -405,7 +398,7 @@ def run_eval(
             t0 = time.perf_counter()
             model, tokenizer = load_model_fn(model_name, device=settings.device, dtype=settings.dtype)
             _log(f"model {model_name} loaded in {time.perf_counter() - t0:.1f} s")
-            limit = _model_positions(model)
+            limit = max_positions(model)
             by_sample: dict[SampleKey, list[tuple[MethodSpec, str]]] = {}
             for _, key, m, rid in todo:
                 by_sample.setdefault(key, []).append((m, rid))
