@@ -618,3 +618,18 @@ def test_reverse_edges_torch_matches_kernel(bf16):
         K.merge_edges(adj, src, dst, cnt, kk, kvg, n, 1.0, False, max_cand, 2)
         add_reverse_edges_torch(got, kk, kvg, n, 1.0, max_cand)
         np.testing.assert_array_equal(got, adj)
+
+
+@pytest.mark.parametrize("n,M,max_candidates,graph_per", [(1, 4, None, "kv_head"), (7, 24, 3, "query_head"),
+                                                           (300, 4, None, "query_head"), (300, 24, 128, "kv_head")])
+def test_roar_torch_build_equals_kernel_build_on_edge_sizes(n, M, max_candidates, graph_per):
+    """Whole builds with the torch projection + reverse edges equal the compiled kernels' graphs, also with fewer
+    keys than M, a single key, no candidate cap and per-query-head graphs."""
+    rng = np.random.default_rng(n + M)
+    keys = rng.standard_normal((2, n, 16)).astype(np.float32)
+    tq = rng.standard_normal((4, max(n, 5) * 2, 16)).astype(np.float32) + 0.3
+    kw = dict(M=M, n_query_neighbors=8, max_candidates=max_candidates, graph_per=graph_per, storage="bfloat16")
+    want = make_index("roar", projection="kernel", **kw).build(keys, tq)
+    got = make_index("roar", projection="torch", **kw).build(keys, tq)
+    np.testing.assert_array_equal(got._adj, want._adj)
+    np.testing.assert_array_equal(got.search(tq[:, :6], min(n, 5))[0], want.search(tq[:, :6], min(n, 5))[0])
