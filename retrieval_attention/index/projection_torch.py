@@ -8,7 +8,7 @@ counting, up to ``max_cand`` distances, occlusion pruning): at 128K keys it is m
    counted (run lengths), the pivot itself and padding dropped;
 2. squared L2 distance of every pool entry to its pivot (float32, ``|c|^2 + |p|^2 - 2 c.p`` with one batched
    matmul over the gathered rows);
-3. ranking by (count desc, distance asc, id asc) through three stable sorts; the first ``max_cand`` are the
+3. ranking by (count desc, distance asc, id asc): one stable sort of packed int64 keys; the first ``max_cand`` are the
    candidates (exactly the candidates of :func:`.kernels._prune_into`, up to float rounding of distances);
 4. occlusion pruning: candidate ``c`` is kept unless an already kept ``r`` has ``alpha^2 d(r, c) < d(pivot, c)``,
    until ``M`` are kept. All pairwise tests come from batched Gram matrices at once; only the greedy itself is
@@ -145,12 +145,13 @@ def _candidates(knn_g, own_p, piv, kh, sq, n, by_count, max_cand):
     sv = torch.where(valid, s, 0)
     dot = torch.bmm(_rows(kh, sv), kh[piv].unsqueeze(2)).squeeze(2)  # [P, L]: the only gathered rows
     dist = (sq[sv] + sq[piv].unsqueeze(1) - 2.0 * dot).clamp_min_(0.0)  # float32
-    # rank: count desc, distance asc, id asc (entries are id-ascending already: stable sorts keep that order)
+    # rank: count desc, distance asc, id asc, as one stable sort of int64 keys (count above the distance's float32
+    # bits, which order like the values for distances >= 0; entries are id-ascending already, and the sort keeps
+    # that order among equal keys); repeated entries and padding rank last
     dist = torch.where(start, dist, torch.full_like(dist, float("inf")))
-    o = torch.sort(dist, dim=1, stable=True).indices
-    key_cnt = torch.where(start, cnt, torch.full_like(cnt, -1)).gather(1, o)
-    o2 = torch.sort(-key_cnt, dim=1, stable=True).indices
-    order = o.gather(1, o2)
+    bits = dist.view(torch.int32).long() & 0x7FFFFFFF  # -0.0 -> 0
+    rank_key = torch.where(start, ((s.shape[1] - cnt) << 32) | bits, torch.full_like(bits, 2**62))
+    order = torch.sort(rank_key, dim=1, stable=True).indices
     C = min(max_cand, s.shape[1])
     top = order[:, :C]
     ok = start.gather(1, top)

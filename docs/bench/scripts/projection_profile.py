@@ -3,7 +3,8 @@
 then ``kernels.project`` on the host's threads and ``projection_torch`` (candidates, then pruning) on ``DEVICE``,
 then the reverse edges (kernels against ``add_reverse_edges_torch``), each timed twice; prints the share of rows
 the two agree on, and the kNN's matmul / top-k / sort times.
-Usage: ``python docs/bench/scripts/projection_profile.py DEVICE [N_KEYS] [N_QUERIES]``."""
+``--ops`` (CUDA): the device operators of one torch projection, by total time.
+Usage: ``python docs/bench/scripts/projection_profile.py DEVICE [N_KEYS] [N_QUERIES] [--ops]``."""
 import sys
 import time
 
@@ -19,9 +20,10 @@ from retrieval_attention.index import projection_torch as PT  # noqa: E402
 from retrieval_attention.index.bf16 import f32_to_bf16_bits  # noqa: E402
 from retrieval_attention.index.roar import keys_for_knn, knn_ip  # noqa: E402
 
-dev = sys.argv[1] if len(sys.argv) > 1 else "cpu"
-n = int(sys.argv[2]) if len(sys.argv) > 2 else 32768
-m = int(sys.argv[3]) if len(sys.argv) > 3 else 8192
+dev = next((a for a in sys.argv[1:] if not a.startswith("--")), "cpu")
+pos = [a for a in sys.argv[1:] if not a.startswith("--")]
+n = int(pos[1]) if len(pos) > 1 else 32768
+m = int(pos[2]) if len(pos) > 2 else 8192
 M, KQ, R, CAND = 24, 64, 8, 128
 
 
@@ -69,6 +71,12 @@ for rep in range(2):
     print(f"torch projection: candidates {tm['candidates_s']:.3f} s, pruning {tm['prune_s']:.3f} s, "
           f"{int((own[0, :, 0] >= 0).sum())} pivots")
 print(f"pivot rows equal to the kernel's: {(got[0] == want[0]).all(1).mean():.5f}")
+if dev != "cpu" and "--ops" in sys.argv:  # where the device time of one torch projection goes
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        PT.project_torch(knn_ids, own, keys, kvg, n, M, 1.0, True, CAND, dev)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 for rep in range(2):
     a = want.copy()
     t = time.perf_counter()
