@@ -633,3 +633,32 @@ def test_roar_torch_build_equals_kernel_build_on_edge_sizes(n, M, max_candidates
     got = make_index("roar", projection="torch", **kw).build(keys, tq)
     np.testing.assert_array_equal(got._adj, want._adj)
     np.testing.assert_array_equal(got.search(tq[:, :6], min(n, 5))[0], want.search(tq[:, :6], min(n, 5))[0])
+
+
+@pytest.mark.parametrize("helper", ["_candidates", "_pair_dist"])
+def test_roar_torch_build_out_of_memory_falls_back_to_kernels(monkeypatch, helper):
+    """A GPU out-of-memory error inside a torch build stage (the projection's candidates, or the reverse edges'
+    distances after the first graph is merged) warns and finishes the layer with the CPU kernels: the graph equals
+    the kernel-built one, so the failed stage left nothing half-written."""
+    import torch
+
+    from retrieval_attention.index import projection_torch as PT
+
+    rng = np.random.default_rng(5)
+    keys = rng.standard_normal((2, 200, 16)).astype(np.float32)
+    tq = rng.standard_normal((4, 300, 16)).astype(np.float32) + 0.3
+    kw = dict(M=8, n_query_neighbors=8)
+    want = make_index("roar", projection="kernel", **kw).build(keys, tq)
+    real, calls = getattr(PT, helper), []
+
+    def fails_second_time(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(PT, helper, fails_second_time)
+    with pytest.warns(RuntimeWarning, match="ran out of GPU memory.*CPU kernels"):
+        got = make_index("roar", projection="torch", **kw).build(keys, tq)
+    assert len(calls) == 2
+    np.testing.assert_array_equal(got._adj, want._adj)

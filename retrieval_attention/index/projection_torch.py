@@ -206,7 +206,7 @@ def add_reverse_edges_torch(adj: np.ndarray, keys: np.ndarray, kv_of_graph: np.n
     whose list plus its new edges (deduplicated, itself excluded) fits in ``M`` keeps them all, existing first,
     then new in edge order (b, slot); a fuller one re-prunes the union: ranked by distance (then id), the first
     ``max_cand`` pruned by occlusion (:func:`_prune`). keys as in :func:`project_torch`. ``timings`` gets
-    ``"reverse_s"`` added."""
+    ``"reverse_s"`` added. ``adj`` is written only after every graph is merged."""
     from .roar import keys_for_knn
 
     G, _, M = adj.shape
@@ -215,6 +215,7 @@ def add_reverse_edges_torch(adj: np.ndarray, keys: np.ndarray, kv_of_graph: np.n
     clock = _Clock(dev, timings)
     clock.start()
     kh_of = None
+    merged = []  # every graph's new rows, written into adj at the end (an error midway leaves adj unchanged)
     for g in range(G):
         h = int(kv_of_graph[g])
         if h != kh_of:
@@ -274,5 +275,7 @@ def add_reverse_edges_torch(adj: np.ndarray, keys: np.ndarray, kv_of_graph: np.n
             for c0 in range(0, over_ids.numel(), PRUNE_CHUNK):
                 rows[over_ids[c0:c0 + PRUNE_CHUNK]] = _prune(cmat[c0:c0 + PRUNE_CHUNK], dmat[c0:c0 + PRUNE_CHUNK],
                                                              kh, M, alpha2).long()
-        adj[g, :n] = rows.to(torch.int32).cpu().numpy()
+        merged.append(rows.to(torch.int32).cpu().numpy())
+    for g, rows in enumerate(merged):
+        adj[g, :n] = rows
     clock.lap("reverse_s")

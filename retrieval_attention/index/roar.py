@@ -126,6 +126,17 @@ def _submit_insertion(fn, *args):
     return _INSERT_EXECUTOR.submit(fn, *args)
 
 
+def _torch_fallback(stage: str, err: Exception) -> bool:
+    """Warn that a build stage ran out of device memory and goes to the compiled CPU kernels (same graph);
+    returns False (no longer on torch)."""
+    import warnings
+
+    warnings.warn(f"roar: the {stage} ran out of GPU memory ({str(err).splitlines()[0][:160]}); building this "
+                  "layer's graphs with the CPU kernels instead (same graph, slower). Lower the GPU memory in use or "
+                  "pass projection='kernel' to skip the attempt.", RuntimeWarning, stacklevel=3)
+    return False
+
+
 def knn_ip(queries: np.ndarray, keys, k: int, exclude: np.ndarray | None = None, l2: bool = False):
     """Exact top-k keys per query. queries [m, d] float32, keys [n, d] float32 or uint16 bfloat16 bits (or
     a float32 torch tensor, e.g. already on the GPU: see :func:`keys_for_knn`) -> ids [m, k] int32, scores
@@ -384,21 +395,27 @@ class RoarIndex(KVIndex):
         t1 = time.perf_counter()
 
         own = K.owners(knn_ids, knn_sc, n, self.n_owners)
-        if self._projection_on() == "torch":
-            from .projection_torch import project_torch
+        on_torch = self._projection_on() == "torch"
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        adj = None
+        if on_torch:
+            from .projection_torch import add_reverse_edges_torch, project_torch
 
-            adj = project_torch(knn_ids, own, keys, kv_of_graph, n, self.M, self.alpha, self.order == "count",
-                                self._cand_cap, "cuda" if torch.cuda.is_available() else "cpu")
-        else:
+            try:
+                adj = project_torch(knn_ids, own, keys, kv_of_graph, n, self.M, self.alpha, self.order == "count",
+                                    self._cand_cap, dev)
+            except torch.OutOfMemoryError as e:
+                on_torch = _torch_fallback("projection", e)
+        if adj is None:
             adj = K.project(knn_ids, own, keys, kv_of_graph, n, self.M, self.alpha, self.fill,
                             self.order == "count", self._cand_cap, numba.get_num_threads())
         t_proj = time.perf_counter()
-        if self._projection_on() == "torch":
-            from .projection_torch import add_reverse_edges_torch
-
-            add_reverse_edges_torch(adj, keys, kv_of_graph, n, self.alpha, self._cand_cap,
-                                    "cuda" if torch.cuda.is_available() else "cpu")
-        else:
+        if on_torch:
+            try:  # writes adj only once every graph is done: an out-of-memory error leaves it as projected
+                add_reverse_edges_torch(adj, keys, kv_of_graph, n, self.alpha, self._cand_cap, dev)
+            except torch.OutOfMemoryError as e:
+                on_torch = _torch_fallback("reverse edges", e)
+        if not on_torch:
             src, dst, cnt = K.reverse_edges(adj, n)
             K.merge_edges(adj, src, dst, cnt, keys, kv_of_graph, n, self.alpha, self.fill, self._cand_cap,
                           numba.get_num_threads())
