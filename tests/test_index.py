@@ -662,3 +662,33 @@ def test_roar_torch_build_out_of_memory_falls_back_to_kernels(monkeypatch, helpe
         got = make_index("roar", projection="torch", **kw).build(keys, tq)
     assert len(calls) == 2
     np.testing.assert_array_equal(got._adj, want._adj)
+
+
+def test_roar_gpu_knn_out_of_memory_falls_back_to_cpu(monkeypatch):
+    """An out-of-memory error in the GPU kNN of the training queries warns and redoes that KV head on the CPU:
+    same kNN lists, same graph (CUDA simulated: the GPU kNN routine raises once, then runs on the CPU)."""
+    import torch
+
+    from retrieval_attention.index import roar as R
+
+    rng = np.random.default_rng(6)
+    keys = rng.standard_normal((2, 300, 16)).astype(np.float32)
+    tq = rng.standard_normal((4, 200, 16)).astype(np.float32) + 0.3
+    kw = dict(M=8, n_query_neighbors=8, projection="kernel")
+    want = make_index("roar", **kw).build(keys, tq)
+    real, calls = R.knn_ip_torch, []
+
+    def gpu_knn(queries, keys_, k, excl, l2, ids, sc, device):
+        calls.append(device)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(queries, keys_, k, excl, l2, ids, sc, "cpu")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(R, "_CUDA_MIN_SCORES", 1)
+    monkeypatch.setattr(R, "keys_for_knn", lambda k, dev: torch.from_numpy(np.ascontiguousarray(k, np.float32)))
+    monkeypatch.setattr(R, "knn_ip_torch", gpu_knn)
+    with pytest.warns(RuntimeWarning, match="kNN of the training queries ran out of GPU memory"):
+        got = make_index("roar", **kw).build(keys, tq)
+    assert calls[0] == "cuda"
+    np.testing.assert_array_equal(got._adj, want._adj)

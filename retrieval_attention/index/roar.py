@@ -127,17 +127,19 @@ def _submit_insertion(fn, *args):
 
 
 def _torch_fallback(stage: str, err: Exception) -> bool:
-    """Warn that a build stage ran out of device memory and goes to the compiled CPU kernels (same graph);
-    returns False (no longer on torch)."""
+    """Warn that a build stage ran out of GPU memory and the layer's build continues on the CPU (the compiled
+    kernels: the same graph); returns False (off the GPU from then on)."""
     import warnings
 
-    warnings.warn(f"roar: the {stage} ran out of GPU memory ({str(err).splitlines()[0][:160]}); building this "
-                  "layer's graphs with the CPU kernels instead (same graph, slower). Lower the GPU memory in use or "
-                  "pass projection='kernel' to skip the attempt.", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"roar: the {stage} ran out of GPU memory ({str(err).splitlines()[0][:160]}); this layer's "
+                  "graphs are finished with the CPU kernels instead (the same graph, slower). Free GPU memory, or "
+                  "pass projection='kernel' to build the graphs on the CPU from the start.", RuntimeWarning,
+                  stacklevel=3)
     return False
 
 
-def knn_ip(queries: np.ndarray, keys, k: int, exclude: np.ndarray | None = None, l2: bool = False):
+def knn_ip(queries: np.ndarray, keys, k: int, exclude: np.ndarray | None = None, l2: bool = False,
+           allow_cuda: bool = True):
     """Exact top-k keys per query. queries [m, d] float32, keys [n, d] float32 or uint16 bfloat16 bits (or
     a float32 torch tensor, e.g. already on the GPU: see :func:`keys_for_knn`) -> ids [m, k] int32, scores
     [m, k] float32.
@@ -146,7 +148,8 @@ def knn_ip(queries: np.ndarray, keys, k: int, exclude: np.ndarray | None = None,
     ``exclude [m]``: a key id to skip per query (self-matches). On the CPU: torch matmul, selection by a numba
     heap kernel over the columns in a fixed random order (ties: smaller id first). With CUDA (and a large
     problem) matmul and ``torch.topk`` both run on the GPU and only the top-k come back (ties within the
-    top-k: smaller id first; which of several keys tied at the k-th score is kept is unspecified)."""
+    top-k: smaller id first; which of several keys tied at the k-th score is kept is unspecified).
+    ``allow_cuda=False`` keeps numpy keys on the CPU path."""
     m, d = queries.shape
     n = keys.shape[0]
     ids = np.full((m, k), -1, np.int32)
@@ -158,7 +161,7 @@ def knn_ip(queries: np.ndarray, keys, k: int, exclude: np.ndarray | None = None,
         if keys.device.type != "cpu":
             return knn_ip_torch(queries, keys, k, excl, l2, ids, sc, keys.device)
         keys = keys.numpy()
-    if torch.cuda.is_available() and m * n >= _CUDA_MIN_SCORES:
+    if allow_cuda and torch.cuda.is_available() and m * n >= _CUDA_MIN_SCORES:
         return knn_ip_torch(queries, keys, k, excl, l2, ids, sc, "cuda")
     keys = as_float32(keys)
     cnt = np.zeros(m, np.int64)
@@ -383,14 +386,23 @@ class RoarIndex(KVIndex):
         knn_sc = np.empty((G, m, kq), np.float32)
         entries = np.full((G, self.n_entry), -1, np.int32)
         on_gpu = torch.cuda.is_available() and (m + 1) * n >= _CUDA_MIN_SCORES
-        for h in range(Hkv):
-            kh = keys_for_knn(stored[h, :n], "cuda") if on_gpu else stored[h, :n]  # one host->GPU copy per KV head
+
+        def knn_of_head(h, kh, allow_cuda):
             for g in np.nonzero(kv_of_graph == h)[0]:
                 # the graph's mean training query rides along as an extra row: its top key is the first entry
-                ids, sc = knn_ip(np.concatenate([tq[g], tq[g].mean(0, keepdims=True)]), kh, kq)
+                ids, sc = knn_ip(np.concatenate([tq[g], tq[g].mean(0, keepdims=True)]), kh, kq, allow_cuda=allow_cuda)
                 knn_ids[g], knn_sc[g] = ids[:-1], sc[:-1]
                 entries[g] = entry_points(int(ids[-1, 0]), tq[g], ids[:-1, 0], self.n_entry)
-            del kh
+
+        for h in range(Hkv):
+            if not on_gpu:
+                knn_of_head(h, stored[h, :n], False)
+                continue
+            try:
+                knn_of_head(h, keys_for_knn(stored[h, :n], "cuda"), True)  # one host->GPU copy per KV head
+            except torch.OutOfMemoryError as e:
+                on_gpu = _torch_fallback("kNN of the training queries", e)
+                knn_of_head(h, stored[h, :n], False)
         keys = stored
         t1 = time.perf_counter()
 
