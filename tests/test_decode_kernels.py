@@ -99,8 +99,12 @@ def _run_search(adj, keys, n_graph, n_total, queries, goh, koh, entries, k, L, T
 
 
 def _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L, scaling, T=2, order=None,
-               res_m=0, res_seed=0, dynamic=False):
+               res_m=0, res_seed=0, dynamic=False, partner=None):
     Hq, nq = queries.shape[:2]
+    if partner is None:
+        partner = np.full(Hq, -1, np.int64)
+    elif order is None:
+        order = DK.task_order(partner, nq, None)
     out = np.empty((Hq, nq, values.shape[2]), np.float32)
     lse = np.empty((Hq, nq), np.float32)
     ids = np.empty((Hq, nq, k), np.int64)
@@ -113,7 +117,7 @@ def _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, 
         DK.search_attend_batch(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L, scaling,
                                w.visited, w.cand_s, w.cand_i, out, lse, ns, ids, sc,
                                DK.balanced_order(None, Hq * nq) if order is None else order,
-                               keys, n_total, res_m, res_seed, w.taken, worker, dynamic)
+                               keys, n_total, res_m, res_seed, w.taken, worker, dynamic, partner)
         assert not w.taken.any()  # the residual's bitsets are left zeroed
         assert ((worker >= 0) & (worker < T)).all()  # every pair was run, by one of the T workers
     return out, lse, ns, ids, sc
@@ -162,6 +166,56 @@ def test_fused_kernel_matches_search_and_reference(seed, graph_per, storage):
         to, tl = retrieved_attention(sc, ids, v, scaling)
         np.testing.assert_allclose(out, to.numpy(), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(lse, tl.numpy(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+@pytest.mark.parametrize("res_m", [0, 16])
+def test_fused_shared_passes_match_reference(storage, res_m):
+    """Shared passes (heads 0-1 of each group of 3; head 2 alone): each paired head gets exactly the shared-pass
+    reference's results and keys scanned, every other head its separate search's, the attention over them equals
+    numpy's, the residual estimate the separate residual's; any task order or worker count gives the same."""
+    from retrieval_attention.attention.residual import add_residual_into
+
+    rng = np.random.default_rng(12)
+    adj, keys, values, queries, entries, goh, koh, n_graph, n_total = _kernel_inputs(rng, "kv_head")
+    keys32 = keys
+    if storage == "bfloat16":
+        keys, values = _bits(keys), _bits(values)
+        keys32 = bf16_bits_to_f32(keys)
+    partner = DK.pair_partners(goh)
+    np.testing.assert_array_equal(partner, [1, 0, -1, 4, 3, -1])
+    Hq, nq = queries.shape[:2]
+    for k, L in ((10, 10), (7, 25), (40, 40)):
+        out, lse, ns, ids, sc = _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L, 0.37,
+                                           partner=partner, res_m=res_m, res_seed=5)
+        sep_ids, _, sep_ns = _run_search(adj, keys, n_graph, n_total, queries, goh, koh, entries, k, L)
+        for h in range(Hq):
+            for i in range(nq):
+                if partner[h] < 0:
+                    np.testing.assert_array_equal(ids[h, i], sep_ids[h, i])
+                    assert ns[h, i] == sep_ns[h, i]
+                    continue
+                a, b = min(h, partner[h]), max(h, partner[h])
+                ra, rb, rns = R.beam_search_two_ref(adj[goh[h]], keys32[koh[h]], n_graph, n_total, queries[a, i],
+                                                    queries[b, i], entries[goh[h]], k, L)
+                np.testing.assert_array_equal(ids[h, i], (ra if h == a else rb)[0])
+                assert ns[h, i] == rns
+        ro, rl = DK.retrieved_attention_ref(sc, ids, values, koh, 0.37)
+        if res_m:
+            add_residual_into(ro, rl, keys, values, queries, koh, ids, n_total, res_m, 0.37, seed=5)
+        np.testing.assert_allclose(out, ro, rtol=1e-5, atol=ATOL)
+        np.testing.assert_allclose(lse, rl, rtol=1e-5, atol=ATOL)
+        tasks = DK.task_order(partner, nq, None)
+        assert len(tasks) == 4 * nq  # 2 groups x (one pair + one single) per query
+        for T, order, dyn in ((3, DK.task_order(partner, nq, rng.random(Hq * nq)), False),
+                              (4, rng.permutation(tasks).astype(np.int64), True)):
+            o2, l2, ns2, ids2, _ = _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L,
+                                              0.37, T=T, order=order, dynamic=dyn, partner=partner, res_m=res_m,
+                                              res_seed=5)
+            np.testing.assert_array_equal(ids2, ids)
+            np.testing.assert_array_equal(ns2, ns)
+            np.testing.assert_array_equal(o2, out)
+            np.testing.assert_array_equal(l2, lse)
 
 
 @pytest.mark.parametrize("storage", ["float32", "bfloat16"])

@@ -236,6 +236,40 @@ def _random_graph(rng, G, n, M, cap=None):
     return adj
 
 
+@pytest.mark.parametrize("seed,ties", [(21, False), (22, False), (23, True), (24, True)])
+def test_search_two_matches_reference(seed, ties):
+    """The shared two-query pass == its plain reference (ids, scores, keys scanned), with a tail, padded entries,
+    nodes of degree 0 and (``ties``) many equal scores."""
+    rng = np.random.default_rng(seed)
+    n_graph, n_tail, d, M = 300, 17, 8, 6
+    n_total = n_graph + n_tail
+    draw = (lambda *shape: rng.integers(-1, 2, shape) if ties else rng.standard_normal(shape))
+    keys = np.zeros((2, n_total + 5, d), np.float32)
+    keys[:, :n_total] = draw(2, n_total, d)
+    adj = _random_graph(rng, 2, n_graph, M, cap=n_total + 5)
+    entries = np.stack([rng.choice(n_graph, 3, replace=False) for _ in range(2)]).astype(np.int32)
+    entries[1, 2] = -1
+    vis = np.full(K.visited_words(keys.shape[1]), np.uint64(0))
+    for k, L in ((10, 10), (7, 25), (40, 64)):
+        for trial in range(4):
+            qa, qb = draw(2, d).astype(np.float32)
+            g = trial % 2
+            ba, bb = np.empty(L + 1, np.uint64), np.empty(L + 1, np.uint64)
+            ra_s, ra_i, rb_s, rb_i = (np.empty(k + 1, np.float64), np.empty(k + 1, np.int64),
+                                      np.empty(k + 1, np.float64), np.empty(k + 1, np.int64))
+            K.clear_visited(vis, n_graph)
+            nra, nrb, ns = K.search_two(adj, keys, n_graph, n_total, qa, qb, g, g, entries, k, L, vis, ba, bb,
+                                        ra_s, ra_i, rb_s, rb_i, np.empty(M, np.int64), np.empty(M, np.float64),
+                                        np.empty(M, np.float64))
+            (ia, sa), (ib, sb), rns = R.beam_search_two_ref(adj[g], keys[g], n_graph, n_total, qa, qb, entries[g], k, L)
+            assert ns == rns
+            for nr, r_s, r_i, ids, sc in ((nra, ra_s, ra_i, ia, sa), (nrb, rb_s, rb_i, ib, sb)):
+                got_ids = np.full(k, -1, np.int64)  # the result heap holds worst first: rank (score desc, id asc)
+                got_ids[:nr] = r_i[:nr][np.lexsort((r_i[:nr], -r_s[:nr]))]
+                np.testing.assert_array_equal(got_ids, ids)
+                np.testing.assert_allclose(np.sort(r_s[:nr])[::-1], sc[:nr], rtol=1e-5)
+
+
 @pytest.mark.parametrize("seed,ties", [(11, False), (12, False), (13, False), (14, True), (15, True)])
 def test_search_kernel_matches_reference(seed, ties):
     rng = np.random.default_rng(seed)
@@ -692,3 +726,32 @@ def test_roar_gpu_knn_out_of_memory_falls_back_to_cpu(monkeypatch):
         got = make_index("roar", **kw).build(keys, tq)
     assert calls[0] == "cuda"
     np.testing.assert_array_equal(got._adj, want._adj)
+
+
+def test_roar_shared_passes_find_more_with_fewer_rows():
+    """``share="pairs"``: two heads of a group in one pass score fewer key rows than their two separate searches
+    and, each seeing the keys scored for the other, recall at least as much at the same ef (synthetic OOD data);
+    the fused decode call and the plain search agree; per-query-head graphs are refused."""
+    from retrieval_attention.index.flat import exact_topk
+    from retrieval_attention.index.reference import recall_at_k
+
+    keys, tq, test = R.make_ood_data(n_kv_heads=2, group=4, n_keys=4000, n_train=1000, n_test=32, d=32, seed=3)
+    sep = make_index("roar").build(keys, tq)
+    pair = make_index("roar", share="pairs").build(keys, tq)
+    exact = exact_topk(keys, test, 100, 4)[0]
+    for ef in (100, 128):
+        i0, _, n0 = sep.search(test, 100, ef=ef)
+        i1, _, n1 = pair.search(test, 100, ef=ef)
+        np.testing.assert_array_equal(n1[0::2], n1[1::2])  # both heads of a pass report its rows
+        assert n1[0::2].mean() < 0.95 * (n0[0::2] + n0[1::2]).mean()
+        assert recall_at_k(i1, exact).mean() >= recall_at_k(i0, exact).mean()
+    values = np.random.default_rng(0).standard_normal((2, 4000, 8)).astype(np.float32)
+    out, lse, ns, ids = pair.search_attend(test, 100, values, 0.2, return_ids=True)
+    np.testing.assert_array_equal(ids, pair.search(test, 100)[0])
+    np.testing.assert_array_equal(ns, pair.search(test, 100)[2])
+    i2, _, _ = pair.search(test, 50, ef=40)  # ef < k: separate searches
+    np.testing.assert_array_equal(i2, sep.search(test, 50, ef=40)[0])
+    with pytest.raises(IndexError_, match="share='pairs' needs graph_per='kv_head'"):
+        make_index("roar", share="pairs", graph_per="query_head")
+    with pytest.raises(IndexError_, match="share must be one of"):
+        make_index("roar", share="group")

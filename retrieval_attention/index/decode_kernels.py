@@ -27,7 +27,7 @@ from numba import njit, prange
 
 from .bf16 import as_float32
 from .kernels import (_dot, _test_and_set, atomic_fetch_add, clear_visited, elem, emit_results, prefetch_rows_ahead,
-                      search_pair, visited_words)
+                      search_pair, search_two, visited_words)
 from ..attention.residual_kernels import _finish, _row, draw_ids
 
 #: initial capacity of a worker's candidate heap (entries); a search that needs more grows a private copy
@@ -37,7 +37,7 @@ CAND_INIT = 4096
 @njit(parallel=True, nogil=True, cache=True)
 def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_head, kv_of_head, entries, k, L,
                         scaling, visited, cand_s, cand_i, out, out_lse, out_ns, out_ids, out_sc, order,
-                        res_keys, res_n, res_m, res_seed, taken, out_worker, dynamic):
+                        res_keys, res_n, res_m, res_seed, taken, out_worker, dynamic, partner):
     """Fused top-``k`` search + attention of every (query head, query) pair of a layer.
 
     Inputs as :func:`.kernels.search_batch` (adj, keys, n_graph, n_total, queries [Hq, nq, d] float32,
@@ -61,6 +61,12 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
     pairs instead of one task per KV head. res_keys [Hkv, >= res_n, d] (float32 or bfloat16 bits) are the
     keys drawn from (ids ``0..res_n-1``), taken [T, >= ceil(res_n / 64)] uint64 per-worker bitsets, all
     zero on entry (left zero). ``res_m <= 0``: no estimate (res_keys / taken are not read).
+
+    Shared passes (``partner [Hq]`` int64, -1 = none): a head ``h`` with ``partner[h] = b >= 0`` searches together
+    with head ``b`` of the same graph in one pass (:func:`.kernels.search_two`, needs ``L >= k``); ``order`` then
+    lists only the tasks, i.e. the pairs of heads without a partner or whose partner is a higher head, and the
+    task of ``(h, i)`` also fills ``(b, i)`` (both report the pass's keys scanned). All -1 and ``order`` over
+    every pair: separate searches.
     """
     Hq, nq, d = queries.shape
     dv = values.shape[2]
@@ -88,6 +94,11 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
         r_sc = np.empty(r_cnt, np.float64)
         r_keep = np.empty(r_cnt, np.bool_)
         r_row = np.empty(dv, np.float32)
+        bb = np.empty(L + 1, np.uint64)  # the partner's beam, result heap, scores and query (shared passes)
+        rb_s = np.empty(k + 1, np.float64)
+        rb_i = np.empty(k + 1, np.int64)
+        sb = np.empty(M, np.float64)
+        qb = np.empty(d, np.float32)
         r = 0
         while True:
             if dynamic:
@@ -95,18 +106,32 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
             else:
                 j = r * T + (np.int64(t) if r % 2 == 0 else T - 1 - np.int64(t))
                 r += 1
-            if j >= P:
+            if j >= order.shape[0]:
                 break
             p = order[j]
             out_worker[p] = t
             h = p // nq
             i = p - h * nq
             kv = kv_of_head[h]
+            hb = partner[h]
             clear_visited(vis, n_graph)
             for c in range(d):
                 qv[c] = queries[h, i, c]
-            nr, ns, c_s, c_i = search_pair(adj, keys, n_graph, n_total, qv, graph_of_head[h], kv, entries, k, L,
-                                           vis, c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf, beam)
+            if hb < 0:
+                nr, ns, c_s, c_i = search_pair(adj, keys, n_graph, n_total, qv, graph_of_head[h], kv, entries, k, L,
+                                               vis, c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf, beam)
+            else:
+                for c in range(d):
+                    qb[c] = queries[hb, i, c]
+                nr, nrb, ns = search_two(adj, keys, n_graph, n_total, qv, qb, graph_of_head[h], kv, entries, k, L,
+                                         vis, beam, bb, r_s, r_i, rb_s, rb_i, nbuf, sbuf, sb)
+                out_worker[hb * nq + i] = t
+                emit_results(rb_s, rb_i, nrb, k, out_ids, out_sc, hb, i)
+                out_ns[hb, i] = ns
+                _attend_one(values, kv, rb_s, rb_i, nrb, scaling, pw, acc, out, out_lse, hb, i)
+                if r_cnt > 0:
+                    _residual_one(res_keys, values, qb, kv, hb, i, rb_i, nrb, res_n, r_exact, r_cnt, scaling,
+                                  res_seed, taken[t], r_ids, r_sc, r_keep, r_row, acc, out, out_lse)
             emit_results(r_s, r_i, nr, k, out_ids, out_sc, h, i)
             out_ns[h, i] = ns
             _attend_one(values, kv, r_s, r_i, nr, scaling, pw, acc, out, out_lse, h, i)
@@ -163,6 +188,37 @@ def balanced_order(cost: np.ndarray | None, P: int) -> np.ndarray:
     if cost is None or len(cost) != P:
         return np.arange(P, dtype=np.int64)
     return np.argsort(-np.asarray(cost, np.float64), kind="stable").astype(np.int64)
+
+
+def pair_partners(graph_of_head: np.ndarray) -> np.ndarray:
+    """Partners for shared passes (:func:`search_attend_batch`): consecutive query heads searching the same graph
+    are paired (heads 0-1, 2-3, ... of a GQA group; an odd one out keeps -1) -> ``partner [Hq]`` int64, symmetric."""
+    goh = np.asarray(graph_of_head, np.int64)
+    partner = np.full(len(goh), -1, np.int64)
+    h = 0
+    while h + 1 < len(goh):
+        if goh[h] == goh[h + 1]:
+            partner[h], partner[h + 1] = h + 1, h
+            h += 2
+        else:
+            h += 1
+    return partner
+
+
+def task_order(partner: np.ndarray, nq: int, cost: np.ndarray | None) -> np.ndarray:
+    """The tasks of a layer call with shared passes, costliest first (as :func:`balanced_order`): the pairs
+    ``h * nq + i`` of heads without a partner or paired with a higher head; a task's cost is its pairs' summed
+    ``cost [Hq * nq]`` (previous call's keys scanned) -> ``order`` int64."""
+    partner = np.asarray(partner, np.int64)
+    lead = np.nonzero((partner < 0) | (partner > np.arange(len(partner))))[0]
+    tasks = (lead[:, None] * nq + np.arange(nq)[None, :]).reshape(-1)
+    if cost is None or len(cost) != len(partner) * nq:
+        return tasks.astype(np.int64)
+    c = np.asarray(cost, np.float64)
+    tc = c[tasks].copy()
+    paired = partner[tasks // nq] >= 0
+    tc[paired] += c[partner[tasks[paired] // nq] * nq + tasks[paired] % nq]
+    return tasks[np.argsort(-tc, kind="stable")].astype(np.int64)
 
 
 def worker_loads(cost: np.ndarray, worker: np.ndarray, T: int) -> np.ndarray:

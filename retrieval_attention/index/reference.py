@@ -72,6 +72,60 @@ def beam_search_ref(adj_g, keys_h, n_graph, n_total, q, entries, k, L):
     return ids, sc, ns
 
 
+def beam_search_two_ref(adj_g, keys_h, n_graph, n_total, qa, qb, entries, k, L):
+    """Two queries in one shared pass (``L >= k``): plain reference of :func:`kernels.search_two`. One visited
+    set; every key scored is offered to both beams (the ``L`` best (score desc, id asc) with an "expanded" flag);
+    the heads expand their best unexpanded entry in turn (a head with none yields) until both beams are fully
+    expanded; each head's result is the top-``k`` of its beam and the tail. Returns ``((ids_a, sc_a), (ids_b,
+    sc_b), n_scanned)`` with ids [k] int64 / scores [k] float32 (-1 / -inf padded)."""
+    qs = [np.asarray(qa, np.float64), np.asarray(qb, np.float64)]
+    beams: list[list] = [[], []]  # entries [score, id, expanded], best first
+    visited: set[int] = set()
+    ns = 0
+
+    def score(j):
+        nonlocal ns
+        ns += 1
+        row = keys_h[j].astype(np.float64)
+        for b in range(2):
+            beams[b].append([float(np.dot(qs[b], row)), j, False])
+            beams[b].sort(key=lambda e: (-e[0], e[1]))
+            del beams[b][L:]
+
+    for e in entries:
+        e = int(e)
+        if 0 <= e < n_graph and e not in visited:
+            visited.add(e)
+            score(e)
+    turn = 0
+    while True:
+        best = [next((e for e in beams[b] if not e[2]), None) for b in range(2)]
+        if best[0] is None and best[1] is None:
+            break
+        b = 0 if (turn == 0 and best[0] is not None) or best[1] is None else 1
+        turn ^= 1
+        best[b][2] = True
+        for nb in adj_g[best[b][1]]:
+            nb = int(nb)
+            if nb < 0:
+                break
+            if nb not in visited:
+                visited.add(nb)
+                score(nb)
+    out = []
+    for b in range(2):
+        res = [(e[0], e[1]) for e in beams[b][:k]]
+        for j in range(n_graph, n_total):
+            res.append((float(np.dot(qs[b], keys_h[j].astype(np.float64))), j))
+        res.sort(key=lambda e: (-e[0], e[1]))
+        ids = np.full(k, -1, np.int64)
+        sc = np.full(k, -np.inf, np.float32)
+        for r, (sv, j) in enumerate(res[:k]):
+            ids[r], sc[r] = j, np.float32(sv)
+        out.append((ids, sc))
+    return out[0], out[1], ns + (n_total - n_graph)
+
+
 def l2sq(a, b) -> float:
     x = a.astype(np.float64) - b.astype(np.float64)
     return float(np.dot(x, x))

@@ -1,6 +1,6 @@
 """Experiment (docs/BENCHMARKS.md, session 9): two query heads of a GQA group searched in one shared pass.
 
-Prototype, not in the package. Two best-first searches of the same KV-head graph run interleaved on one thread
+``kernels.search_two`` (``RoarIndex(share="pairs")``): two best-first searches of the same KV-head graph run interleaved on one thread
 and share the visited set: a key row is loaded once and scored for both queries, and each head keeps its own sorted
 beam (the kernel's packed entries) and takes the other's scored keys into its beam. Compared with the two searches
 run one after the other (``kernels.search_pair``): recall@100 against exact top-100, keys loaded, and one-thread
@@ -24,69 +24,15 @@ SINK, WINDOW, TOP = 128, 512, 100
 
 
 @njit(nogil=True)
-def _insert_both(beam, nw, L, cur, e, adj, g, nb):
-    pos, nw = K._beam_insert(beam, nw, L, e)
-    if pos >= 0:
-        K._prefetch(adj, g, nb, 0)
-        if pos <= cur:
-            cur = pos
-    return nw, cur
-
-
-@njit(nogil=True)
-def search_two(adj, keys, n_graph, qa, qb, g, kv, entries, L, vis, ba, bb, nbuf, sa, sb):
-    """Shared-pass search of queries qa, qb; returns (nwa, nwb, loads): the sorted beams ba[:nwa], bb[:nwb]."""
-    nwa = 0
-    nwb = 0
-    loads = 0
-    for e in range(entries.shape[1]):
-        nid = entries[g, e]
-        if nid < 0 or nid >= n_graph or K._test_and_set(vis, nid):
-            continue
-        loads += 1
-        pa, nwa = K._beam_insert(ba, nwa, L, K.pack_entry(np.float32(K._dot(qa, keys, kv, nid)), nid))
-        pb, nwb = K._beam_insert(bb, nwb, L, K.pack_entry(np.float32(K._dot(qb, keys, kv, nid)), nid))
-    ca = 0
-    cb = 0
-    turn = 0
-    while ca < nwa or cb < nwb:
-        use_a = (turn == 0 and ca < nwa) or cb >= nwb
-        turn ^= 1
-        if use_a:
-            node = K.entry_id(ba[ca])
-            ba[ca] |= K._EXPANDED
-        else:
-            node = K.entry_id(bb[cb])
-            bb[cb] |= K._EXPANDED
-        nn = 0
-        for m in range(adj.shape[2]):
-            nb = adj[g, node, m]
-            if nb < 0:
-                break
-            if not K._test_and_set(vis, nb):
-                nbuf[nn] = nb
-                nn += 1
-                K._prefetch_row(keys, kv, nb)
-        for m in range(nn):
-            sa[m] = K._dot(qa, keys, kv, nbuf[m])
-            sb[m] = K._dot(qb, keys, kv, nbuf[m])
-        loads += nn
-        for m in range(nn):
-            nwa, ca = _insert_both(ba, nwa, L, ca, K.pack_entry(np.float32(sa[m]), nbuf[m]), adj, g, nbuf[m])
-            nwb, cb = _insert_both(bb, nwb, L, cb, K.pack_entry(np.float32(sb[m]), nbuf[m]), adj, g, nbuf[m])
-        while ca < nwa and (ba[ca] & K._EXPANDED) != 0:
-            ca += 1
-        while cb < nwb and (bb[cb] & K._EXPANDED) != 0:
-            cb += 1
-    return nwa, nwb, loads
-
-
-@njit(nogil=True)
 def run_pairs(adj, keys, n_graph, Q, pairs, entries, L, k, out_ids, out_loads):
-    """Q [Hq, nq, d]; pairs [P, 3] (head a, head b, KV head); out_ids [P, 2, nq, k]."""
+    """Q [Hq, nq, d]; pairs [P, 3] (head a, head b, KV head); out_ids [P, 2, nq, k] (``kernels.search_two``)."""
     vis = np.zeros(max(1, (n_graph + 63) // 64), np.uint64)
     ba = np.empty(L + 1, np.uint64)
     bb = np.empty(L + 1, np.uint64)
+    ra_s = np.empty(k + 1, np.float64)
+    ra_i = np.empty(k + 1, np.int64)
+    rb_s = np.empty(k + 1, np.float64)
+    rb_i = np.empty(k + 1, np.int64)
     M = adj.shape[2]
     nbuf = np.empty(M, np.int64)
     sa = np.empty(M, np.float64)
@@ -95,13 +41,13 @@ def run_pairs(adj, keys, n_graph, Q, pairs, entries, L, k, out_ids, out_loads):
         a, b, kv = pairs[p, 0], pairs[p, 1], pairs[p, 2]
         for i in range(Q.shape[1]):
             K.clear_visited(vis, n_graph)
-            nwa, nwb, loads = search_two(adj, keys, n_graph, Q[a, i], Q[b, i], kv, kv, entries, L, vis, ba, bb,
-                                         nbuf, sa, sb)
+            nra, nrb, loads = K.search_two(adj, keys, n_graph, n_graph, Q[a, i], Q[b, i], kv, kv, entries, k, L, vis,
+                                           ba, bb, ra_s, ra_i, rb_s, rb_i, nbuf, sa, sb)
             out_loads[p, i] = loads
-            for r in range(min(k, nwa)):
-                out_ids[p, 0, i, r] = K.entry_id(ba[r])
-            for r in range(min(k, nwb)):
-                out_ids[p, 1, i, r] = K.entry_id(bb[r])
+            for r in range(nra):
+                out_ids[p, 0, i, r] = ra_i[r]
+            for r in range(nrb):
+                out_ids[p, 1, i, r] = rb_i[r]
 
 
 @njit(nogil=True)
