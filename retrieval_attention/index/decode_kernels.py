@@ -74,6 +74,10 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
     T = visited.shape[0]
     M = adj.shape[2]
     next_pair = np.zeros(1, np.int64)  # rank in ``order`` of the next pair to hand out
+    pairs = 0
+    for h in range(Hq):
+        if partner[h] >= 0:
+            pairs += 1
     for t in prange(T):
         c_s = cand_s[t]
         c_i = cand_i[t]
@@ -94,11 +98,12 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
         r_sc = np.empty(r_cnt, np.float64)
         r_keep = np.empty(r_cnt, np.bool_)
         r_row = np.empty(dv, np.float32)
-        bb = np.empty(L + 1, np.uint64)  # the partner's beam, result heap, scores and query (shared passes)
-        rb_s = np.empty(k + 1, np.float64)
-        rb_i = np.empty(k + 1, np.int64)
-        sb = np.empty(M, np.float64)
-        qb = np.empty(d, np.float32)
+        ps = 1 if pairs == 0 else 0  # the partner's beam, result heap, scores and query (shared passes only)
+        bb = np.empty(1 if ps else L + 1, np.uint64)
+        rb_s = np.empty(1 if ps else k + 1, np.float64)
+        rb_i = np.empty(1 if ps else k + 1, np.int64)
+        sb = np.empty(1 if ps else M, np.float64)
+        qb = np.empty(1 if ps else d, np.float32)
         r = 0
         while True:
             if dynamic:

@@ -338,6 +338,7 @@ class RoarIndex(KVIndex):
         if share == "pairs" and graph_per != "kv_head":
             raise IndexError_("roar: share='pairs' needs graph_per='kv_head' (the paired heads search one graph)")
         self.share = share
+        self._partner_cache = None  # ((shared?, graph_of_head), partner [Hq], any pair) of the last call
         self.max_train_queries = None if max_train_queries is None else _pos_int("max_train_queries", max_train_queries)
         self.n_entry = _pos_int("n_entry", n_entry)
         self.fill = bool(fill)
@@ -508,12 +509,14 @@ class RoarIndex(KVIndex):
             )
         return graph_of_head, kv_of_head
 
-    def _partners(self, graph_of_head: np.ndarray, k: int, L: int) -> np.ndarray:
-        """``partner [Hq]`` for the compiled calls: pairs of heads sharing a pass (``share="pairs"``, ``L >= k``),
-        else all -1."""
-        if self.share == "pairs" and L >= k:
-            return DK.pair_partners(graph_of_head)
-        return np.full(len(graph_of_head), -1, np.int64)
+    def _partners(self, graph_of_head: np.ndarray, k: int, L: int) -> tuple[np.ndarray, bool]:
+        """``(partner [Hq], any pair)`` for the compiled calls: pairs of heads sharing a pass (``share="pairs"``,
+        ``L >= k``), else all -1."""
+        key = (self.share == "pairs" and L >= k, tuple(graph_of_head))
+        if self._partner_cache is None or self._partner_cache[0] != key:  # per layer call: keep it cheap
+            p = DK.pair_partners(graph_of_head) if key[0] else np.full(len(graph_of_head), -1, np.int64)
+            self._partner_cache = (key, p, bool((p >= 0).any()))
+        return self._partner_cache[1:]
 
     def _search(self, queries, k, ef=None):
         L = self.ef if ef is None else _pos_int("ef", ef)
@@ -522,8 +525,8 @@ class RoarIndex(KVIndex):
         ids = np.empty((Hq, nq, k), np.int64)
         sc = np.empty((Hq, nq, k), np.float32)
         ns = np.empty((Hq, nq), np.int64)
-        partner = self._partners(graph_of_head, k, L)
-        if (partner >= 0).any():  # shared passes: through the fused call (its attention output is not used)
+        partner, paired = self._partners(graph_of_head, k, L)
+        if paired:  # shared passes: through the fused call (its attention output is not used)
             values = np.zeros((self.n_kv_heads, self.n_keys, 1), np.float32)
             out = np.empty((Hq, nq, 1), np.float32)
             lse = np.empty((Hq, nq), np.float32)
@@ -563,9 +566,9 @@ class RoarIndex(KVIndex):
         sc = np.empty((Hq, nq, k), np.float32)
         ns = np.empty((Hq, nq), np.int64)
         worker = np.empty(Hq * nq, np.int64)
-        partner = self._partners(graph_of_head, k, L)
+        partner, paired = self._partners(graph_of_head, k, L)
         # the previous call's keys scanned per pair predict this one's cost: the longest are handed out first
-        if (partner >= 0).any():
+        if paired:
             order = DK.task_order(partner, nq, self._last_scanned)
         else:
             order = DK.balanced_order(self._last_scanned, Hq * nq)
@@ -586,7 +589,7 @@ class RoarIndex(KVIndex):
                                    w.taken[:T], worker, self.schedule == "dynamic", partner)
         self._last_scanned = ns.reshape(-1)
         rows = self._last_scanned
-        if (partner >= 0).any():  # a shared pass's rows were loaded once, by its task's worker
+        if paired:  # a shared pass's rows were loaded once, by its task's worker
             follower = (partner >= 0) & (partner < np.arange(Hq))
             rows = np.where(np.repeat(follower, nq), 0, rows)
         loads = DK.worker_loads(rows, worker, T)
