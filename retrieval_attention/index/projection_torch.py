@@ -8,11 +8,12 @@ counting, up to ``max_cand`` distances, occlusion pruning): at 128K keys it is m
    counted (run lengths), the pivot itself and padding dropped;
 2. squared L2 distance of every pool entry to its pivot (float32, ``|c|^2 + |p|^2 - 2 c.p`` with one batched
    matmul over the gathered rows);
-3. ranking by (count desc, distance asc, id asc): one stable sort of packed int64 keys; the first ``max_cand`` are the
-   candidates (exactly the candidates of :func:`.kernels._prune_into`, up to float rounding of distances);
+3. ranking by (count desc, distance asc, id asc): one stable sort of packed int64 keys; the first ``max_cand``
+   are the candidates (exactly the candidates of :func:`.kernels._prune_into`, up to float rounding of distances);
 4. occlusion pruning: candidate ``c`` is kept unless an already kept ``r`` has ``alpha^2 d(r, c) < d(pivot, c)``,
    until ``M`` are kept. All pairwise tests come from batched Gram matrices at once; only the greedy itself is
-   sequential over the candidate rank (three tensor operations per rank over 64K pivots).
+   sequential over the candidate rank (two tensor operations per rank over :data:`PRUNE_CHUNK` pivots). The
+   reverse edges (:func:`add_reverse_edges_torch`) re-prune overflowing lists the same way.
 
 Results equal the compiled kernel's except where two distances differ only in their last float32 bits
 (summation order): 99.99% of pivot rows on 128K random keys, all of them on the tests' random data. ``fill``
