@@ -516,15 +516,13 @@ def test_entry_points_pick_distinct_distant_queries():
     assert ent[0] == 1 and sorted(ent[:4].tolist()) == [0, 1, 2, 3] and (ent[4:] == -1).all()
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-@pytest.mark.parametrize("by_count", [True, False])
-def test_projection_torch_matches_kernel(bf16, by_count):
-    """The batched torch projection (for GPUs) builds the compiled kernel's graph on random inputs."""
+def _projection_inputs(rng, bf16):
+    """Random inputs of the projection tests: float32 keys [2 KV heads, 405, 24] (and their bfloat16 bits when
+    ``bf16``), 3 graphs (KV heads 0, 1, 1), the kNN lists of 200 shifted random queries per graph among the first
+    400 keys -> (keys, stored keys, kv_of_graph, knn_ids, knn_sc, n, R)."""
     from retrieval_attention.index.bf16 import f32_to_bf16_bits
-    from retrieval_attention.index.projection_torch import project_torch
     from retrieval_attention.index.roar import knn_ip
 
-    rng = np.random.default_rng(7)
     n, m, kq, R, G, d = 400, 200, 16, 4, 3, 24
     keys = rng.standard_normal((2, n + 5, d)).astype(np.float32)
     kk = f32_to_bf16_bits(keys) if bf16 else keys
@@ -533,6 +531,16 @@ def test_projection_torch_matches_kernel(bf16, by_count):
     knn_sc = np.empty((G, m, kq), np.float32)
     for g in range(G):
         knn_ids[g], knn_sc[g] = knn_ip(rng.standard_normal((m, d)).astype(np.float32) + 0.5, kk[kvg[g], :n], kq)
+    return keys, kk, kvg, knn_ids, knn_sc, n, R
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("by_count", [True, False])
+def test_projection_torch_matches_kernel(bf16, by_count):
+    """The batched torch projection (for GPUs) builds the compiled kernel's graph on random inputs."""
+    from retrieval_attention.index.projection_torch import project_torch
+
+    keys, kk, kvg, knn_ids, knn_sc, n, R = _projection_inputs(np.random.default_rng(7), bf16)
     own = K.owners(knn_ids, knn_sc, n, R)
     for M, max_cand in ((8, 32), (6, 5)):
         want = K.project(knn_ids, own, kk, kvg, n, M, 1.0, False, by_count, max_cand, 2)
@@ -629,20 +637,11 @@ def test_projection_auto_picks_torch_only_with_cuda(monkeypatch):
 def test_reverse_edges_torch_matches_kernel(bf16):
     """The batched torch reverse-edge merge (for GPUs) gives the compiled kernels' graph on random inputs, with
     lists that fit (kept in order) and lists that overflow (re-pruned), including a candidate cap below M."""
-    from retrieval_attention.index.bf16 import f32_to_bf16_bits
     from retrieval_attention.index.projection_torch import add_reverse_edges_torch
-    from retrieval_attention.index.roar import knn_ip
 
     for M, max_cand in ((8, 32), (6, 5), (24, 128)):
-        rng = np.random.default_rng(M + 100 * bf16)
-        n, m, kq, R, G, d = 400, 200, 16, 4, 3, 24
-        keys = rng.standard_normal((2, n + 5, d)).astype(np.float32)
-        kk = f32_to_bf16_bits(keys) if bf16 else keys
-        kvg = np.array([0, 1, 1], np.int64)
-        knn_ids = np.empty((G, m, kq), np.int32)
-        knn_sc = np.empty((G, m, kq), np.float32)
-        for g in range(G):
-            knn_ids[g], knn_sc[g] = knn_ip(rng.standard_normal((m, d)).astype(np.float32) + 0.5, kk[kvg[g], :n], kq)
+        _, kk, kvg, knn_ids, knn_sc, n, R = _projection_inputs(np.random.default_rng(M + 100 * bf16), bf16)
+        G = len(kvg)
         adj = K.project(knn_ids, K.owners(knn_ids, knn_sc, n, R), kk, kvg, n, M, 1.0, False, True, max_cand, 2)
         got = adj.copy()
         src, dst, cnt = K.reverse_edges(adj, n)

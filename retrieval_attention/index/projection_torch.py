@@ -55,21 +55,14 @@ def project_torch(knn_ids: np.ndarray, own: np.ndarray, keys: np.ndarray, kv_of_
     own ``[G, n, R]`` int32, keys ``[Hkv, >= n, d]`` float32 or uint16 bfloat16 bits, kv_of_graph ``[G]``
     -> adj ``[G, n, M]`` int32 (-1 padded). Runs on ``device``. ``timings``: a dict that gets the seconds of
     steps 1-3 (``"candidates_s"``) and 4 (``"prune_s"``) added (synchronising the device between them)."""
-    from .roar import keys_for_knn
-
     G, m, kq = knn_ids.shape
     R = own.shape[2]
     adj = huge_full((G, n, M), -1, np.int32)  # read at random by the decode searches
     alpha2 = float(alpha) * float(alpha)
     dev = torch.device(device)
     knn_t = torch.from_numpy(np.ascontiguousarray(knn_ids)).to(dev).long()
-    kh_of = None  # the KV head whose keys are on the device (graphs of one KV head are consecutive)
     clock = _Clock(dev, timings)
-    for g in range(G):
-        h = int(kv_of_graph[g])
-        if h != kh_of:
-            kh, kh_of = keys_for_knn(keys[h, :n], dev), h
-            sq = (kh * kh).sum(1)
+    for g, kh, sq in _graph_keys(keys, kv_of_graph, n, dev):
         own_g = torch.from_numpy(np.ascontiguousarray(own[g])).to(dev).long()  # [n, R]
         piv_all = torch.nonzero(own_g[:, 0] >= 0).flatten()
         if piv_all.numel() == 0:
@@ -92,6 +85,20 @@ def project_torch(knn_ids: np.ndarray, own: np.ndarray, keys: np.ndarray, kv_of_
         adj[g, piv_all.cpu().numpy()] = torch.cat(rows_out).cpu().numpy()
         clock.lap("prune_s")
     return adj
+
+
+def _graph_keys(keys, kv_of_graph, n, dev):
+    """Yields ``(g, kh, sq)`` per graph: its KV head's keys ``[n, d]`` float32 on ``dev`` and their squared norms,
+    copied once per KV head (graphs of one KV head are consecutive)."""
+    from .roar import keys_for_knn
+
+    kh_of = None
+    for g in range(len(kv_of_graph)):
+        h = int(kv_of_graph[g])
+        if h != kh_of:
+            kh, kh_of = keys_for_knn(keys[h, :n], dev), h
+            sq = (kh * kh).sum(1)
+        yield g, kh, sq
 
 
 def _pair_dist(kh, sq, a, b):
@@ -208,20 +215,13 @@ def add_reverse_edges_torch(adj: np.ndarray, keys: np.ndarray, kv_of_graph: np.n
     then new in edge order (b, slot); a fuller one re-prunes the union: ranked by distance (then id), the first
     ``max_cand`` pruned by occlusion (:func:`_prune`). keys as in :func:`project_torch`. ``timings`` gets
     ``"reverse_s"`` added. ``adj`` is written only after every graph is merged."""
-    from .roar import keys_for_knn
-
-    G, _, M = adj.shape
+    M = adj.shape[2]
     alpha2 = float(alpha) * float(alpha)
     dev = torch.device(device)
     clock = _Clock(dev, timings)
     clock.start()
-    kh_of = None
     merged = []  # every graph's new rows, written into adj at the end (an error midway leaves adj unchanged)
-    for g in range(G):
-        h = int(kv_of_graph[g])
-        if h != kh_of:
-            kh, kh_of = keys_for_knn(keys[h, :n], dev), h
-            sq = (kh * kh).sum(1)
+    for g, kh, sq in _graph_keys(keys, kv_of_graph, n, dev):
         a = torch.from_numpy(np.ascontiguousarray(adj[g, :n])).to(dev).long()  # [n, M]
         ok = a >= 0
         b_of, slot = torch.nonzero(ok, as_tuple=True)  # edges b -> c in (b, slot) order

@@ -53,13 +53,8 @@ def beam_search_ref(adj_g, keys_h, n_graph, n_total, q, entries, k, L):
         if len(beam) == L and len(res) == k and (-s, -node) < beam[0]:
             break
         heapq.heappop(cand)
-        for nb in adj_g[node]:
-            nb = int(nb)
-            if nb < 0:
-                break
-            if nb not in visited:
-                visited.add(nb)
-                visit(nb)
+        for nb in _new_neighbours(adj_g[node], visited):
+            visit(nb)
     for j in range(n_graph, n_total):
         s = float(np.dot(q64, keys_h[j].astype(np.float64)))
         ns += 1
@@ -70,6 +65,17 @@ def beam_search_ref(adj_g, keys_h, n_graph, n_total, q, entries, k, L):
         ids[r] = -mi
         sc[r] = np.float32(s)
     return ids, sc, ns
+
+
+def _new_neighbours(row, visited: set):
+    """The not yet visited ids of adjacency ``row`` (up to its first -1), each marked visited as it is yielded."""
+    for nb in row:
+        nb = int(nb)
+        if nb < 0:
+            break
+        if nb not in visited:
+            visited.add(nb)
+            yield nb
 
 
 def beam_search_two_ref(adj_g, keys_h, n_graph, n_total, qa, qb, entries, k, L):
@@ -105,13 +111,8 @@ def beam_search_two_ref(adj_g, keys_h, n_graph, n_total, qa, qb, entries, k, L):
         b = 0 if (turn == 0 and best[0] is not None) or best[1] is None else 1
         turn ^= 1
         best[b][2] = True
-        for nb in adj_g[best[b][1]]:
-            nb = int(nb)
-            if nb < 0:
-                break
-            if nb not in visited:
-                visited.add(nb)
-                score(nb)
+        for nb in _new_neighbours(adj_g[best[b][1]], visited):
+            score(nb)
     out = []
     for b in range(2):
         res = [(e[0], e[1]) for e in beams[b][:k]]
