@@ -789,6 +789,24 @@ class RetrievalCache(DynamicCache):
         for layer in self.retrieval_layers:
             layer.on_offloaded = tick
 
+    def wait_for_builds(self, progress: bool = False) -> float:
+        """Block until every layer's background index build is done (``progress``: a bar over the stores still
+        building); returns the seconds waited."""
+        t0 = time.perf_counter()
+        pending = [s for l in self.retrieval_layers for s in l.stores if isinstance(s, CPUStore) and s._pending is not None]
+        bar = None
+        if progress and pending:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(pending), desc="waiting for index builds", unit="store", leave=False)
+        for s in pending:
+            s.wait()
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return time.perf_counter() - t0
+
     def fork(self) -> "RetrievalCache":
         """A cache that continues after this one's tokens without changing it (persistent contexts).
 

@@ -22,6 +22,10 @@ import torch
 # past_key_values, use_cache, position_embeddings) and run input norm -> attention -> post norm -> MLP
 LAYERWISE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_CHUNK = 8192
+#: ``offload_hidden=None``: the hidden states go to host memory when they would take more than this share of
+#: the device memory still free under the process's budget (the layer's KV, activations and a background index
+#: build need the rest; 512K tokens of an 8B model are 4 GiB of hidden states, a 24 GB budget leaves ~8 GiB)
+HIDDEN_SHARE_OF_HEADROOM = 0.25
 _DECODER_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
 _LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -56,6 +60,23 @@ def check_supported(model) -> None:
         raise NotImplementedError(reason)
 
 
+def cuda_headroom(dev: torch.device) -> int:
+    """Bytes still allocatable on CUDA device ``dev``: free device memory and the budget left under the process's
+    memory fraction (``torch.cuda.set_per_process_memory_fraction``), whichever is smaller, plus the allocator's
+    cached free blocks."""
+    free, total = torch.cuda.mem_get_info(dev)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = get_fraction(dev) if get_fraction is not None else 1.0
+    reserved, allocated = torch.cuda.memory_reserved(dev), torch.cuda.memory_allocated(dev)
+    return max(0, min(free, int(fraction * total) - reserved) + reserved - allocated)
+
+
+def offload_hidden_auto(hidden_bytes: int, dev: torch.device) -> bool:
+    """Whether ``layerwise_prefill(offload_hidden=None)`` keeps the hidden states in host memory: on CUDA, when
+    they exceed :data:`HIDDEN_SHARE_OF_HEADROOM` of :func:`cuda_headroom`."""
+    return dev.type == "cuda" and hidden_bytes > HIDDEN_SHARE_OF_HEADROOM * cuda_headroom(dev)
+
+
 def layer_call_kwargs(layer) -> tuple[str, bool]:
     """(name of the decoder layer's cache argument: ``cache`` in transformers >= 5.2x, else
     ``past_key_values``; whether the layer takes ``cache_position``)."""
@@ -83,14 +104,15 @@ def left_padding(attention_mask: torch.Tensor | None, batch: int, length: int) -
 
 @torch.no_grad()
 def layerwise_prefill(model, input_ids: torch.Tensor, cache, *, chunk: int = DEFAULT_CHUNK, attention_mask=None,
-                      progress: bool = False, offload_hidden: bool = False) -> torch.Tensor:
+                      progress: bool = False, offload_hidden: bool | None = None) -> torch.Tensor:
     """Prefill ``cache`` with ``input_ids [B, T]`` layer by layer; returns the last position's logits
     ``[B, vocab]`` float32 (as ``model(...).logits[:, -1]``).
 
     ``cache``: an empty ``DynamicCache`` (also ``offloading=True``) or ``RetrievalCache``. ``chunk`` tokens
     go through a layer at a time. ``attention_mask [B, T]`` may left-pad (positions as ``generate``:
     cumulative count of real tokens). ``offload_hidden`` keeps the ``[B, T, hidden]`` states in (pinned)
-    host memory and moves one chunk at a time to the device (very long prompts under a small GPU budget).
+    host memory and moves one chunk at a time to the device (very long prompts under a small GPU budget);
+    ``None`` (default) decides by size (:func:`offload_hidden_auto`), ``False`` keeps them on the device.
     """
     from .cache import RetrievalLayer
     from .integration import enable
@@ -117,6 +139,9 @@ def layerwise_prefill(model, input_ids: torch.Tensor, cache, *, chunk: int = DEF
         key_mask = m.bool().view(B, 1, 1, T)
     cache_arg, takes_cache_position = layer_call_kwargs(base.layers[0])
     cuda = dev.type == "cuda"
+    if offload_hidden is None:
+        hidden_bytes = B * T * model.config.hidden_size * base.embed_tokens.weight.element_size()
+        offload_hidden = offload_hidden_auto(hidden_bytes, dev)
     pin = cuda and offload_hidden
     bounds = [(s, min(s + chunk, T)) for s in range(0, T, chunk)]
     # hidden states [B, T, hidden] kept as one tensor per chunk (device, or pinned host memory)

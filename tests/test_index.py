@@ -10,6 +10,7 @@ from retrieval_attention.index import IndexError_, KVIndex, available_indexes, m
 from retrieval_attention.index import kernels as K
 from retrieval_attention.index import reference as R
 from retrieval_attention.index.flat import exact_topk
+from retrieval_attention.index.roar import SHRINK_STEPS
 
 ALL = available_indexes()
 
@@ -669,10 +670,12 @@ def test_roar_torch_build_equals_kernel_build_on_edge_sizes(n, M, max_candidates
 
 
 @pytest.mark.parametrize("helper", ["_candidates", "_pair_dist"])
-def test_roar_torch_build_out_of_memory_falls_back_to_kernels(monkeypatch, helper):
+@pytest.mark.parametrize("fails", ["once", "from then on"])
+def test_roar_torch_build_out_of_memory_retries_then_falls_back_to_kernels(monkeypatch, recwarn, helper, fails):
     """A GPU out-of-memory error inside a torch build stage (the projection's candidates, or the reverse edges'
-    distances after the first graph is merged) warns and finishes the layer with the CPU kernels: the graph equals
-    the kernel-built one, so the failed stage left nothing half-written."""
+    distances after the first graph is merged) is retried with smaller chunks; when every retry fails too it warns
+    and finishes the layer with the CPU kernels. Either way the graph equals the kernel-built one, so a failed try
+    left nothing half-written."""
     import torch
 
     from retrieval_attention.index import projection_torch as PT
@@ -684,22 +687,27 @@ def test_roar_torch_build_out_of_memory_falls_back_to_kernels(monkeypatch, helpe
     want = make_index("roar", projection="kernel", **kw).build(keys, tq)
     real, calls = getattr(PT, helper), []
 
-    def fails_second_time(*args, **kwargs):
+    def fails_from_second_call(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 2 or (fails != "once" and len(calls) > 2):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(PT, helper, fails_second_time)
-    with pytest.warns(RuntimeWarning, match="ran out of GPU memory.*CPU kernels"):
-        got = make_index("roar", projection="torch", **kw).build(keys, tq)
-    assert len(calls) == 2
+    monkeypatch.setattr(PT, helper, fails_from_second_call)
+    got = make_index("roar", projection="torch", **kw).build(keys, tq)
+    fell_back = [w for w in recwarn.list if "ran out of GPU memory" in str(w.message)]
+    if fails == "once":
+        assert not fell_back and len(calls) > 2
+    else:
+        assert len(fell_back) == 1 and "CPU kernels" in str(fell_back[0].message)
     np.testing.assert_array_equal(got._adj, want._adj)
 
 
-def test_roar_gpu_knn_out_of_memory_falls_back_to_cpu(monkeypatch):
-    """An out-of-memory error in the GPU kNN of the training queries warns and redoes that KV head on the CPU:
-    same kNN lists, same graph (CUDA simulated: the GPU kNN routine raises once, then runs on the CPU)."""
+@pytest.mark.parametrize("failing_tries", [1, len(SHRINK_STEPS)])
+def test_roar_gpu_knn_out_of_memory_retries_smaller_then_falls_back_to_cpu(monkeypatch, recwarn, failing_tries):
+    """An out-of-memory error in the GPU kNN of the training queries is retried with smaller score chunks
+    (no warning when a retry fits); when every try fails it warns and redoes that KV head on the CPU. Either way:
+    the same kNN lists, the same graph (CUDA simulated: the GPU kNN routine raises, then runs on the CPU)."""
     import torch
 
     from retrieval_attention.index import roar as R
@@ -709,22 +717,54 @@ def test_roar_gpu_knn_out_of_memory_falls_back_to_cpu(monkeypatch):
     tq = rng.standard_normal((4, 200, 16)).astype(np.float32) + 0.3
     kw = dict(M=8, n_query_neighbors=8, projection="kernel")
     want = make_index("roar", **kw).build(keys, tq)
-    real, calls = R.knn_ip_torch, []
+    real, shrinks = R.knn_ip_torch, []
 
-    def gpu_knn(queries, keys_, k, excl, l2, ids, sc, device):
-        calls.append(device)
-        if len(calls) == 1:
+    def gpu_knn(queries, keys_, k, excl, l2, ids, sc, device, shrink=1):
+        shrinks.append(shrink)
+        if len(shrinks) <= failing_tries:
+            ids[:] = 7  # a failed try may leave partial results behind: the retry must overwrite them
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
-        return real(queries, keys_, k, excl, l2, ids, sc, "cpu")
+        return real(queries, keys_, k, excl, l2, ids, sc, "cpu", shrink)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(R, "_CUDA_MIN_SCORES", 1)
     monkeypatch.setattr(R, "keys_for_knn", lambda k, dev: torch.from_numpy(np.ascontiguousarray(k, np.float32)))
     monkeypatch.setattr(R, "knn_ip_torch", gpu_knn)
-    with pytest.warns(RuntimeWarning, match="kNN of the training queries ran out of GPU memory"):
-        got = make_index("roar", **kw).build(keys, tq)
-    assert calls[0] == "cuda"
+    got = make_index("roar", **kw).build(keys, tq)
+    msgs = [str(w.message) for w in recwarn.list if issubclass(w.category, RuntimeWarning)]
+    if failing_tries == len(SHRINK_STEPS):  # every try of the first KV head failed: the CPU from then on
+        assert shrinks[:len(SHRINK_STEPS)] == list(SHRINK_STEPS)  # (then the repair's small kNNs)
+        # (the simulated GPU keys are CPU tensors, so knn_ip's own CPU fallback catches it before the build's)
+        assert any("kNN" in m and "ran out of GPU memory" in m and "CPU" in m for m in msgs)
+    else:  # the second try fitted; the next KV head starts with full chunks again
+        assert shrinks[:3] == [SHRINK_STEPS[0], SHRINK_STEPS[1], SHRINK_STEPS[0]]
+        assert not any("ran out of GPU memory" in m for m in msgs)
     np.testing.assert_array_equal(got._adj, want._adj)
+
+
+def test_roar_torch_stages_do_not_depend_on_chunk_size():
+    """``shrink`` (the chunk divisor of the out-of-memory retries) does not change the torch projection or the
+    reverse-edge merge: the same graph with chunks of one pivot / one pair as with the default chunks."""
+    from retrieval_attention.index import projection_torch as PT
+    from retrieval_attention.index.roar import knn_ip
+
+    rng = np.random.default_rng(8)
+    keys = rng.standard_normal((2, 300, 16)).astype(np.float32)
+    tq = rng.standard_normal((4, 400, 16)).astype(np.float32) + 0.3
+    knn = [knn_ip(tq[g], keys[g // 2], 16) for g in range(4)]
+    knn_ids, knn_sc = np.stack([x[0] for x in knn]), np.stack([x[1] for x in knn])
+    own = K.owners(knn_ids, knn_sc, 300, 8)
+    kv = np.array([0, 0, 1, 1])
+    big = 1 << 20
+    a1 = PT.project_torch(knn_ids, own, keys, kv, 300, 8, 1.0, True, 128)
+    a2 = PT.project_torch(knn_ids, own, keys, kv, 300, 8, 1.0, True, 128, shrink=big)
+    np.testing.assert_array_equal(a1, a2)
+    b1, b2 = a1.copy(), a1.copy()
+    PT.add_reverse_edges_torch(b1, keys, kv, 300, 1.0, 128)
+    PT.add_reverse_edges_torch(b2, keys, kv, 300, 1.0, 128, shrink=big)
+    np.testing.assert_array_equal(b1, b2)
+    assert (b1 != a1).any()  # reverse edges were added
 
 
 def test_roar_shared_passes_find_more_with_fewer_rows():

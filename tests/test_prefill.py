@@ -224,3 +224,24 @@ def test_layerwise_errors():
         layerwise_prefill(model, _ids(10), cache)
     with pytest.raises(ValueError, match="chunk"):
         layerwise_prefill(model, _ids(10), DynamicCache(config=model.config), chunk=0)
+
+
+def test_hidden_states_offload_decided_by_gpu_budget(monkeypatch):
+    """``offload_hidden=None``: hidden states go to host memory when they exceed a quarter of the device memory
+    still allocatable under the process's budget (simulated CUDA numbers: a 24 GiB budget on a 140 GiB card with
+    16 GiB of weights allocated); never on the CPU."""
+    from retrieval_attention import prefill as P
+
+    G = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (120 * G, 140 * G))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda dev=None: 24 / 140, raising=False)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 17 * G)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 16 * G)
+    cuda = torch.device("cuda", 0)
+    assert abs(P.cuda_headroom(cuda) - 8 * G) < G // 1000  # 24 - 17 reserved + 1 cached free
+    hidden_8b = lambda tokens: tokens * 4096 * 2  # noqa: E731 - bfloat16 [T, 4096]
+    assert not P.offload_hidden_auto(hidden_8b(128 * 1024), cuda)  # 1 GiB of 8
+    assert P.offload_hidden_auto(hidden_8b(512 * 1024), cuda)  # 4 GiB of 8
+    assert not P.offload_hidden_auto(hidden_8b(512 * 1024), torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda dev=None: 1.0, raising=False)
+    assert not P.offload_hidden_auto(hidden_8b(512 * 1024), cuda)  # no budget: 104 GiB free

@@ -96,7 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "forward: one transformers forward")
     p.add_argument("--prefill-chunk", type=int, default=8192, help="tokens per layer-by-layer prefill chunk")
     p.add_argument("--prefill-offload-hidden", action="store_true",
-                   help="layer-by-layer prefill keeps the [T, hidden] states in pinned host memory (1M tokens, 24 GB)")
+                   help="layer-by-layer prefill keeps the [T, hidden] states in pinned host memory (default: when "
+                        "they would take over a quarter of the GPU memory left under the budget, e.g. 512K tokens of "
+                        "the 8B shape at 24 GB)")
     p.add_argument("--decode", default=None, choices=("lean", "hf"),
                    help="retrieval/streaming decode steps: lean (LeanDecoder, default when supported) or hf "
                         "(the transformers forward)")
@@ -180,7 +182,7 @@ def run_one(model, method, index, ctx, args, device):
     from ..decode_loop import LeanDecoder
     from ..decode_loop import unsupported_reason as lean_unsupported_reason
     from ..integration import enable, make_cache
-    from ..prefill import DEFAULT_CHUNK, check_supported, layerwise_prefill, unsupported_reason
+    from ..prefill import DEFAULT_CHUNK, check_supported, layerwise_prefill, offload_hidden_auto, unsupported_reason
 
     cuda = str(device).startswith("cuda")
     dense = tuple(int(x) for x in args.dense_layers.split(",") if x.strip())
@@ -227,13 +229,26 @@ def run_one(model, method, index, ctx, args, device):
         with torch.no_grad(), ctxm:
             t0 = time.perf_counter()
             if prefill_mode == "layerwise":
+                emb = model.model.embed_tokens.weight
+                offload = bool(getattr(args, "prefill_offload_hidden", False)) or offload_hidden_auto(
+                    ids.numel() * model.config.hidden_size * emb.element_size(), emb.device)
+                rec["prefill_offload_hidden"] = offload
+                # progress over layers: the retrieval cache's bar (prefill + offload + build), else the prefill's
+                bar = hasattr(cache, "set_progress")
+                if bar:
+                    cache.set_progress(True)
                 logits = layerwise_prefill(model, ids, cache, chunk=getattr(args, "prefill_chunk", DEFAULT_CHUNK),
-                                           offload_hidden=getattr(args, "prefill_offload_hidden", False))
+                                           offload_hidden=offload, progress=not bar)
+                if bar:
+                    cache.set_progress(False)
             else:
                 logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw).logits[:, -1]
             sync()
             rec["prefill_s"] = time.perf_counter() - t0
+            print(f"{ctx:>8} {method:>9}: prefill {rec['prefill_s']:.1f} s", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
+            if hasattr(cache, "wait_for_builds"):
+                cache.wait_for_builds(progress=True)
             st0 = cache.stats() if hasattr(cache, "stats") else {}  # waits for background index builds
             rec["index_build_s"] = st0.get("index_build_s", 0.0)
             rec["index_wait_s"] = time.perf_counter() - t0

@@ -50,11 +50,13 @@ def _rows(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def project_torch(knn_ids: np.ndarray, own: np.ndarray, keys: np.ndarray, kv_of_graph: np.ndarray, n: int, M: int,
                   alpha: float, by_count: bool, max_cand: int, device: str | torch.device = "cpu",
-                  timings: dict | None = None) -> np.ndarray:
+                  timings: dict | None = None, shrink: int = 1) -> np.ndarray:
     """Same inputs and output as :func:`.kernels.project` with ``fill=False``: knn_ids ``[G, m, kq]`` int32,
     own ``[G, n, R]`` int32, keys ``[Hkv, >= n, d]`` float32 or uint16 bfloat16 bits, kv_of_graph ``[G]``
     -> adj ``[G, n, M]`` int32 (-1 padded). Runs on ``device``. ``timings``: a dict that gets the seconds of
-    steps 1-3 (``"candidates_s"``) and 4 (``"prune_s"``) added (synchronising the device between them)."""
+    steps 1-3 (``"candidates_s"``) and 4 (``"prune_s"``) added (synchronising the device between them).
+    ``shrink``: divides every chunk size (:data:`POOL_BYTES`, :data:`PRUNE_CHUNK`, :data:`GRAM_CHUNK`) for a
+    tight memory budget; the result does not depend on it."""
     G, m, kq = knn_ids.shape
     R = own.shape[2]
     adj = huge_full((G, n, M), -1, np.int32)  # read at random by the decode searches
@@ -69,7 +71,7 @@ def project_torch(knn_ids: np.ndarray, own: np.ndarray, keys: np.ndarray, kv_of_
             continue
         clock.start()
         cands, dists = [], []
-        step = max(1, POOL_BYTES // (4 * R * kq * kh.shape[1]))
+        step = max(1, POOL_BYTES // shrink // (4 * R * kq * kh.shape[1]))
         for c0 in range(0, piv_all.numel(), step):
             piv = piv_all[c0:c0 + step]
             c, d = _candidates(knn_t[g], own_g[piv], piv, kh, sq, n, by_count, max_cand)
@@ -80,8 +82,9 @@ def project_torch(knn_ids: np.ndarray, own: np.ndarray, keys: np.ndarray, kv_of_
         dpc = torch.cat([torch.nn.functional.pad(x, (0, C - x.shape[1]), value=float("inf")) for x in dists])
         clock.lap("candidates_s")
         rows_out = []
-        for c0 in range(0, cand.shape[0], PRUNE_CHUNK):
-            rows_out.append(_prune(cand[c0:c0 + PRUNE_CHUNK], dpc[c0:c0 + PRUNE_CHUNK], kh, M, alpha2))
+        pc = max(1, PRUNE_CHUNK // shrink)
+        for c0 in range(0, cand.shape[0], pc):
+            rows_out.append(_prune(cand[c0:c0 + pc], dpc[c0:c0 + pc], kh, M, alpha2, shrink))
         adj[g, piv_all.cpu().numpy()] = torch.cat(rows_out).cpu().numpy()
         clock.lap("prune_s")
     return adj
@@ -101,11 +104,11 @@ def _graph_keys(keys, kv_of_graph, n, dev):
         yield g, kh, sq
 
 
-def _pair_dist(kh, sq, a, b):
+def _pair_dist(kh, sq, a, b, shrink=1):
     """Squared L2 distances of key pairs ``a [E]``, ``b [E]`` (``|a|^2 + |b|^2 - 2 a.b`` float32, gathered in
-    chunks of :data:`POOL_BYTES`) -> ``[E]``."""
+    chunks of :data:`POOL_BYTES` / ``shrink``) -> ``[E]``."""
     out = torch.empty(a.numel(), dtype=torch.float32, device=a.device)
-    step = max(1, POOL_BYTES // (12 * kh.shape[1]))  # two gathered rows and their product per pair
+    step = max(1, POOL_BYTES // shrink // (12 * kh.shape[1]))  # two gathered rows and their product per pair
     for e0 in range(0, a.numel(), step):
         x, y = a[e0:e0 + step], b[e0:e0 + step]
         out[e0:e0 + step] = (sq[x] + sq[y] - 2.0 * (kh[x] * kh[y]).sum(1)).clamp_min_(0.0)
@@ -167,14 +170,14 @@ def _candidates(knn_g, own_p, piv, kh, sq, n, by_count, max_cand):
     return cand, torch.where(ok, dist.gather(1, top), torch.full_like(dist[:, :C], float("inf")))
 
 
-def _prune(cand, dpc, kh, M, alpha2):
+def _prune(cand, dpc, kh, M, alpha2, shrink=1):
     """Step 4: occlusion pruning of ranked candidates ``cand [P, C]`` int64 (-1 padded; squared distances to
     the pivot ``dpc [P, C]`` float32) over keys ``kh [n, d]`` float32 -> ``[P, M]`` int32.
 
     The greedy keeps candidate ``c`` unless an earlier kept ``r`` occludes it. Capping it at ``M`` kept
     candidates changes no earlier decision, so it runs uncapped and the first ``M`` kept are the result. The
     occlusion tests of all pairs are one batched computation (pairwise distances from a Gram matrix, float32,
-    in sub-chunks of :data:`GRAM_CHUNK` pivots), stored as booleans ``occ [C, P, C + 1]`` (candidate, pivot,
+    in sub-chunks of :data:`GRAM_CHUNK` / ``shrink`` pivots), stored as booleans ``occ [C, P, C + 1]`` (candidate, pivot,
     earlier candidate); column ``C`` is a sentinel that is always "kept" and occludes padding. The sequential
     part is then three tensor operations per candidate rank over all ``P`` pivots."""
     P, C = cand.shape
@@ -182,8 +185,9 @@ def _prune(cand, dpc, kh, M, alpha2):
     valid = cand >= 0
     occ = torch.empty((C, P, C + 1), dtype=torch.bool, device=dev)
     earlier = torch.ones((C, C), dtype=torch.bool, device=dev).tril(-1)  # [c, r]: r ranks before c
-    for p0 in range(0, P, GRAM_CHUNK):
-        p1 = min(P, p0 + GRAM_CHUNK)
+    gc = max(1, GRAM_CHUNK // shrink)
+    for p0 in range(0, P, gc):
+        p1 = min(P, p0 + gc)
         x = _rows(kh, cand[p0:p1])  # [p, C, d]
         sq = (x * x).sum(-1)  # [p, C]
         D = torch.baddbmm(sq.unsqueeze(2) + sq.unsqueeze(1), x, x.transpose(1, 2), alpha=-2.0).clamp_min_(0.0)
@@ -208,13 +212,14 @@ def _prune(cand, dpc, kh, M, alpha2):
 
 def add_reverse_edges_torch(adj: np.ndarray, keys: np.ndarray, kv_of_graph: np.ndarray, n: int, alpha: float,
                             max_cand: int, device: str | torch.device = "cpu",
-                            timings: dict | None = None) -> None:
+                            timings: dict | None = None, shrink: int = 1) -> None:
     """:func:`.kernels.reverse_edges` followed by :func:`.kernels.merge_edges` (without ``fill``) as batched
     torch ops, in place on ``adj [G, >= n, M]`` int32: every edge b -> c of ``adj[:, :n]`` adds c -> b. A node
     whose list plus its new edges (deduplicated, itself excluded) fits in ``M`` keeps them all, existing first,
     then new in edge order (b, slot); a fuller one re-prunes the union: ranked by distance (then id), the first
     ``max_cand`` pruned by occlusion (:func:`_prune`). keys as in :func:`project_torch`. ``timings`` gets
-    ``"reverse_s"`` added. ``adj`` is written only after every graph is merged."""
+    ``"reverse_s"`` added. ``adj`` is written only after every graph is merged. ``shrink`` as in
+    :func:`project_torch`."""
     M = adj.shape[2]
     alpha2 = float(alpha) * float(alpha)
     dev = torch.device(device)
@@ -257,7 +262,7 @@ def add_reverse_edges_torch(adj: np.ndarray, keys: np.ndarray, kv_of_graph: np.n
         # nodes that overflow: rank by (distance, id), keep max_cand, prune
         on, oc = node[~fit], cand[~fit]
         if on.numel():
-            dist = _pair_dist(kh, sq, on, oc)
+            dist = _pair_dist(kh, sq, on, oc, shrink)
             o = torch.sort(oc, stable=True).indices
             o = o[torch.sort(dist[o], stable=True).indices]
             o = o[torch.sort(on[o], stable=True).indices]
@@ -273,9 +278,9 @@ def add_reverse_edges_torch(adj: np.ndarray, keys: np.ndarray, kv_of_graph: np.n
             dmat = torch.full((over_ids.numel(), C), float("inf"), device=dev)
             cmat[slot_of[on[sel]], rank[sel]] = oc[sel]
             dmat[slot_of[on[sel]], rank[sel]] = dist[sel]
-            for c0 in range(0, over_ids.numel(), PRUNE_CHUNK):
-                rows[over_ids[c0:c0 + PRUNE_CHUNK]] = _prune(cmat[c0:c0 + PRUNE_CHUNK], dmat[c0:c0 + PRUNE_CHUNK],
-                                                             kh, M, alpha2).long()
+            pc = max(1, PRUNE_CHUNK // shrink)
+            for c0 in range(0, over_ids.numel(), pc):
+                rows[over_ids[c0:c0 + pc]] = _prune(cmat[c0:c0 + pc], dmat[c0:c0 + pc], kh, M, alpha2, shrink).long()
         merged.append(rows.to(torch.int32).cpu().numpy())
     for g, rows in enumerate(merged):
         adj[g, :n] = rows

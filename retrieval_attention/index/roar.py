@@ -129,16 +129,36 @@ def _submit_insertion(fn, *args):
     return _INSERT_EXECUTOR.submit(fn, *args)
 
 
-def _torch_fallback(stage: str, err: Exception) -> bool:
-    """Warn that a build stage ran out of GPU memory and the layer's build continues on the CPU (the compiled
-    kernels: the same graph); returns False (off the GPU from then on)."""
+def _torch_fallback(stage: str, err: Exception,
+                    then: str = "this layer's graphs are finished with the CPU kernels instead (the same graph, "
+                                "slower). Free GPU memory, or pass projection='kernel' to build the graphs on the "
+                                "CPU from the start") -> bool:
+    """Warn that a build stage ran out of GPU memory (even with smaller chunks) and continues on the CPU (the
+    compiled kernels: the same graph); returns False (off the GPU from then on)."""
     import warnings
 
-    warnings.warn(f"roar: the {stage} ran out of GPU memory ({str(err).splitlines()[0][:160]}); this layer's "
-                  "graphs are finished with the CPU kernels instead (the same graph, slower). Free GPU memory, or "
-                  "pass projection='kernel' to build the graphs on the CPU from the start.", RuntimeWarning,
-                  stacklevel=3)
+    warnings.warn(f"roar: the {stage} ran out of GPU memory ({str(err).splitlines()[0][:160]}); {then}.",
+                  RuntimeWarning, stacklevel=3)
     return False
+
+
+#: chunk-size divisors a GPU build stage is retried with after an out-of-memory error (another thread, e.g. the
+#: layer-by-layer prefill, may hold most of a small budget for a moment) before it gives up
+SHRINK_STEPS = (1, 4, 16)
+
+
+def with_smaller_chunks(fn, *args, **kwargs):
+    """``fn(*args, shrink=s, **kwargs)`` for ``s`` in :data:`SHRINK_STEPS` (``fn`` divides its chunk sizes by
+    ``s``) until one call runs without a CUDA out-of-memory error; the cached blocks are released between tries.
+    The last try's error propagates. ``fn`` must leave its outputs unchanged or wholly rewritten on a retry."""
+    for i, s in enumerate(SHRINK_STEPS):
+        try:
+            return fn(*args, shrink=s, **kwargs)
+        except torch.OutOfMemoryError:
+            if i == len(SHRINK_STEPS) - 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def knn_ip(queries: np.ndarray, keys, k: int, exclude: np.ndarray | None = None, l2: bool = False,
@@ -151,8 +171,9 @@ def knn_ip(queries: np.ndarray, keys, k: int, exclude: np.ndarray | None = None,
     ``exclude [m]``: a key id to skip per query (self-matches). On the CPU: torch matmul, selection by a numba
     heap kernel over the columns in a fixed random order (ties: smaller id first). With CUDA (and a large
     problem) matmul and ``torch.topk`` both run on the GPU and only the top-k come back (ties within the
-    top-k: smaller id first; which of several keys tied at the k-th score is kept is unspecified).
-    ``allow_cuda=False`` keeps numpy keys on the CPU path."""
+    top-k: smaller id first; which of several keys tied at the k-th score is kept is unspecified); out of GPU
+    memory it retries with smaller chunks (:func:`with_smaller_chunks`), then numpy keys fall back to the CPU
+    path with a warning (a GPU tensor's error propagates). ``allow_cuda=False`` keeps numpy keys on the CPU path."""
     m, d = queries.shape
     n = keys.shape[0]
     ids = np.full((m, k), -1, np.int32)
@@ -162,10 +183,14 @@ def knn_ip(queries: np.ndarray, keys, k: int, exclude: np.ndarray | None = None,
     excl = np.full(m, -1, np.int64) if exclude is None else np.ascontiguousarray(exclude, np.int64)
     if isinstance(keys, torch.Tensor):
         if keys.device.type != "cpu":
-            return knn_ip_torch(queries, keys, k, excl, l2, ids, sc, keys.device)
+            return with_smaller_chunks(knn_ip_torch, queries, keys, k, excl, l2, ids, sc, keys.device)
         keys = keys.numpy()
     if allow_cuda and torch.cuda.is_available() and m * n >= _CUDA_MIN_SCORES:
-        return knn_ip_torch(queries, keys, k, excl, l2, ids, sc, "cuda")
+        try:
+            return with_smaller_chunks(knn_ip_torch, queries, keys, k, excl, l2, ids, sc, "cuda")
+        except torch.OutOfMemoryError as e:
+            _torch_fallback("exact kNN", e, "this kNN runs on the CPU instead (the same result, slower); free GPU "
+                                            "memory to keep it on the GPU")
     keys = as_float32(keys)
     cnt = np.zeros(m, np.int64)
     dev = "cpu"
@@ -196,9 +221,10 @@ def keys_for_knn(keys, device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(keys, np.float32)).to(device)
 
 
-def knn_ip_torch(queries, keys, k, excl, l2, ids, sc, device):
+def knn_ip_torch(queries, keys, k, excl, l2, ids, sc, device, shrink: int = 1):
     """GPU body of :func:`knn_ip` (matmul + ``torch.topk`` on ``device``; same outputs): ``excl [m]`` int64
-    (-1 = none), ``ids [m, k]`` / ``sc [m, k]`` its -1 / -inf initialised result arrays, filled and returned."""
+    (-1 = none), ``ids [m, k]`` / ``sc [m, k]`` its -1 / -inf initialised result arrays, filled and returned.
+    Score chunks of :data:`_CUDA_CHUNK_BYTES` / ``shrink``."""
     m, n = queries.shape[0], keys.shape[0]
     kk = min(k, n)
     Kt = keys_for_knn(keys, device)
@@ -207,7 +233,7 @@ def knn_ip_torch(queries, keys, k, excl, l2, ids, sc, device):
         Qt = 2 * Qt
         bias = (Kt * Kt).sum(1)
     ex = torch.from_numpy(excl).to(device)
-    rows = max(1, _CUDA_CHUNK_BYTES // (4 * n))
+    rows = max(1, _CUDA_CHUNK_BYTES // shrink // (4 * n))
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
         S = Qt[r0:r1] @ Kt.T
@@ -428,8 +454,8 @@ class RoarIndex(KVIndex):
             from .projection_torch import add_reverse_edges_torch, project_torch
 
             try:
-                adj = project_torch(knn_ids, own, keys, kv_of_graph, n, self.M, self.alpha, self.order == "count",
-                                    self._cand_cap, dev)
+                adj = with_smaller_chunks(project_torch, knn_ids, own, keys, kv_of_graph, n, self.M, self.alpha,
+                                          self.order == "count", self._cand_cap, dev)
             except torch.OutOfMemoryError as e:
                 on_torch = _torch_fallback("projection", e)
         if adj is None:
@@ -438,7 +464,8 @@ class RoarIndex(KVIndex):
         t_proj = time.perf_counter()
         if on_torch:
             try:  # writes adj only once every graph is done: an out-of-memory error leaves it as projected
-                add_reverse_edges_torch(adj, keys, kv_of_graph, n, self.alpha, self._cand_cap, dev)
+                with_smaller_chunks(add_reverse_edges_torch, adj, keys, kv_of_graph, n, self.alpha, self._cand_cap,
+                                    dev)
             except torch.OutOfMemoryError as e:
                 on_torch = _torch_fallback("reverse edges", e)
         if not on_torch:
