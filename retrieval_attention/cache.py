@@ -155,9 +155,11 @@ class CPUStore:
             self.values = host_copy(self.values[:, : self.n], cap)
             if own_keys:
                 self._keys = host_copy(self._keys[:, : self.n], cap)
-        if own_keys:
-            self._keys[:, self.n : self.n + m] = k
-        self.values[:, self.n : self.n + m] = v
+        for dst, src in ((self._keys, k), (self.values, v)) if own_keys else ((self.values, v),):
+            if dst.dtype == src.dtype:  # numpy views: the per-token path, cheaper than a torch slice assignment
+                tensor_as_numpy(dst)[:, self.n : self.n + m] = tensor_as_numpy(src)
+            else:
+                dst[:, self.n : self.n + m] = src
 
     def build(self, keys: torch.Tensor, values: torch.Tensor, train_queries: torch.Tensor | None,
               background: bool = False) -> float:
@@ -224,11 +226,12 @@ class CPUStore:
             keys, values = keys.detach().cpu().clone(), values.detach().cpu().clone()  # the store keeps them
             self.build(keys, values, keys.float().repeat_interleave(group, dim=0))
             return
-        keys = keys.detach().cpu()
+        if keys.device.type != "cpu":
+            keys, values = keys.detach().cpu(), values.detach().cpu()
         fast = getattr(self.index, "add_stored", None)
         if fast is None or not fast(tensor_as_numpy(keys)):  # the per-token path: no conversion when the
             self.index.add(keys.float().numpy())  # index stores the model's dtype
-        self._append(keys, values.detach().cpu())
+        self._append(keys, values)
         self.n += keys.shape[1]
 
     def search(self, queries: np.ndarray, k: int, **budget):

@@ -536,11 +536,14 @@ def test_add_stored_equals_add(storage):
     ids_b, _, _ = b.search(q, 3)
     np.testing.assert_array_equal(ids_a, ids_b)
     assert set(ids_b[0, 0]) & {300, 301, 302, 303, 304}
-    bad = new.clone()
-    bad[0, 0, 0] = float("nan")
-    with pytest.raises(IndexError_, match="NaN"):
-        b.add_stored(tensor_as_numpy(bad))
-    assert b.n_keys == 305
+    before = b.stored_keys().copy()
+    for pos, v in (((0, 0, 0), float("nan")), ((1, 4, 15), float("inf")), ((1, 2, 7), float("-inf"))):
+        bad = new.clone()
+        bad[pos] = v
+        with pytest.raises(IndexError_, match="NaN"):
+            b.add_stored(tensor_as_numpy(bad))
+        assert b.n_keys == 305
+        np.testing.assert_array_equal(b.stored_keys(), before)  # nothing written, not even the good rows
     other = new.float() if storage == "bfloat16" else new.bfloat16()
     assert not b.add_stored(tensor_as_numpy(other))
 
@@ -606,3 +609,30 @@ def test_balanced_order_sorts_by_cost():
     np.testing.assert_array_equal(order, [1, 3, 0, 2])  # costliest first, ties in index order
     np.testing.assert_array_equal(DK.balanced_order(None, 3), [0, 1, 2])
     np.testing.assert_array_equal(DK.balanced_order(np.ones(5), 3), [0, 1, 2])  # stale size: natural order
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_copy_rows_checked_equals_numpy(dtype):
+    """The per-token append kernels write exactly ``dst[:, n:n+m] = rows`` when every value is finite, and leave
+    ``dst`` untouched (returning False) when any is NaN / inf, wherever it is (fresh random inputs)."""
+    from retrieval_attention.index import kernels as K
+
+    rng = np.random.default_rng()
+    copy = K.copy_bf16_rows_checked if dtype == "bfloat16" else K.copy_rows_checked
+    for _ in range(20):
+        H, m, d, n = rng.integers(1, 4), rng.integers(1, 4), rng.integers(1, 9), rng.integers(0, 5)
+        rows_t = torch.from_numpy(rng.standard_normal((H, m, d)).astype(np.float32))
+        dst_t = torch.from_numpy(rng.standard_normal((H, n + m + 2, d)).astype(np.float32))
+        if dtype == "bfloat16":
+            rows_t, dst_t = rows_t.bfloat16(), dst_t.bfloat16()
+        rows, dst = tensor_as_numpy(rows_t), tensor_as_numpy(dst_t)
+        want = dst.copy()
+        want[:, n:n + m] = rows
+        got = dst.copy()
+        assert copy(got, n, np.ascontiguousarray(rows))
+        np.testing.assert_array_equal(got, want)
+        bad_t = rows_t.clone()
+        bad_t[tuple(int(rng.integers(0, x)) for x in bad_t.shape)] = float(rng.choice([np.nan, np.inf, -np.inf]))
+        got = dst.copy()
+        assert not copy(got, n, np.ascontiguousarray(tensor_as_numpy(bad_t)))
+        np.testing.assert_array_equal(got, dst)

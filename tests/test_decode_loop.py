@@ -30,18 +30,18 @@ def _hf(model, cache, tok, mask=None, pos=None):
     return model(input_ids=tok, attention_mask=mask, position_ids=pos, **{cache_kwarg(model): cache}).logits[:, -1]
 
 
-def _compare(model, cfg, ids, n_steps=N_STEPS, n_after=4, layerwise=False):
+def _compare(model, cfg, ids, n_steps=N_STEPS, n_after=4, layerwise=False, cuda_graphs=False, atol=ATOL):
     """Cache A: transformers path only. Cache B: LeanDecoder for n_steps, then the transformers path."""
     with torch.no_grad(), enable(model):
         ref_cache, logits = _prefill(model, cfg, ids)
         cache, _ = _prefill(model, cfg, ids, layerwise=layerwise)
         tok = logits.argmax(-1, keepdim=True)
         assert LeanDecoder.supports(model, cache)
-        with LeanDecoder(model, cache) as dec:
+        with LeanDecoder(model, cache, cuda_graphs=cuda_graphs) as dec:
             for step in range(n_steps):
                 a, b = _hf(model, ref_cache, tok), dec.step(tok)
                 assert b.shape == a.shape and b.dtype == torch.float32
-                assert torch.allclose(a, b, atol=ATOL), (step, (a - b).abs().max())
+                assert torch.allclose(a, b, atol=atol), (step, (a - b).abs().max())
                 tok = a.argmax(-1, keepdim=True)
         assert dec.closed and dec.head == 0
         for ra, rb in zip(ref_cache.retrieval_layers, cache.retrieval_layers):
@@ -64,6 +64,18 @@ def test_lean_equals_transformers_path_exact_retrieval(arch):
     layer = cache.retrieval_layers[0]
     assert layer.stores[0].n == 100 - 4 - 16 + N_STEPS + 4
     assert layer.stats.n_searches > 0 and layer.stats.search_s > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_lean_on_cuda_equals_transformers_path(cuda_graphs):
+    """On a GPU (pinned host buffers, event-ordered copies, optionally CUDA graphs): the same logits as the
+    transformers path, with the window's evictions going to the CPU store."""
+    model = tiny_model("llama", seed=21).cuda()
+    ids = torch.randint(2, VOCAB - 1, (1, 100), generator=torch.Generator().manual_seed(1)).cuda()
+    cfg = RetrievalConfig(index="flat", n_sink=4, window=16, top_k=4096, dense_layers=())
+    _, cache = _compare(model, cfg, ids, layerwise=True, cuda_graphs=cuda_graphs, atol=1e-3)
+    assert cache.retrieval_layers[0].stores[0].n == 100 - 4 - 16 + N_STEPS + 4
 
 
 @pytest.mark.parametrize("method,index,dense", [("retrieval", "roar", ()), ("streaming", "flat", ()),

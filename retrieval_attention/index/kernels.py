@@ -634,6 +634,42 @@ def clear_visited(vis, n):
         vis[w] = np.uint64(0)
 
 
+@njit(nogil=True, cache=True)
+def _copy_rows(dst, n, rows):
+    H, m, d = rows.shape
+    for h in range(H):
+        for j in range(m):
+            for t in range(d):
+                dst[h, n + j, t] = rows[h, j, t]
+
+
+@njit(nogil=True, cache=True)
+def copy_rows_checked(dst, n, rows):
+    """``dst[:, n:n+m] = rows [H, m, d]`` (floats) unless some value is NaN or inf (then nothing is written);
+    returns True when written. One compiled call for the decode loop's per-token append (no numpy temporaries)."""
+    H, m, d = rows.shape
+    for h in range(H):
+        for j in range(m):
+            for t in range(d):
+                if not np.isfinite(rows[h, j, t]):
+                    return False
+    _copy_rows(dst, n, rows)
+    return True
+
+
+@njit(nogil=True, cache=True)
+def copy_bf16_rows_checked(dst, n, rows):
+    """:func:`copy_rows_checked` for uint16 bfloat16 bits (non-finite: all exponent bits set)."""
+    H, m, d = rows.shape
+    for h in range(H):
+        for j in range(m):
+            for t in range(d):
+                if (rows[h, j, t] & 0x7F80) == 0x7F80:
+                    return False
+    _copy_rows(dst, n, rows)
+    return True
+
+
 def visited_words(n: int) -> int:
     """uint64 words of a visited bitset over ``n`` nodes."""
     return max(1, (n + 63) // 64)

@@ -634,21 +634,16 @@ class RoarIndex(KVIndex):
             return False
         if new_keys.shape[1] == 0:
             return True
-        if self.storage == "bfloat16":
-            bad = ((new_keys & np.uint16(0x7F80)) == np.uint16(0x7F80)).any()  # exponent all ones: inf / NaN
-        else:
-            bad = not np.isfinite(new_keys).all()
-        if bad:
-            raise IndexError_("new_keys contains NaN or inf; check the model's dtype/overflow")
-        self._add_rows(new_keys)
+        self._add_rows(new_keys, checked=True)
         self.n_keys += new_keys.shape[1]
         return True
 
     def _add(self, new_keys):
         self._add_rows(self._to_storage(new_keys))
 
-    def _add_rows(self, rows):
-        """Append rows already in the storage dtype; bulk-insert the tail into the graphs when it is full."""
+    def _add_rows(self, rows, checked: bool = False):
+        """Append rows already in the storage dtype; bulk-insert the tail into the graphs when it is full.
+        ``checked``: refuse NaN/inf rows (nothing added) in the same compiled pass as the copy."""
         n, m = self.n_keys, rows.shape[1]
         with self._lock:
             cap = self._keys.shape[1]
@@ -657,7 +652,12 @@ class RoarIndex(KVIndex):
                 grown = huge_empty((self.n_kv_heads, cap, self.head_dim), self._key_dtype)
                 grown[:, :n] = self._keys[:, :n]
                 self._keys = grown
-            self._keys[:, n:n + m] = rows
+            if checked:
+                copy = K.copy_bf16_rows_checked if self.storage == "bfloat16" else K.copy_rows_checked
+                if not copy(self._keys, n, np.ascontiguousarray(rows)):
+                    raise IndexError_("new_keys contains NaN or inf; check the model's dtype/overflow")
+            else:
+                self._keys[:, n:n + m] = rows
         total = n + m
         if self._pending_insert is None and total - self.n_graph >= self.insert_threshold:
             # insert the whole tail in the background; until the job is applied (below) the tail stays exactly
