@@ -226,7 +226,7 @@ class CPUStore:
             keys, values = keys.detach().cpu().clone(), values.detach().cpu().clone()  # the store keeps them
             self.build(keys, values, keys.float().repeat_interleave(group, dim=0))
             return
-        if keys.device.type != "cpu":
+        if keys.device.type != "cpu" or keys.requires_grad or values.requires_grad:
             keys, values = keys.detach().cpu(), values.detach().cpu()
         fast = getattr(self.index, "add_stored", None)
         if fast is None or not fast(tensor_as_numpy(keys)):  # the per-token path: no conversion when the
