@@ -124,8 +124,8 @@ class LeanDecoder:
         self._old_v_host = torch.empty((B, Hkv, 1, D), dtype=dtype, pin_memory=pin)
         # the CPU part's output and log-sum-exp side by side ([..., :D] and [..., D]): one copy to the device
         self._olc_host = torch.empty((B, Hq, 1, D + 1), dtype=torch.float32, pin_memory=pin)
-        # numpy views for the per-layer host work: a numpy op costs a few us where a torch op costs tens right
-        # after the search call has evicted the caches (measured on the dev VM: 300 -> ~100 us of host work per layer)
+        # numpy views for the per-layer host work: right after the search call a torch op costs tens of us, a numpy
+        # op a few (dev VM, docs/bench/scripts/host_part.py: host work besides the search ~330 -> ~190 us per layer)
         self._q_np, self._olc_np = self._q_host.numpy(), self._olc_host.numpy()
         self._event = torch.cuda.Event() if self.cuda else None
         self._t: dict[str, torch.Tensor] = {"pos": self._pos}

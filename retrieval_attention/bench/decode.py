@@ -234,12 +234,12 @@ def run_one(model, method, index, ctx, args, device):
                     ids.numel() * model.config.hidden_size * emb.element_size(), emb.device)
                 rec["prefill_offload_hidden"] = offload
                 # progress over layers: the retrieval cache's bar (prefill + offload + build), else the prefill's
-                bar = hasattr(cache, "set_progress")
-                if bar:
+                cache_bar = hasattr(cache, "set_progress")
+                if cache_bar:
                     cache.set_progress(True)
                 logits = layerwise_prefill(model, ids, cache, chunk=getattr(args, "prefill_chunk", DEFAULT_CHUNK),
-                                           offload_hidden=offload, progress=not bar)
-                if bar:
+                                           offload_hidden=offload, progress=not cache_bar)
+                if cache_bar:
                     cache.set_progress(False)
             else:
                 logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw).logits[:, -1]
