@@ -245,3 +245,26 @@ def test_hidden_states_offload_decided_by_gpu_budget(monkeypatch):
     assert not P.offload_hidden_auto(hidden_8b(512 * 1024), torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda dev=None: 1.0, raising=False)
     assert not P.offload_hidden_auto(hidden_8b(512 * 1024), cuda)  # no budget: 104 GiB free
+
+
+def test_wait_for_builds_waits_for_background_builds(monkeypatch):
+    """``RetrievalCache.wait_for_builds``: every store's background build (CUDA's path, forced here on the CPU and
+    queued behind a job that holds the build worker) is finished when it returns, with a progress bar."""
+    import threading
+
+    from retrieval_attention import cache as C
+
+    orig = CPUStore.build
+    monkeypatch.setattr(CPUStore, "build", lambda self, k, v, tq, background=False: orig(self, k, v, tq, True))
+    release = threading.Event()
+    blocker = C._build_executor().submit(release.wait, 10)
+    model = tiny_model("llama", seed=15)
+    cache = make_cache(model, RetrievalConfig(index="flat", n_sink=8, window=16, dense_layers=()))
+    with torch.no_grad(), enable(model):
+        layerwise_prefill(model, _ids(90, seed=4), cache, chunk=32)
+    stores = [s for l in cache.retrieval_layers for s in l.stores]
+    assert stores and all(s._pending is not None and not s._pending.done() for s in stores)
+    release.set()
+    assert cache.wait_for_builds(progress=True) >= 0
+    assert blocker.done() and all(s._pending is None for s in stores)
+    assert all(s.index is not None and s.index.n_keys == 90 - 8 - 16 for s in stores)
