@@ -794,3 +794,32 @@ def test_roar_shared_passes_find_more_with_fewer_rows():
         make_index("roar", share="pairs", graph_per="query_head")
     with pytest.raises(IndexError_, match="share must be one of"):
         make_index("roar", share="group")
+
+
+def test_roar_share_auto_pairs_heads_only_when_their_top_keys_overlap(tmp_path):
+    """``share="auto"``: the build measures how much paired heads' exact top keys overlap. Heads that are
+    near copies of each other (as a trained model's group heads partly are) share passes; independent heads (random
+    weights) search separately, with exactly the results of ``share="none"``. The decision survives save/load."""
+    from retrieval_attention.index import roar as RO
+
+    rng = np.random.default_rng(11)
+    keys = rng.standard_normal((2, 1500, 16)).astype(np.float32)
+    base = rng.standard_normal((2, 1, 400, 16)).astype(np.float32) + 0.3
+    near = (base + 0.05 * rng.standard_normal((2, 2, 400, 16))).reshape(4, 400, 16).astype(np.float32)
+    indep = (rng.standard_normal((4, 400, 16)) + 0.3).astype(np.float32)
+    test = np.ascontiguousarray(near[:, :8])
+    kw = dict(M=8, n_query_neighbors=16)
+    paired = make_index("roar", share="auto", **kw).build(keys, near)
+    alone = make_index("roar", share="auto", **kw).build(keys, indep)
+    assert paired.build_stats["pair_overlap"] > 0.5 and paired._pairs_on
+    assert alone.build_stats["pair_overlap"] < RO.PAIR_OVERLAP_MIN and not alone._pairs_on
+    ns = paired.search(test, 10)[2]
+    np.testing.assert_array_equal(ns[0::2], ns[1::2])  # a pass's rows reported for both heads
+    none = make_index("roar", share="none", **kw).build(keys, indep)
+    for a, b in zip(alone.search(test, 10), none.search(test, 10)):
+        np.testing.assert_array_equal(a, b)
+    paired.save(tmp_path / "p.npz")
+    alone.save(tmp_path / "a.npz")
+    assert KVIndex.load(tmp_path / "p.npz")._pairs_on and not KVIndex.load(tmp_path / "a.npz")._pairs_on
+    assert make_index("roar", share="auto", graph_per="query_head", **kw).build(keys, near)._pairs_on is False
+    assert make_index("roar", share=None, **kw).share == "none"  # index specs parse "share=none" as None

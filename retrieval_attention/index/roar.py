@@ -63,9 +63,16 @@ GRAPH_PER = ("query_head", "kv_head")
 #: graph, see :mod:`.projection_torch`; 3x faster than the kernel on 16 cores on the H200 host, docs/BENCHMARKS.md
 #: session 9), or "auto": torch when CUDA is available, else the kernel
 PROJECTION = ("auto", "kernel", "torch")
-#: searches of a GQA group's query heads: ``"none"`` (one per head) or ``"pairs"`` (two heads of a group in one
-#: shared pass over their KV head's graph, :func:`.kernels.search_two`; per-KV-head graphs, ef >= k)
-SHARE = ("none", "pairs")
+#: searches of a GQA group's query heads: ``"none"`` (one per head), ``"pairs"`` (two heads of a group in one
+#: shared pass over their KV head's graph, :func:`.kernels.search_two`; per-KV-head graphs, ef >= k) or ``"auto"``
+#: (pairs when the build measures that paired heads want the same keys: trained models yes, random weights no)
+SHARE = ("none", "pairs", "auto")
+#: ``share="auto"``: paired heads share their passes when the mean overlap of their exact top-``PAIR_PROBE_K`` keys,
+#: at ``PAIR_PROBE_POSITIONS`` prefill positions, is at least this. Measured: real SmolLM2 8K layers 0.12-0.48
+#: (mean 0.27), independent random projections (random-weight models) 0.002
+PAIR_OVERLAP_MIN = 0.05
+PAIR_PROBE_K = 16
+PAIR_PROBE_POSITIONS = 32
 #: key storage of the index: float32, or bfloat16 (uint16 bits, rounded to nearest even; half the memory)
 STORAGE = ("float32", "bfloat16")
 #: how the fused decode call hands (query head, query) pairs to its workers: ``"snake"`` (fixed ranks by the
@@ -322,11 +329,16 @@ class RoarIndex(KVIndex):
                        recall@100 at 8% / 10% scanned vs no cap)
     storage            ``"float32"`` or ``"bfloat16"``: dtype the keys are kept in (bfloat16 halves the
                        memory and the search bandwidth; exact for keys of a bfloat16 model)
-    share              ``"none"`` or ``"pairs"``: query heads 0-1, 2-3, ... of a GQA group search their KV head's
+    share              ``"none"``, ``"pairs"`` or ``"auto"``: query heads 0-1, 2-3, ... of a GQA group search their KV head's
                        graph in one shared pass (one visited set, each key row loaded once and scored for both;
                        34-37% fewer key rows at equal recall on real SmolLM2 vectors, each head also gaining
                        the keys found for the other). Needs ``graph_per="kv_head"``; with ``ef < k`` heads
-                       search separately. Keys scanned are reported per head as the whole pass's.
+                       search separately. Keys scanned are reported per head as the whole pass's. ``"auto"``
+                       pairs them when the build finds that paired heads' top keys overlap
+                       (:data:`PAIR_OVERLAP_MIN`; ``build_stats["pair_overlap"]``): on trained models, not on
+                       random-weight ones, whose heads are independent and gain nothing from sharing. Default
+                       ``"none"``: on the 2-core dev VM sharing bought recall at equal ef (+0.9-1.4 points,
+                       SmolLM2 8K) but not time per head at equal recall (docs/BENCHMARKS.md, session 10).
     projection         ``"kernel"`` (compiled, CPU threads), ``"torch"`` (batched tensor ops on the GPU when
                        there is one, :mod:`.projection_torch`; same graph up to float rounding) or ``"auto"``
                        (torch when CUDA is available, else the kernel). ``fill`` always uses the kernel.
@@ -359,11 +371,13 @@ class RoarIndex(KVIndex):
         if graph_per not in GRAPH_PER:
             raise IndexError_(f"roar: graph_per must be one of {GRAPH_PER}, got {graph_per!r}")
         self.graph_per = graph_per
+        share = "none" if share is None else share  # (index specs parse "share=none" as None)
         if share not in SHARE:
             raise IndexError_(f"roar: share must be one of {SHARE}, got {share!r}")
         if share == "pairs" and graph_per != "kv_head":
             raise IndexError_("roar: share='pairs' needs graph_per='kv_head' (the paired heads search one graph)")
         self.share = share
+        self._pairs_on = share == "pairs"  # "auto": decided by the build (:meth:`_pair_overlap`)
         self._partner_cache = None  # ((shared?, graph_of_head), partner [Hq], any pair) of the last call
         self.max_train_queries = None if max_train_queries is None else _pos_int("max_train_queries", max_train_queries)
         self.n_entry = _pos_int("n_entry", n_entry)
@@ -485,6 +499,26 @@ class RoarIndex(KVIndex):
                             "projection_s": t_proj - t1, "reverse_s": t2 - t_proj,
                             "n_train": float(m), "repair_links": float(links),
                             "covered_frac": float((own[:, :, 0] >= 0).mean())}
+        if self.share == "auto":
+            overlap = self._pair_overlap(stored, n, train_queries, group)
+            self._pairs_on = overlap is not None and overlap >= PAIR_OVERLAP_MIN
+            self.build_stats["pair_overlap"] = float("nan") if overlap is None else overlap
+
+    def _pair_overlap(self, keys, n, train_queries, group) -> float | None:
+        """Mean overlap of the exact top-:data:`PAIR_PROBE_K` keys of paired query heads (0-1, 2-3, ... of a group)
+        at :data:`PAIR_PROBE_POSITIONS` evenly spaced prefill positions; None when no heads pair up."""
+        if self.graph_per != "kv_head" or group < 2 or n == 0:
+            return None
+        T, d = train_queries.shape[1], train_queries.shape[2]
+        pos = np.unique(np.linspace(0, T - 1, PAIR_PROBE_POSITIONS).round().astype(np.int64))
+        k = min(PAIR_PROBE_K, n)
+        overlaps = []
+        for h in range(keys.shape[0]):
+            q = np.ascontiguousarray(train_queries[h * group:(h + 1) * group, pos].reshape(-1, d), np.float32)
+            ids = knn_ip(q, keys[h, :n], k)[0].reshape(group, len(pos), k)
+            for a in range(0, group - 1, 2):  # the pairs of :func:`.decode_kernels.pair_partners`
+                overlaps.append((ids[a][:, :, None] == ids[a + 1][:, None, :]).any(-1).mean())
+        return float(np.mean(overlaps))
 
     def _projection_on(self) -> str:
         """Where the projection step runs: ``"torch"`` or ``"kernel"`` (see the ``projection`` option)."""
@@ -539,7 +573,7 @@ class RoarIndex(KVIndex):
     def _partners(self, graph_of_head: np.ndarray, k: int, L: int) -> tuple[np.ndarray, bool]:
         """``(partner [Hq], any pair)`` for the compiled calls: pairs of heads sharing a pass (``share="pairs"``,
         ``L >= k``), else all -1."""
-        key = (self.share == "pairs" and L >= k, tuple(graph_of_head))
+        key = (self._pairs_on and L >= k, tuple(graph_of_head))
         if self._partner_cache is None or self._partner_cache[0] != key:  # per layer call: keep it cheap
             p = DK.pair_partners(graph_of_head) if key[0] else np.full(len(graph_of_head), -1, np.int64)
             self._partner_cache = (key, p, bool((p >= 0).any()))
@@ -748,6 +782,7 @@ class RoarIndex(KVIndex):
             "entries": self._entries,
             "kv_of_graph": self._kv_of_graph,
             "n_graph": np.array([self.n_graph], np.int64),
+            "pairs_on": np.array([self._pairs_on], np.bool_),
         }
 
     def load_state(self, arrays):
@@ -762,5 +797,7 @@ class RoarIndex(KVIndex):
         self._entries = np.ascontiguousarray(arrays["entries"], np.int32)
         self._kv_of_graph = np.ascontiguousarray(arrays["kv_of_graph"], np.int64)
         self.n_graph = int(arrays["n_graph"][0])
+        # files from before share="auto": the option decides
+        self._pairs_on = bool(arrays["pairs_on"][0]) if "pairs_on" in arrays else self.share == "pairs"
         if self._keys.shape[1] != self.n_keys or self._adj.shape[1] != self.n_graph:
             raise IndexError_("roar index file is inconsistent (key / graph sizes do not match its metadata)")
