@@ -503,21 +503,26 @@ class RoarIndex(KVIndex):
             overlap = self._pair_overlap(stored, n, train_queries, group)
             self._pairs_on = overlap is not None and overlap >= PAIR_OVERLAP_MIN
             self.build_stats["pair_overlap"] = float("nan") if overlap is None else overlap
+            self.build_stats["pair_probe_s"] = time.perf_counter() - t3
 
     def _pair_overlap(self, keys, n, train_queries, group) -> float | None:
-        """Mean overlap of the exact top-:data:`PAIR_PROBE_K` keys of paired query heads (0-1, 2-3, ... of a group)
-        at :data:`PAIR_PROBE_POSITIONS` evenly spaced prefill positions; None when no heads pair up."""
-        if self.graph_per != "kv_head" or group < 2 or n == 0:
+        """Mean overlap of the exact top-:data:`PAIR_PROBE_K` keys of the heads the decode call would pair
+        (:func:`.decode_kernels.pair_partners`) at :data:`PAIR_PROBE_POSITIONS` evenly spaced prefill positions
+        (train_queries ``[Hq, T, d]``); None when no heads pair up."""
+        partner = DK.pair_partners(np.arange(train_queries.shape[0]) // group)
+        if self.graph_per != "kv_head" or n == 0 or not (partner >= 0).any():
             return None
         T, d = train_queries.shape[1], train_queries.shape[2]
         pos = np.unique(np.linspace(0, T - 1, PAIR_PROBE_POSITIONS).round().astype(np.int64))
         k = min(PAIR_PROBE_K, n)
         overlaps = []
-        for h in range(keys.shape[0]):
+        for h in range(keys.shape[0]):  # one kNN per KV head over its group's probe queries
             q = np.ascontiguousarray(train_queries[h * group:(h + 1) * group, pos].reshape(-1, d), np.float32)
             ids = knn_ip(q, keys[h, :n], k)[0].reshape(group, len(pos), k)
-            for a in range(0, group - 1, 2):  # the pairs of :func:`.decode_kernels.pair_partners`
-                overlaps.append((ids[a][:, :, None] == ids[a + 1][:, None, :]).any(-1).mean())
+            for a in range(group):
+                b = partner[h * group + a] - h * group
+                if b > a:
+                    overlaps.append((ids[a][:, :, None] == ids[b][:, None, :]).any(-1).mean())
         return float(np.mean(overlaps))
 
     def _projection_on(self) -> str:
