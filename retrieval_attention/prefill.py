@@ -71,6 +71,12 @@ def cuda_headroom(dev: torch.device) -> int:
     return max(0, min(free, int(fraction * total) - reserved) + reserved - allocated)
 
 
+def hidden_state_bytes(model, input_ids: torch.Tensor) -> tuple[int, torch.device]:
+    """(bytes of the ``[B, T, hidden]`` states layer-by-layer prefill keeps for ``input_ids``, the model's device)."""
+    emb = model.model.embed_tokens.weight
+    return input_ids.numel() * model.config.hidden_size * emb.element_size(), emb.device
+
+
 def offload_hidden_auto(hidden_bytes: int, dev: torch.device) -> bool:
     """Whether ``layerwise_prefill(offload_hidden=None)`` keeps the hidden states in host memory: on CUDA, when
     they exceed :data:`HIDDEN_SHARE_OF_HEADROOM` of :func:`cuda_headroom`."""
@@ -140,8 +146,7 @@ def layerwise_prefill(model, input_ids: torch.Tensor, cache, *, chunk: int = DEF
     cache_arg, takes_cache_position = layer_call_kwargs(base.layers[0])
     cuda = dev.type == "cuda"
     if offload_hidden is None:
-        hidden_bytes = B * T * model.config.hidden_size * base.embed_tokens.weight.element_size()
-        offload_hidden = offload_hidden_auto(hidden_bytes, dev)
+        offload_hidden = offload_hidden_auto(*hidden_state_bytes(model, input_ids))
     pin = cuda and offload_hidden
     bounds = [(s, min(s + chunk, T)) for s in range(0, T, chunk)]
     # hidden states [B, T, hidden] kept as one tensor per chunk (device, or pinned host memory)

@@ -182,7 +182,8 @@ def run_one(model, method, index, ctx, args, device):
     from ..decode_loop import LeanDecoder
     from ..decode_loop import unsupported_reason as lean_unsupported_reason
     from ..integration import enable, make_cache
-    from ..prefill import DEFAULT_CHUNK, check_supported, layerwise_prefill, offload_hidden_auto, unsupported_reason
+    from ..prefill import (DEFAULT_CHUNK, check_supported, hidden_state_bytes, layerwise_prefill, offload_hidden_auto,
+                           unsupported_reason)
 
     cuda = str(device).startswith("cuda")
     dense = tuple(int(x) for x in args.dense_layers.split(",") if x.strip())
@@ -229,9 +230,8 @@ def run_one(model, method, index, ctx, args, device):
         with torch.no_grad(), ctxm:
             t0 = time.perf_counter()
             if prefill_mode == "layerwise":
-                emb = model.model.embed_tokens.weight
                 offload = bool(getattr(args, "prefill_offload_hidden", False)) or offload_hidden_auto(
-                    ids.numel() * model.config.hidden_size * emb.element_size(), emb.device)
+                    *hidden_state_bytes(model, ids))
                 rec["prefill_offload_hidden"] = offload
                 # progress over layers: the retrieval cache's bar (prefill + offload + build), else the prefill's
                 cache_bar = hasattr(cache, "set_progress")
