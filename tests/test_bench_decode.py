@@ -133,3 +133,42 @@ def test_host_memory_guard_records_instead_of_crashing(tmp_path, monkeypatch):
     ret, stream = json.loads(js.read_text())
     assert ret["oom"] and ret["oom_reason"] == "host memory" and ret["host_bytes_needed"] > 1 << 20
     assert not stream["oom"] and stream["decode_ms_per_token"] > 0  # device-resident KV: not limited
+
+
+@pytest.mark.parametrize("shape, embedded", [("smollm2", "smollm2"), ("gemma3-270m", "gemma3-270m")])
+def test_shape_presets_match_the_embedded_models(shape, embedded):
+    """A shape preset has the real model's attention layout: the same config values as the embedded GGUF's."""
+    import transformers as tf
+
+    from retrieval_attention.bench.decode import shape_config
+    from retrieval_attention.models import ModelNotAvailable, embedded_gguf_path
+
+    try:
+        path = embedded_gguf_path(embedded)
+    except ModelNotAvailable as e:
+        pytest.skip(str(e))
+    real = tf.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    preset = shape_config(shape)
+    assert preset.model_type == real.model_type
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "sliding_window", "layer_types",
+                "query_pre_attn_scalar", "rope_parameters", "tie_word_embeddings"):
+        assert getattr(preset, key, None) == getattr(real, key, None), key
+
+
+def test_bench_decode_gemma3_shape_retrieves_on_global_layers_only(tmp_path):
+    """A Gemma-3-shaped model (sliding + global layers): prefill and decode go through the transformers forward;
+    the global layers keep exactly sink + window tokens on the device, the sliding layers their own window."""
+    js = tmp_path / "g.json"
+    rc = main(["bench", "decode", "--shape", "tiny-gemma3", "--context", "600", "--steps", "2", "--warmup", "1",
+               "--methods", "full,retrieval,streaming", "--index", "flat", "--n-sink", "16", "--window", "64",
+               "--json", str(js)])
+    assert rc == 0
+    full, ret, stream = json.loads(js.read_text())
+    assert ret["prefill_mode"] == "forward" and ret["decode_mode"] == "hf"
+    assert ret["kv_cpu_bytes"] > 0 and stream["kv_cpu_bytes"] == 0
+    assert ret["kv_device_bytes"] == stream["kv_device_bytes"]
+    # per token and layer: 2 KV heads x head_dim 32, keys + values, float32. Each of the 3 decode steps (warm-up +
+    # steps) appends its input token: the 2 global layers hold 603 tokens in full's cache, 16 + 64 in retrieval's
+    per_token = 2 * 32 * 2 * 4
+    assert full["kv_device_bytes"] - ret["kv_device_bytes"] == 2 * (600 + 3 - (16 + 64)) * per_token

@@ -30,11 +30,23 @@ SHAPES = {
                       num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0),
     # the embedded models' shapes
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, head_dim=64, vocab_size=49152, rope_theta=100000.0),
+                    num_key_value_heads=3, head_dim=64, vocab_size=49152, rope_theta=100000.0,
+                    tie_word_embeddings=True),
+    # Gemma-3-270M: 5 sliding-window layers (512 tokens, kept on the device) per global layer (retrieval)
+    "gemma3-270m": dict(model_type="gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                        num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
+                        query_pre_attn_scalar=256, sliding_window=512,
+                        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3),
     # for tests / smoke runs on a CPU
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, vocab_size=1024, rope_theta=10000.0),
+    "tiny-gemma3": dict(model_type="gemma3_text", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=1024,
+                        query_pre_attn_scalar=32, sliding_window=64,
+                        layer_types=["sliding_attention", "full_attention"] * 2),
 }
+#: the transformers architecture of a shape without a ``model_type`` entry
+DEFAULT_SHAPE_TYPE = "llama"
 METHODS = ("full", "offload", "retrieval", "streaming")
 #: --dtype spellings -> torch dtype names
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
@@ -150,6 +162,15 @@ def host_bytes_needed(model_config, method: str, ctx: int, dtype_bytes: int) -> 
     return 0
 
 
+def shape_config(name: str):
+    """The transformers config of shape preset ``name`` (:data:`SHAPES`), positions up to 2M tokens."""
+    import transformers as tf
+
+    kw = dict(SHAPES[name])
+    model_type = kw.pop("model_type", DEFAULT_SHAPE_TYPE)
+    return tf.AutoConfig.for_model(model_type, **kw, max_position_embeddings=1 << 21)
+
+
 def build_model(args, device, dtype):
     import torch
     import transformers as tf
@@ -159,12 +180,12 @@ def build_model(args, device, dtype):
 
         model, _ = load_model(args.model, device=device, dtype=dtype)
         return model, args.model
-    cfg = tf.LlamaConfig(**SHAPES[args.shape], max_position_embeddings=1 << 21)
+    cfg = shape_config(args.shape)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = tf.LlamaForCausalLM(cfg)
+            model = tf.AutoModelForCausalLM.from_config(cfg)
     finally:
         torch.set_default_dtype(prev)
     model.eval()
