@@ -172,3 +172,10 @@ def test_bench_decode_gemma3_shape_retrieves_on_global_layers_only(tmp_path):
     # steps) appends its input token: the 2 global layers hold 603 tokens in full's cache, 16 + 64 in retrieval's
     per_token = 2 * 32 * 2 * 4
     assert full["kv_device_bytes"] - ret["kv_device_bytes"] == 2 * (600 + 3 - (16 + 64)) * per_token
+
+
+def test_bench_decode_refuses_layerwise_prefill_of_unsupported_models(capsys):
+    assert main(["bench", "decode", "--shape", "tiny-gemma3", "--context", "600", "--methods", "retrieval",
+                 "--prefill", "layerwise"]) == 2
+    err = capsys.readouterr().err
+    assert "--prefill layerwise" in err and "gemma3_text" in err and "--prefill forward" in err

@@ -382,6 +382,14 @@ def run(args) -> int:
         methods = [m for m in methods if m != "offload"]
     contexts = parse_contexts(args.context)
     model, label = build_model(args, device, dtype)
+    if getattr(args, "prefill", None) == "layerwise":
+        from ..prefill import unsupported_reason
+
+        reason = unsupported_reason(model)
+        if reason is not None:
+            print(f"error: --prefill layerwise: {reason}; use --prefill forward (or leave --prefill out)",
+                  file=sys.stderr)
+            return 2
     fraction = None
     if args.gpu_memory_budget and device.startswith("cuda"):
         budget = parse_size(args.gpu_memory_budget)
