@@ -57,7 +57,8 @@ def test_small_topk_differs_but_streaming_differs_more():
     full, _ = _generate(model, ids, None, 8)
     errs = {}
     for name, cfg in {
-        "retrieval": RetrievalConfig(index="flat", n_sink=8, window=16, top_k=64, dense_layers=()),
+        # no residual estimate: with it, 276 stored keys <= top_k + draws are covered exactly (KL ~ +-1e-7)
+        "retrieval": RetrievalConfig(index="flat", n_sink=8, window=16, top_k=64, dense_layers=(), residual_samples=0),
         "streaming": RetrievalConfig(method="streaming", index="flat", n_sink=8, window=16, dense_layers=()),
     }.items():
         out, cache = _generate(model, ids, cfg, 8)
@@ -66,7 +67,7 @@ def test_small_topk_differs_but_streaming_differs_more():
         errs[name] = torch.sum(p.exp() * (p - q)).item()
         if name == "streaming":
             assert all(s.n == 0 for l in cache.retrieval_layers for s in l.stores)
-    assert 0 < errs["retrieval"] < errs["streaming"]
+    assert 1e-6 < errs["retrieval"] < errs["streaming"], errs
 
 
 def test_short_prompt_is_exact_full_attention_without_index():
