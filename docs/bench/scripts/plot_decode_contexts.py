@@ -1,5 +1,6 @@
 """Stacked bars of the decode step (H200 host, Llama-3-8B shape, 24 GB budget, roar at the defaults) at 32K, 128K
-and 512K, with full (no budget) and offload of the 128K run as lines, from the committed JSON (sessions 10-11).
+and 512K, with full (no budget) and offload of the 128K run as lines, from the committed JSON (sessions 10-11);
+and the same records as ms/token against context per method (``bench decode``'s own plot), ``..._vs_context.png``.
 Usage: ``python docs/bench/scripts/plot_decode_contexts.py [out.png]``."""
 import json
 import os
@@ -48,6 +49,12 @@ def main(out):
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print("wrote", out)
+    from retrieval_attention.bench.decode import plot
+
+    recs = [r for _, name in RUNS if "residual0" not in name for r in records(name)]
+    out2 = out.replace(".png", "_vs_context.png")
+    plot(recs, out2, "8B shape, H200, 24 GB (sessions 10-11)")
+    print("wrote", out2)
 
 
 if __name__ == "__main__":
