@@ -1,0 +1,154 @@
+"""Experiment (docs/BENCHMARKS.md, session 11): two beam searches interleaved on one thread. Each step scores one
+search's prefetched neighbour rows, picks its next node and gathers + prefetches that node's neighbours, then the
+other search takes a step, so one search's row loads are in flight while the other computes. Each search expands
+the same nodes in the same order as ``kernels._search_sorted``: results and keys scanned are identical (checked).
+Synthetic out-of-distribution keys (``make_ood_data``), Llama-3-8B attention shape (8 KV heads, 32 query heads, d
+128), ef 128, top-100, one thread, ``layers`` independent indexes searched in turn (cold rows).
+Usage: ``NUMBA_NUM_THREADS=1 python docs/bench/scripts/interleaved_search.py [keys=131072] [layers=4]
+[storage=bfloat16|float32]``."""
+import sys, time, numpy as np, numba
+from numba import njit
+from retrieval_attention.threads import configure_threads
+configure_threads(1)
+from retrieval_attention.index import kernels as K
+from retrieval_attention.index import make_index
+from retrieval_attention.index.reference import make_ood_data
+from retrieval_attention.index.kernels import (pack_entry, entry_id, _beam_insert, _test_and_set, _prefetch_row,
+                                               _prefetch, _dot, _EXPANDED, clear_visited, _beam_results)
+
+@njit(nogil=True)
+def _gather(adj, keys, g, kv, node, vis, nbuf):
+    nn = 0
+    for m in range(adj.shape[2]):
+        nb = adj[g, node, m]
+        if nb < 0:
+            break
+        if not _test_and_set(vis, nb):
+            nbuf[nn] = nb
+            nn += 1
+            _prefetch_row(keys, kv, nb)
+    return nn
+
+@njit(nogil=True)
+def _start(adj, keys, n_graph, qv, g, kv, entries, L, vis, beam):
+    nw = 0; ns = 0
+    for e in range(entries.shape[1]):
+        nid = entries[g, e]
+        if nid < 0 or nid >= n_graph or _test_and_set(vis, nid):
+            continue
+        ns += 1
+        pos, nw = _beam_insert(beam, nw, L, pack_entry(np.float32(_dot(qv, keys, kv, nid)), nid))
+    return nw, ns
+
+@njit(nogil=True)
+def _next(beam, nw, cur):
+    while cur < nw and (beam[cur] & _EXPANDED) != 0:
+        cur += 1
+    return cur
+
+@njit(nogil=True)
+def _score_pending(adj, keys, g, kv, qv, L, beam, nw, cur, nbuf, nn):
+    low = nw
+    for m in range(nn):
+        s = _dot(qv, keys, kv, nbuf[m])
+        pos, nw = _beam_insert(beam, nw, L, pack_entry(np.float32(s), nbuf[m]))
+        if pos >= 0:
+            _prefetch(adj, g, nbuf[m], 0)
+            low = min(low, pos)
+    cur = low if low <= cur else cur + 1
+    return nw, _next(beam, nw, cur)
+
+@njit(nogil=True)
+def search_two_interleaved(adj, keys, n_graph, n_total, qa, ga, kva, qb, gb, kvb, entries, k, L,
+                           visa, visb, ba, bb, nba, nbb, ra_s, ra_i, rb_s, rb_i):
+    nwa, nsa = _start(adj, keys, n_graph, qa, ga, kva, entries, L, visa, ba)
+    nwb, nsb = _start(adj, keys, n_graph, qb, gb, kvb, entries, L, visb, bb)
+    ca = 0; cb = 0; nna = 0; nnb = 0
+    # first gathers
+    if ca < nwa:
+        ba[ca] |= _EXPANDED; nna = _gather(adj, keys, ga, kva, entry_id(ba[ca]), visa, nba)
+    else:
+        nna = -1
+    if cb < nwb:
+        bb[cb] |= _EXPANDED; nnb = _gather(adj, keys, gb, kvb, entry_id(bb[cb]), visb, nbb)
+    else:
+        nnb = -1
+    while nna >= 0 or nnb >= 0:
+        if nna >= 0:
+            nsa += nna
+            nwa, ca = _score_pending(adj, keys, ga, kva, qa, L, ba, nwa, ca, nba, nna)
+            if ca < nwa:
+                ba[ca] |= _EXPANDED; nna = _gather(adj, keys, ga, kva, entry_id(ba[ca]), visa, nba)
+            else:
+                nna = -1
+        if nnb >= 0:
+            nsb += nnb
+            nwb, cb = _score_pending(adj, keys, gb, kvb, qb, L, bb, nwb, cb, nbb, nnb)
+            if cb < nwb:
+                bb[cb] |= _EXPANDED; nnb = _gather(adj, keys, gb, kvb, entry_id(bb[cb]), visb, nbb)
+            else:
+                nnb = -1
+    nra = _beam_results(ba, nwa, keys, kva, qa, n_graph, n_total, k, ra_s, ra_i)
+    nrb = _beam_results(bb, nwb, keys, kvb, qb, n_graph, n_total, k, rb_s, rb_i)
+    return nra, nrb, nsa + (n_total - n_graph), nsb + (n_total - n_graph)
+
+@njit(nogil=True)
+def run_interleaved(adj, keys, n_graph, n_total, queries, goh, koh, entries, k, L, out_ids, out_ns):
+    Hq, nq, d = queries.shape
+    M = adj.shape[2]
+    nwords = (n_graph + 63) >> 6
+    visa = np.zeros(nwords, np.uint64); visb = np.zeros(nwords, np.uint64)
+    ba = np.empty(L + 1, np.uint64); bb = np.empty(L + 1, np.uint64)
+    nba = np.empty(M, np.int64); nbb = np.empty(M, np.int64)
+    ra_s = np.empty(k + 1, np.float64); ra_i = np.empty(k + 1, np.int64)
+    rb_s = np.empty(k + 1, np.float64); rb_i = np.empty(k + 1, np.int64)
+    P = Hq * nq
+    for p in range(0, P, 2):
+        ha = p // nq; ia = p - ha * nq
+        pb = min(p + 1, P - 1)
+        hb = pb // nq; ib = pb - hb * nq
+        clear_visited(visa, n_graph); clear_visited(visb, n_graph)
+        nra, nrb, nsa, nsb = search_two_interleaved(adj, keys, n_graph, n_total, queries[ha, ia], goh[ha], koh[ha],
+                                                    queries[hb, ib], goh[hb], koh[hb], entries, k, L, visa, visb,
+                                                    ba, bb, nba, nbb, ra_s, ra_i, rb_s, rb_i)
+        K.emit_results(ra_s, ra_i, nra, k, out_ids, np.empty((Hq, nq, k), np.float32), ha, ia)
+        out_ns[ha, ia] = nsa
+        if pb != p:
+            K.emit_results(rb_s, rb_i, nrb, k, out_ids, np.empty((Hq, nq, k), np.float32), hb, ib)
+            out_ns[hb, ib] = nsb
+
+n = int(sys.argv[1]) if len(sys.argv) > 1 else 131072
+STORAGE = sys.argv[3] if len(sys.argv) > 3 else "bfloat16"
+nlayers = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+idxs = []
+for layer in range(nlayers):
+    keys, tq, test = make_ood_data(n_kv_heads=8, group=4, n_keys=n, n_train=256, n_test=1, d=128, seed=layer)
+    ix = make_index("roar", storage=STORAGE).build(keys, tq)
+    q = np.ascontiguousarray(np.random.default_rng(layer).standard_normal((32, 1, 128)).astype(np.float32) + tq[:, -1:] )
+    idxs.append((ix, q))
+k, L = 100, 128
+from retrieval_attention.index import decode_kernels as DK
+for rep in range(3):
+    for mode in ("sequential", "interleaved"):
+        ts = []
+        res = []
+        for it in range(4):
+            t0 = time.perf_counter()
+            for ix, q in idxs:
+                goh, koh = ix._graph_maps(32)
+                ids = np.empty((32, 1, k), np.int64); ns = np.empty((32, 1), np.int64)
+                if mode == "sequential":
+                    w = DK.SearchScratch(1, ix.n_graph, 4096)
+                    K.search_batch(ix._adj, ix._keys, ix.n_graph, ix.n_keys, q, goh, koh, ix._entries, k, L,
+                                   w.visited, w.cand_s, w.cand_i, ids, np.empty((32, 1, k), np.float32), ns)
+                else:
+                    run_interleaved(ix._adj, ix._keys, ix.n_graph, ix.n_keys, q, goh, koh, ix._entries, k, L, ids, ns)
+                res.append((ids.copy(), ns.copy()))
+            ts.append(time.perf_counter() - t0)
+        tot_ns = sum(r[1].sum() for r in res[:nlayers])
+        print(f"{mode:12s} {1e3 * min(ts) / nlayers:.2f} ms per layer ({1e9 * min(ts) / tot_ns:.0f} ns/key), keys/search {tot_ns / (nlayers * 32):.0f}")
+        if mode == "sequential":
+            ref = res[:nlayers]
+        else:
+            same = all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(ref, res[:nlayers]))
+            print("  identical to sequential:", same)
