@@ -613,12 +613,13 @@ def test_balanced_order_sorts_by_cost():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_copy_rows_checked_equals_numpy(dtype):
-    """The per-token append kernels write exactly ``dst[:, n:n+m] = rows`` when every value is finite, and leave
-    ``dst`` untouched (returning False) when any is NaN / inf, wherever it is (fresh random inputs)."""
+    """The per-token append kernel writes exactly ``dst[:, n:n+m] = rows`` when every value is finite, and leaves
+    ``dst`` untouched (returning False) when any is NaN / inf, wherever it is (fresh random inputs; float32 and
+    bfloat16 bits)."""
     from retrieval_attention.index import kernels as K
 
     rng = np.random.default_rng()
-    copy = K.copy_bf16_rows_checked if dtype == "bfloat16" else K.copy_rows_checked
+    copy = K.copy_rows_checked
     for _ in range(20):
         H, m, d, n = rng.integers(1, 4), rng.integers(1, 4), rng.integers(1, 9), rng.integers(0, 5)
         rows_t = torch.from_numpy(rng.standard_normal((H, m, d)).astype(np.float32))

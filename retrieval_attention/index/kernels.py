@@ -634,39 +634,40 @@ def clear_visited(vis, n):
         vis[w] = np.uint64(0)
 
 
-@njit(nogil=True, cache=True)
-def _copy_rows(dst, n, rows):
-    H, m, d = rows.shape
-    for h in range(H):
-        for j in range(m):
-            for t in range(d):
-                dst[h, n + j, t] = rows[h, j, t]
+def finite_elem(a, h, j, t):
+    """Whether ``a[h, j, t]`` is finite: floats by value, uint16 bfloat16 bits by their exponent (all ones: inf /
+    NaN) (numba only)."""
+    raise NotImplementedError("numba-only helper")
+
+
+#: bfloat16 exponent bits (all set: inf or NaN)
+BF16_EXPONENT = 0x7F80
+
+
+@overload(finite_elem, inline="always")
+def _finite_elem_impl(a, h, j, t):
+    if isinstance(a, types.Array) and a.dtype == types.uint16:
+        return lambda a, h, j, t: (a[h, j, t] & BF16_EXPONENT) != BF16_EXPONENT
+    if isinstance(a, types.Array) and isinstance(a.dtype, types.Float):
+        return lambda a, h, j, t: np.isfinite(a[h, j, t])
+    return None
 
 
 @njit(nogil=True, cache=True)
 def copy_rows_checked(dst, n, rows):
-    """``dst[:, n:n+m] = rows [H, m, d]`` (floats) unless some value is NaN or inf (then nothing is written);
-    returns True when written. One compiled call for the decode loop's per-token append (no numpy temporaries)."""
+    """``dst[:, n:n+m] = rows [H, m, d]`` (floats, or uint16 bfloat16 bits) unless some value is NaN or inf (then
+    nothing is written); returns True when written. One compiled call for the decode loop's per-token append (no
+    numpy temporaries)."""
     H, m, d = rows.shape
     for h in range(H):
         for j in range(m):
             for t in range(d):
-                if not np.isfinite(rows[h, j, t]):
+                if not finite_elem(rows, h, j, t):
                     return False
-    _copy_rows(dst, n, rows)
-    return True
-
-
-@njit(nogil=True, cache=True)
-def copy_bf16_rows_checked(dst, n, rows):
-    """:func:`copy_rows_checked` for uint16 bfloat16 bits (non-finite: all exponent bits set)."""
-    H, m, d = rows.shape
     for h in range(H):
         for j in range(m):
             for t in range(d):
-                if (rows[h, j, t] & 0x7F80) == 0x7F80:
-                    return False
-    _copy_rows(dst, n, rows)
+                dst[h, n + j, t] = rows[h, j, t]
     return True
 
 

@@ -692,8 +692,7 @@ class RoarIndex(KVIndex):
                 grown[:, :n] = self._keys[:, :n]
                 self._keys = grown
             if checked:
-                copy = K.copy_bf16_rows_checked if self.storage == "bfloat16" else K.copy_rows_checked
-                if not copy(self._keys, n, np.ascontiguousarray(rows)):
+                if not K.copy_rows_checked(self._keys, n, np.ascontiguousarray(rows)):
                     raise IndexError_("new_keys contains NaN or inf; check the model's dtype/overflow")
             else:
                 self._keys[:, n:n + m] = rows
