@@ -304,12 +304,10 @@ def _grow_heap(hs, hi):
     return gs, gi
 
 
-@njit(nogil=True, cache=True)
-def _expand(adj, keys, g, kv, node, qv, vis, nbuf, sbuf):
-    """Expansion of ``node`` in graph ``g``: its not yet visited neighbours (marked visited) into ``nbuf`` and
-    their scores ``qv . keys[kv, nb]`` into ``sbuf``; returns their count. The neighbours are gathered and their
-    key rows prefetched first, then scored: the rows' DRAM loads overlap instead of one row per distance
-    (search is bound by memory latency)."""
+@njit(nogil=True, cache=True, inline="always")
+def gather_neighbours(adj, keys, g, kv, node, vis, nbuf):
+    """The not yet visited neighbours of ``node`` in graph ``g`` (marked visited) into ``nbuf``, their key rows
+    prefetched; returns their count."""
     nn = 0
     for m in range(adj.shape[2]):
         nb = adj[g, node, m]
@@ -319,6 +317,16 @@ def _expand(adj, keys, g, kv, node, qv, vis, nbuf, sbuf):
             nbuf[nn] = nb
             nn += 1
             _prefetch_row(keys, kv, nb)
+    return nn
+
+
+@njit(nogil=True, cache=True)
+def _expand(adj, keys, g, kv, node, qv, vis, nbuf, sbuf):
+    """Expansion of ``node`` in graph ``g``: its not yet visited neighbours (marked visited) into ``nbuf`` and
+    their scores ``qv . keys[kv, nb]`` into ``sbuf``; returns their count. The neighbours are gathered and their
+    key rows prefetched first (:func:`gather_neighbours`), then scored: the rows' DRAM loads overlap instead of
+    one row per distance (search is bound by memory latency)."""
+    nn = gather_neighbours(adj, keys, g, kv, node, vis, nbuf)
     for m in range(nn):
         sbuf[m] = _dot(qv, keys, kv, nbuf[m])
     return nn
@@ -424,32 +432,48 @@ def _search_sorted(adj, keys, n_graph, n_total, qv, g, kv, entries, k, L, vis, b
     the beam ranks below the beam's worst, which is where that one stops), without a candidate heap:
     18-24% faster per scanned key on synthetic 8K-128K keys (one thread, dev VM). Returns (nr, ns) as
     :func:`search_pair`."""
-    E = entries.shape[1]
-    nw = 0
-    ns = 0
-    for e in range(E):
-        nid = entries[g, e]
-        if nid < 0 or nid >= n_graph or _test_and_set(vis, nid):
-            continue
-        ns += 1
-        pos, nw = _beam_insert(beam, nw, L, pack_entry(np.float32(_dot(qv, keys, kv, nid)), nid))
+    nw, ns = seed_beam(keys, n_graph, qv, g, kv, entries, L, vis, beam)
     cur = 0
     while cur < nw:
         node = entry_id(beam[cur])
         beam[cur] |= _EXPANDED
         nn = _expand(adj, keys, g, kv, node, qv, vis, nbuf, sbuf)
         ns += nn
-        low = nw
-        for m in range(nn):
-            pos, nw = _beam_insert(beam, nw, L, pack_entry(np.float32(sbuf[m]), nbuf[m]))
-            if pos >= 0:
-                # it may be expanded soon: start loading its adjacency row
-                _prefetch(adj, g, nbuf[m], 0)
-                low = min(low, pos)
-        cur = low if low <= cur else cur + 1
-        while cur < nw and (beam[cur] & _EXPANDED) != 0:
-            cur += 1
+        nw, cur = insert_expansion(adj, g, beam, nw, L, cur, nbuf, sbuf, nn)
     return _beam_results(beam, nw, keys, kv, qv, n_graph, n_total, k, r_s, r_i), ns + (n_total - n_graph)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def seed_beam(keys, n_graph, qv, g, kv, entries, L, vis, beam):
+    """The sorted beam's start: graph ``g``'s entry points scored (marked visited) into ``beam``; returns (beam
+    size, keys scored)."""
+    nw = 0
+    ns = 0
+    for e in range(entries.shape[1]):
+        nid = entries[g, e]
+        if nid < 0 or nid >= n_graph or _test_and_set(vis, nid):
+            continue
+        ns += 1
+        pos, nw = _beam_insert(beam, nw, L, pack_entry(np.float32(_dot(qv, keys, kv, nid)), nid))
+    return nw, ns
+
+
+@njit(nogil=True, cache=True, inline="always")
+def insert_expansion(adj, g, beam, nw, L, cur, nbuf, sbuf, nn):
+    """The ``nn`` scored neighbours ``nbuf / sbuf`` of the node expanded at ``cur`` into the sorted beam (those that
+    enter it get their adjacency row prefetched); returns (beam size, position of the best unexpanded entry,
+    ``nw`` when none is left)."""
+    low = nw
+    for m in range(nn):
+        pos, nw = _beam_insert(beam, nw, L, pack_entry(np.float32(sbuf[m]), nbuf[m]))
+        if pos >= 0:
+            # it may be expanded soon: start loading its adjacency row
+            _prefetch(adj, g, nbuf[m], 0)
+            low = min(low, pos)
+    cur = low if low <= cur else cur + 1
+    while cur < nw and (beam[cur] & _EXPANDED) != 0:
+        cur += 1
+    return nw, cur
 
 
 @njit(nogil=True, cache=True)

@@ -13,84 +13,50 @@ configure_threads(1)
 from retrieval_attention.index import kernels as K
 from retrieval_attention.index import make_index
 from retrieval_attention.index.reference import make_ood_data
-from retrieval_attention.index.kernels import (pack_entry, entry_id, _beam_insert, _test_and_set, _prefetch_row,
-                                               _prefetch, _dot, _EXPANDED, clear_visited, _beam_results)
+from retrieval_attention.index.kernels import (_EXPANDED, _beam_results, _dot, clear_visited, entry_id,
+                                               gather_neighbours, insert_expansion, seed_beam)
+
 
 @njit(nogil=True)
-def _gather(adj, keys, g, kv, node, vis, nbuf):
-    nn = 0
-    for m in range(adj.shape[2]):
-        nb = adj[g, node, m]
-        if nb < 0:
-            break
-        if not _test_and_set(vis, nb):
-            nbuf[nn] = nb
-            nn += 1
-            _prefetch_row(keys, kv, nb)
-    return nn
+def _gather_next(adj, keys, g, kv, beam, nw, cur, vis, nbuf):
+    """Mark the beam entry at ``cur`` expanded and gather + prefetch its neighbours; -1 when the search is done."""
+    if cur >= nw:
+        return -1
+    beam[cur] |= _EXPANDED
+    return gather_neighbours(adj, keys, g, kv, entry_id(beam[cur]), vis, nbuf)
+
 
 @njit(nogil=True)
-def _start(adj, keys, n_graph, qv, g, kv, entries, L, vis, beam):
-    nw = 0; ns = 0
-    for e in range(entries.shape[1]):
-        nid = entries[g, e]
-        if nid < 0 or nid >= n_graph or _test_and_set(vis, nid):
-            continue
-        ns += 1
-        pos, nw = _beam_insert(beam, nw, L, pack_entry(np.float32(_dot(qv, keys, kv, nid)), nid))
-    return nw, ns
-
-@njit(nogil=True)
-def _next(beam, nw, cur):
-    while cur < nw and (beam[cur] & _EXPANDED) != 0:
-        cur += 1
-    return cur
-
-@njit(nogil=True)
-def _score_pending(adj, keys, g, kv, qv, L, beam, nw, cur, nbuf, nn):
-    low = nw
+def _step(adj, keys, g, kv, qv, L, beam, nw, cur, vis, nbuf, sbuf, nn):
+    """One step of a search: score its pending neighbours (rows prefetched during the other search's step),
+    insert them (:func:`kernels.insert_expansion`), then gather the next node's neighbours. Returns (pending
+    count or -1 when done, beam size, cursor)."""
     for m in range(nn):
-        s = _dot(qv, keys, kv, nbuf[m])
-        pos, nw = _beam_insert(beam, nw, L, pack_entry(np.float32(s), nbuf[m]))
-        if pos >= 0:
-            _prefetch(adj, g, nbuf[m], 0)
-            low = min(low, pos)
-    cur = low if low <= cur else cur + 1
-    return nw, _next(beam, nw, cur)
+        sbuf[m] = _dot(qv, keys, kv, nbuf[m])
+    nw, cur = insert_expansion(adj, g, beam, nw, L, cur, nbuf, sbuf, nn)
+    return _gather_next(adj, keys, g, kv, beam, nw, cur, vis, nbuf), nw, cur
+
 
 @njit(nogil=True)
 def search_two_interleaved(adj, keys, n_graph, n_total, qa, ga, kva, qb, gb, kvb, entries, k, L,
-                           visa, visb, ba, bb, nba, nbb, ra_s, ra_i, rb_s, rb_i):
-    nwa, nsa = _start(adj, keys, n_graph, qa, ga, kva, entries, L, visa, ba)
-    nwb, nsb = _start(adj, keys, n_graph, qb, gb, kvb, entries, L, visb, bb)
-    ca = 0; cb = 0; nna = 0; nnb = 0
-    # first gathers
-    if ca < nwa:
-        ba[ca] |= _EXPANDED; nna = _gather(adj, keys, ga, kva, entry_id(ba[ca]), visa, nba)
-    else:
-        nna = -1
-    if cb < nwb:
-        bb[cb] |= _EXPANDED; nnb = _gather(adj, keys, gb, kvb, entry_id(bb[cb]), visb, nbb)
-    else:
-        nnb = -1
+                           visa, visb, ba, bb, nba, nbb, sba, sbb, ra_s, ra_i, rb_s, rb_i):
+    nwa, nsa = seed_beam(keys, n_graph, qa, ga, kva, entries, L, visa, ba)
+    nwb, nsb = seed_beam(keys, n_graph, qb, gb, kvb, entries, L, visb, bb)
+    ca = 0
+    cb = 0
+    nna = _gather_next(adj, keys, ga, kva, ba, nwa, ca, visa, nba)
+    nnb = _gather_next(adj, keys, gb, kvb, bb, nwb, cb, visb, nbb)
     while nna >= 0 or nnb >= 0:
         if nna >= 0:
             nsa += nna
-            nwa, ca = _score_pending(adj, keys, ga, kva, qa, L, ba, nwa, ca, nba, nna)
-            if ca < nwa:
-                ba[ca] |= _EXPANDED; nna = _gather(adj, keys, ga, kva, entry_id(ba[ca]), visa, nba)
-            else:
-                nna = -1
+            nna, nwa, ca = _step(adj, keys, ga, kva, qa, L, ba, nwa, ca, visa, nba, sba, nna)
         if nnb >= 0:
             nsb += nnb
-            nwb, cb = _score_pending(adj, keys, gb, kvb, qb, L, bb, nwb, cb, nbb, nnb)
-            if cb < nwb:
-                bb[cb] |= _EXPANDED; nnb = _gather(adj, keys, gb, kvb, entry_id(bb[cb]), visb, nbb)
-            else:
-                nnb = -1
+            nnb, nwb, cb = _step(adj, keys, gb, kvb, qb, L, bb, nwb, cb, visb, nbb, sbb, nnb)
     nra = _beam_results(ba, nwa, keys, kva, qa, n_graph, n_total, k, ra_s, ra_i)
     nrb = _beam_results(bb, nwb, keys, kvb, qb, n_graph, n_total, k, rb_s, rb_i)
     return nra, nrb, nsa + (n_total - n_graph), nsb + (n_total - n_graph)
+
 
 @njit(nogil=True)
 def run_interleaved(adj, keys, n_graph, n_total, queries, goh, koh, entries, k, L, out_ids, out_ns):
@@ -100,6 +66,7 @@ def run_interleaved(adj, keys, n_graph, n_total, queries, goh, koh, entries, k, 
     visa = np.zeros(nwords, np.uint64); visb = np.zeros(nwords, np.uint64)
     ba = np.empty(L + 1, np.uint64); bb = np.empty(L + 1, np.uint64)
     nba = np.empty(M, np.int64); nbb = np.empty(M, np.int64)
+    sba = np.empty(M, np.float64); sbb = np.empty(M, np.float64)
     ra_s = np.empty(k + 1, np.float64); ra_i = np.empty(k + 1, np.int64)
     rb_s = np.empty(k + 1, np.float64); rb_i = np.empty(k + 1, np.int64)
     P = Hq * nq
@@ -110,7 +77,7 @@ def run_interleaved(adj, keys, n_graph, n_total, queries, goh, koh, entries, k, 
         clear_visited(visa, n_graph); clear_visited(visb, n_graph)
         nra, nrb, nsa, nsb = search_two_interleaved(adj, keys, n_graph, n_total, queries[ha, ia], goh[ha], koh[ha],
                                                     queries[hb, ib], goh[hb], koh[hb], entries, k, L, visa, visb,
-                                                    ba, bb, nba, nbb, ra_s, ra_i, rb_s, rb_i)
+                                                    ba, bb, nba, nbb, sba, sbb, ra_s, ra_i, rb_s, rb_i)
         K.emit_results(ra_s, ra_i, nra, k, out_ids, np.empty((Hq, nq, k), np.float32), ha, ia)
         out_ns[ha, ia] = nsa
         if pb != p:
