@@ -1303,3 +1303,91 @@ def attach_trees(adj, parent, pdist, n, branching):
                             over[g] += 1
                 _append_free(adj, g, ch[i], v)
     return over
+
+
+# ---- key layout: rows renumbered in breadth-first graph order ------------------------------------------------
+@njit(parallel=True, nogil=True, cache=True)
+def bfs_layout(adj, n, entries, kv_of_graph, n_kv):
+    """order ``[n_kv, n]`` int32: for each KV head, its nodes ``0..n-1`` in breadth-first order from the entry
+    points of its graphs, over the union of their edges (one graph per KV head: that graph's BFS). Nodes no
+    entry reaches (none after the connectivity repair) follow, each starting a BFS of its own, smallest id first.
+    Row ``r`` of the new layout holds node ``order[kv, r]``: nodes a search expands together get nearby rows."""
+    G = adj.shape[0]
+    M = adj.shape[2]
+    order = np.empty((n_kv, n), np.int32)
+    for h in prange(n_kv):
+        reached = np.zeros(n, np.bool_)
+        q = order[h]
+        tail = 0
+        for g in range(G):
+            if kv_of_graph[g] != h:
+                continue
+            for e in range(entries.shape[1]):
+                s = entries[g, e]
+                if s >= 0 and s < n and not reached[s]:
+                    reached[s] = True
+                    q[tail] = s
+                    tail += 1
+        head = 0
+        first_unreached = 0
+        while True:
+            while head < tail:
+                v = q[head]
+                head += 1
+                for g in range(G):
+                    if kv_of_graph[g] != h:
+                        continue
+                    for m in range(M):
+                        c = adj[g, v, m]
+                        if c < 0:
+                            break
+                        if not reached[c]:
+                            reached[c] = True
+                            q[tail] = c
+                            tail += 1
+            if tail >= n:
+                break
+            while reached[first_unreached]:
+                first_unreached += 1
+            reached[first_unreached] = True
+            q[tail] = first_unreached
+            tail += 1
+    return order
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def inverse_order(order):
+    """inv ``[H, n]`` int32 with ``inv[h, order[h, r]] = r`` (order: a permutation of ``0..n-1`` per row)."""
+    H, n = order.shape
+    inv = np.empty((H, n), np.int32)
+    for t in prange(H * n):
+        h = t // n
+        r = t - h * n
+        inv[h, order[h, r]] = r
+    return inv
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def relabel_graphs(adj, n, order, inv, kv_of_graph, out):
+    """Graph rows and ids in the new layout: ``out[g, r, m] = inv[kv, adj[g, order[kv, r], m]]`` (-1 stays -1)
+    for rows ``r < n``, ``kv = kv_of_graph[g]``; rows of ``out`` past ``n`` are not written."""
+    G = adj.shape[0]
+    M = adj.shape[2]
+    for t in prange(G * n):
+        g = t // n
+        r = t - g * n
+        kv = kv_of_graph[g]
+        src = order[kv, r]
+        for m in range(M):
+            c = adj[g, src, m]
+            out[g, r, m] = inv[kv, c] if c >= 0 else -1
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def gather_rows(src, order, dst):
+    """``dst[h, r] = src[h, order[h, r]]`` for ``r < order.shape[1]`` (rows of any dtype; src and dst distinct)."""
+    H, n = order.shape
+    for t in prange(H * n):
+        h = t // n
+        r = t - h * n
+        dst[h, r] = src[h, order[h, r]]
