@@ -19,8 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", default="2048,4096", help="comma-separated prompt lengths in tokens")
     p.add_argument("--n-eval", type=int, default=256, help="teacher-forced decode steps at the end of each prompt")
     p.add_argument("--methods", default="retrieval:roar,retrieval:flat,streaming",
-                   help="comma-separated: retrieval:INDEX[@r=M] or streaming (@r=M: residual samples, default "
-                        "--residual-samples; @r=0 = the published method)")
+                   help="comma-separated: retrieval:INDEX[@r=M] or streaming; INDEX may carry index options as in "
+                        "bench recall (retrieval:roar:layout=token); @r=M: residual samples, default "
+                        "--residual-samples; @r=0 = the published method")
     p.add_argument("--residual-samples", type=int, default=DEFAULT_RESIDUAL_SAMPLES,
                    help="residual samples of retrieval methods without @r= (default %(default)s)")
     p.add_argument("--top-k", type=int, default=100)
@@ -39,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_methods(spec: str, residual: int = DEFAULT_RESIDUAL_SAMPLES) -> list[tuple[str, str, int]]:
-    """``retrieval:INDEX[@r=M]`` / ``streaming`` specs -> ``(method, index, residual_samples)``."""
+    """``retrieval:INDEX[@r=M]`` / ``streaming`` specs -> ``(method, index spec, residual_samples)``; the index
+    spec may carry options (``roar:layout=token``, :func:`.common.parse_index_spec`)."""
     from ..config import split_residual_option
 
     out = []
@@ -95,7 +97,8 @@ def run(args) -> int:
     from ..config import RetrievalConfig
     from ..data import haystack_tokens
     from ..models import load_model
-    from .common import command_line, machine_line, markdown_table, update_doc_section, write_json, default_docs_path
+    from .common import (command_line, default_docs_path, machine_line, markdown_table, parse_index_spec,
+                         update_doc_section, write_json)
 
     contexts = [int(c) for c in str(args.context).split(",") if c.strip()]
     methods = parse_methods(args.methods, args.residual_samples)
@@ -113,10 +116,11 @@ def run(args) -> int:
             full_logits = model(input_ids=ids).logits[0, -args.n_eval :].float()
         logp_full = torch.log_softmax(full_logits, -1)
         for method, index, residual in tqdm(methods, desc=f"agreement @ {ctx_len}", unit="method"):
+            index_name, index_params = parse_index_spec(index)
             search = {}
             if args.ef is not None:
-                search = {"nprobe": args.ef} if index == "ivf" else {"ef": args.ef}
-            cfg = RetrievalConfig(method=method, index=index, top_k=args.top_k, n_sink=args.n_sink,
+                search = {"nprobe": args.ef} if index_name == "ivf" else {"ef": args.ef}
+            cfg = RetrievalConfig(method=method, index=index_name, index_params=index_params, top_k=args.top_k, n_sink=args.n_sink,
                                   window=args.window, dense_layers=dense, search_params=search,
                                   residual_samples=residual, exact_below=args.exact_below)
             t0 = time.perf_counter()

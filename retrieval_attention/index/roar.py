@@ -38,8 +38,8 @@ background thread on a copy of the graphs that replaces them ``insert_lag`` adde
 
 Key layout (``layout="bfs"``, the default): once the graphs are built, each KV head's keys are renumbered in
 breadth-first order from its graphs' entry points (:func:`kernels.bfs_layout`), so the nodes a search expands
-together sit in nearby rows of the key and adjacency arrays (fewer cache and TLB misses: the walk took 18-23%
-less time per key on one core at 128K keys, docs/BENCHMARKS.md session 11). Search results are then rows of
+together sit in nearby rows of the key and adjacency arrays (fewer cache and TLB misses: the fused decode call
+spent 30-38% less time per scanned key at 128K keys on the 2-core dev VM, docs/BENCHMARKS.md session 12). Search results are then rows of
 that layout; :meth:`RoarIndex.key_positions` maps rows to the positions the keys were given in (keys added later
 keep their positions as rows). ``layout="token"`` keeps the given order.
 
