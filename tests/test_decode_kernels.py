@@ -397,7 +397,7 @@ def test_bf16_storage_equals_float32_storage_on_bf16_keys(tmp_path):
 
 def test_bf16_storage_rounds_float32_keys():
     keys, tq, q, _ = _data(13)
-    b = make_index("roar", storage="bfloat16").build(keys, tq)
+    b = make_index("roar", storage="bfloat16", layout="bfs").build(keys, tq)
     pos = b.key_positions()  # row r holds key pos[:, r] (breadth-first layout)
     np.testing.assert_array_equal(b.stored_keys(), f32_to_bf16_bits(np.take_along_axis(keys, pos[..., None], 1)))
     ids, sc, _ = b.search(q, 5)
@@ -413,20 +413,23 @@ def test_storage_param_validated():
         make_index("roar", storage="float16")
 
 
+@pytest.mark.parametrize("layout", ["token", "bfs"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_store_keeps_keys_once(dtype):
+def test_store_keeps_keys_once(dtype, layout):
     from retrieval_attention.cache import CPUStore
     from retrieval_attention.config import RetrievalConfig
 
     k, v, tq, q = _store_data(14, dtype=dtype)
-    store = CPUStore(RetrievalConfig(index="roar", exact_below=0))
+    store = CPUStore(RetrievalConfig(index="roar", index_params={"layout": layout}, exact_below=0))
     store.build(k[:, :600], v[:, :600], tq)
     store.add(k[:, 600:], v[:, 600:], n_query_heads=6)
     assert store._keys is None  # no second host copy
     assert store.index.storage == ("bfloat16" if dtype == torch.bfloat16 else "float32")
     assert store.keys.dtype == dtype
     # rows follow the index's layout (values too): row r of KV head h holds token pos[h, r]
-    pos = torch.from_numpy(store.index.key_positions())
+    pos = store.index.key_positions()
+    assert (pos is None) == (layout == "token")
+    pos = torch.arange(store.n).expand(2, -1) if pos is None else torch.from_numpy(pos)
     torch.testing.assert_close(store.keys[:, : store.n], torch.take_along_dim(k, pos[..., None], 1), rtol=0, atol=0)
     torch.testing.assert_close(store.values[:, : store.n], torch.take_along_dim(v, pos[..., None], 1), rtol=0, atol=0)
     # exact attention reads them

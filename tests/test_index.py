@@ -72,12 +72,13 @@ def test_search_contract(name):
     assert R.recall_at_k(pos, true).mean() > 0.8
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_key_positions_are_a_permutation_and_survive_add_and_save(name, tmp_path):
+@pytest.mark.parametrize("name,params", [(n, {}) for n in ALL] + [("roar", {"layout": "bfs"})])
+def test_key_positions_are_a_permutation_and_survive_add_and_save(name, params, tmp_path):
     """``key_positions`` is None (rows = positions) or, per KV head, a permutation of the built keys' positions
     followed by the added keys in order; ``positions`` maps ids through it; save/load keeps it."""
     keys, tq, q = _gauss(203, n=500)
-    ix = _build(name, keys, tq)
+    ix = _build(name, keys, tq, **params)
+    assert (ix.key_positions() is None) == (params.get("layout") != "bfs")
     extra = np.random.default_rng(5).standard_normal((2, 30, 16)).astype(np.float32)
     ix.add(extra)
     pos = ix.key_positions()
@@ -884,8 +885,8 @@ def test_bfs_layout_is_a_relabelling_of_the_token_layout(graph_per, storage):
     """The breadth-first layout holds the same graph under new ids: stored keys, adjacency and entries are the
     token layout's through ``key_positions``, every node stays reachable, and searches return the same keys."""
     keys, tq, te = R.make_ood_data(n_kv_heads=2, group=3, n_keys=3000, n_train=500, n_test=12, d=32, seed=9)
-    tok = make_index("roar", layout="token", graph_per=graph_per, storage=storage).build(keys, tq)
-    bfs = make_index("roar", graph_per=graph_per, storage=storage).build(keys, tq)
+    tok = make_index("roar", graph_per=graph_per, storage=storage).build(keys, tq)  # the default layout
+    bfs = make_index("roar", layout="bfs", graph_per=graph_per, storage=storage).build(keys, tq)
     assert tok.key_positions() is None
     pos = bfs.key_positions()
     inv = np.argsort(pos, axis=1)

@@ -36,12 +36,15 @@ top-``k`` result heap. Both expand the same nodes in the same order for ``ef >= 
 bulk (exact L2 kNN of the new keys -> out-lists, reverse edges re-pruned, the connectivity repair again), in a
 background thread on a copy of the graphs that replaces them ``insert_lag`` added keys later.
 
-Key layout (``layout="bfs"``, the default): once the graphs are built, each KV head's keys are renumbered in
+Key layout (``layout="bfs"``, opt-in): once the graphs are built, each KV head's keys are renumbered in
 breadth-first order from its graphs' entry points (:func:`kernels.bfs_layout`), so the nodes a search expands
-together sit in nearby rows of the key and adjacency arrays (fewer cache and TLB misses: the fused decode call
-spent 30-38% less time per scanned key at 128K keys on the 2-core dev VM, docs/BENCHMARKS.md session 12). Search results are then rows of
-that layout; :meth:`RoarIndex.key_positions` maps rows to the positions the keys were given in (keys added later
-keep their positions as rows). ``layout="token"`` keeps the given order.
+together sit in nearby rows of the key and adjacency arrays. On keys with no positional structure this pays (the
+fused decode call spent 30-38% less time per scanned key at 128K i.i.d. synthetic keys on the 2-core dev VM);
+on model keys it did not (real SmolLM2 8K / 32K: level; a random-weight 8B model at 128K on a 16-core GPU host:
+the search 8% slower in one run), presumably because token order already groups keys that attend together
+(docs/BENCHMARKS.md session 12). So the default, ``layout="token"``, keeps the order given. Under ``"bfs"`` search
+results are rows of that layout; :meth:`RoarIndex.key_positions` maps rows to the positions the keys were given in
+(keys added later keep their positions as rows).
 
 Memory: keys ``[n_kv_heads, cap, d]`` (one copy, the tail at its end) in float32 or, with
 ``storage="bfloat16"``, as uint16 bfloat16 bits (half the bytes; the kernels convert on load, exactly) +
@@ -82,8 +85,8 @@ PAIR_PROBE_K = 16
 PAIR_PROBE_POSITIONS = 32
 #: key storage of the index: float32, or bfloat16 (uint16 bits, rounded to nearest even; half the memory)
 STORAGE = ("float32", "bfloat16")
-#: row order of the keys after the build: breadth-first graph order (faster search) or the order given
-LAYOUTS = ("bfs", "token")
+#: row order of the keys after the build: the order given, or breadth-first graph order (see the module docstring)
+LAYOUTS = ("token", "bfs")
 #: how the fused decode call hands (query head, query) pairs to its workers: ``"snake"`` (fixed ranks by the
 #: previous call's cost) or ``"dynamic"`` (a shared atomic counter, longest expected first)
 SCHEDULES = ("snake", "dynamic")
@@ -348,8 +351,9 @@ class RoarIndex(KVIndex):
                        random-weight ones, whose heads are independent and gain nothing from sharing. Default
                        ``"none"``: on the 2-core dev VM sharing bought recall at equal ef (+0.9-1.4 points,
                        SmolLM2 8K) but not time per head at equal recall (docs/BENCHMARKS.md, session 10).
-    layout             ``"bfs"`` (rows renumbered in breadth-first graph order after the build; search ids are
-                       rows, :meth:`key_positions` maps them to positions) or ``"token"`` (rows = positions)
+    layout             ``"token"`` (rows = positions) or ``"bfs"`` (rows renumbered in breadth-first graph order
+                       after the build; search ids are rows, :meth:`key_positions` maps them to positions; faster
+                       on i.i.d. synthetic keys, not on model keys: docs/BENCHMARKS.md session 12)
     projection         ``"kernel"`` (compiled, CPU threads), ``"torch"`` (batched tensor ops on the GPU when
                        there is one, :mod:`.projection_torch`; same graph up to float rounding) or ``"auto"``
                        (torch when CUDA is available, else the kernel). ``fill`` always uses the kernel.
@@ -364,7 +368,7 @@ class RoarIndex(KVIndex):
                  fill: bool = False, n_owners: int = 8, order: str = "count", repair_branching: int = 4,
                  insert_threshold: int = 4096, storage: str = "float32",
                  max_candidates: int | None = 128, projection: str = "auto", insert_lag: int | None = None,
-                 schedule: str = "snake", share: str = "none", layout: str = "bfs") -> None:
+                 schedule: str = "snake", share: str = "none", layout: str = "token") -> None:
         super().__init__(M=M, n_query_neighbors=n_query_neighbors, alpha=alpha, ef=ef, graph_per=graph_per,
                          max_train_queries=max_train_queries, n_entry=n_entry, fill=fill, n_owners=n_owners, order=order,
                          repair_branching=repair_branching, insert_threshold=insert_threshold, storage=storage,

@@ -1,6 +1,6 @@
 """Experiment (docs/BENCHMARKS.md, sessions 11-12): the same roar graphs in the two key layouts, ``layout="token"``
-(rows in the order the keys were given) and ``layout="bfs"`` (rows renumbered breadth-first from the entry points,
-the default since session 12), timed on the same searches. Checks that the result sets (mapped to positions) are
+(rows in the order the keys were given, the default) and ``layout="bfs"`` (rows renumbered breadth-first from the
+entry points, built in session 12), timed on the same searches. Checks that the result sets (mapped to positions) are
 the same. Synthetic out-of-distribution keys, Llama-3-8B attention shape, bfloat16 keys, ef 128, top-100,
 ``layers`` independent indexes searched in turn, each layer call's 32 heads over ``threads`` threads.
 Usage: ``python docs/bench/scripts/graph_reorder.py [keys=131072] [layers=4] [threads=1]``."""
