@@ -73,8 +73,6 @@ class CPUStore:
     prompt), grown by doubling;
     keys live inside the index (ids = row numbers of ``values``; ``roar`` keeps bfloat16 keys of a bfloat16
     model as bfloat16, else float32), and in :attr:`keys` only for indexes that do not keep them exactly.
-    An index that renumbers its keys during the build (``roar``'s breadth-first layout) has the values permuted
-    the same way before it is used, so rows stay aligned; attention needs no token positions.
     """
 
     def __init__(self, config: RetrievalConfig, layer_idx: int = 0):
@@ -194,11 +192,6 @@ class CPUStore:
             t1 = time.perf_counter()
             idx = make_index(name, **params).build(k32, tq)
             stages = {"convert_s": t1 - t0}
-            pos = idx.key_positions()
-            if pos is not None:  # the index renumbered its rows (roar layout="bfs"): values follow
-                t2 = time.perf_counter()
-                self._reorder_rows(pos)
-                stages["reorder_s"] = time.perf_counter() - t2
             for key, v in (getattr(idx, "build_stats", None) or {}).items():
                 if key.endswith("_s") and key != "total_s":
                     stages[key] = float(v)
@@ -209,16 +202,6 @@ class CPUStore:
             return 0.0
         self._index, self.build_s, self.build_stages = job()
         return self.build_s
-
-    def _reorder_rows(self, pos: np.ndarray) -> None:
-        """Put the host values (and keys kept here) of rows ``0..n-1`` in the index's row order: row ``r`` gets
-        the token at position ``pos[h, r]`` (``pos [Hkv, n]`` int64, a permutation per KV head)."""
-        order = torch.from_numpy(np.ascontiguousarray(pos[:, : self.n]))
-        for arr in (self.values, self._keys):
-            if arr is None:
-                continue
-            for h in range(arr.shape[0]):  # one KV head at a time: a small transient copy
-                arr[h, : self.n] = arr[h, : self.n].index_select(0, order[h])
 
     def index_choice(self, n: int) -> tuple[str, dict]:
         """(index name, constructor params) for a store of ``n`` keys: the configured index, or ``flat``

@@ -28,7 +28,7 @@ def test_parse_methods():
     d = DEFAULT_RESIDUAL_SAMPLES
     assert parse_methods("retrieval:roar,streaming") == [("retrieval", "roar", d), ("streaming", "flat", d)]
     assert parse_methods("retrieval:flat@r=0,retrieval", residual=8) == [("retrieval", "flat", 0), ("retrieval", "roar", 8)]
-    assert parse_methods("retrieval:roar:layout=token@r=0") == [("retrieval", "roar:layout=token", 0)]
+    assert parse_methods("retrieval:roar:M=16@r=0") == [("retrieval", "roar:M=16", 0)]
     for bad in ("retrieval@x=1", "retrieval@r=-2", "full"):
         with pytest.raises(ValueError):
             parse_methods(bad)

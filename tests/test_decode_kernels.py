@@ -397,9 +397,8 @@ def test_bf16_storage_equals_float32_storage_on_bf16_keys(tmp_path):
 
 def test_bf16_storage_rounds_float32_keys():
     keys, tq, q, _ = _data(13)
-    b = make_index("roar", storage="bfloat16", layout="bfs").build(keys, tq)
-    pos = b.key_positions()  # row r holds key pos[:, r] (breadth-first layout)
-    np.testing.assert_array_equal(b.stored_keys(), f32_to_bf16_bits(np.take_along_axis(keys, pos[..., None], 1)))
+    b = make_index("roar", storage="bfloat16").build(keys, tq)
+    np.testing.assert_array_equal(b.stored_keys(), f32_to_bf16_bits(keys))
     ids, sc, _ = b.search(q, 5)
     kv = np.arange(6)[:, None, None] // 3
     want = np.einsum("hld,hlkd->hlk", q.astype(np.float64), bf16_bits_to_f32(b.stored_keys())[kv, ids].astype(np.float64))
@@ -413,25 +412,19 @@ def test_storage_param_validated():
         make_index("roar", storage="float16")
 
 
-@pytest.mark.parametrize("layout", ["token", "bfs"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_store_keeps_keys_once(dtype, layout):
+def test_store_keeps_keys_once(dtype):
     from retrieval_attention.cache import CPUStore
     from retrieval_attention.config import RetrievalConfig
 
     k, v, tq, q = _store_data(14, dtype=dtype)
-    store = CPUStore(RetrievalConfig(index="roar", index_params={"layout": layout}, exact_below=0))
+    store = CPUStore(RetrievalConfig(index="roar", exact_below=0))
     store.build(k[:, :600], v[:, :600], tq)
     store.add(k[:, 600:], v[:, 600:], n_query_heads=6)
     assert store._keys is None  # no second host copy
     assert store.index.storage == ("bfloat16" if dtype == torch.bfloat16 else "float32")
     assert store.keys.dtype == dtype
-    # rows follow the index's layout (values too): row r of KV head h holds token pos[h, r]
-    pos = store.index.key_positions()
-    assert (pos is None) == (layout == "token")
-    pos = torch.arange(store.n).expand(2, -1) if pos is None else torch.from_numpy(pos)
-    torch.testing.assert_close(store.keys[:, : store.n], torch.take_along_dim(k, pos[..., None], 1), rtol=0, atol=0)
-    torch.testing.assert_close(store.values[:, : store.n], torch.take_along_dim(v, pos[..., None], 1), rtol=0, atol=0)
+    torch.testing.assert_close(store.keys[:, : store.n], k, rtol=0, atol=0)
     # exact attention reads them
     out, lse = store.exact_attention(torch.from_numpy(q), 3, 0.3)
     from retrieval_attention.cache import _exact_attention
@@ -447,32 +440,6 @@ def test_store_keeps_keys_once(dtype, layout):
     s3.build(k, v, tq)
     assert s3._keys is not None
     torch.testing.assert_close(s3.keys[:, : s3.n], k, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("background", [False, True])
-def test_store_attends_the_same_in_either_key_layout(background):
-    """The store permutes its values with the index's breadth-first rows: attention (search + values, then
-    tokens added after the build) equals the token layout's; exact attention over the store is unchanged."""
-    from retrieval_attention.cache import CPUStore
-    from retrieval_attention.config import RetrievalConfig
-
-    k, v, tq, q = _store_data(15, n=900)
-    outs = []
-    for layout in ("token", "bfs"):
-        store = CPUStore(RetrievalConfig(index="roar", index_params={"layout": layout}, exact_below=0,
-                                         residual_samples=0))
-        store.build(k[:, :800], v[:, :800], tq, background=background)
-        store.add(k[:, 800:], v[:, 800:], n_query_heads=6)
-        assert (store.index.key_positions() is None) == (layout == "token")
-        out, lse, ns = store.attend(q, 3, 0.25, 40)
-        ex = store.exact_attention(torch.from_numpy(q), 3, 0.25)
-        outs.append((out, lse, ns, ex))
-    (o1, l1, n1, e1), (o2, l2, n2, e2) = outs
-    np.testing.assert_allclose(o2, o1, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(l2, l1, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(n2, n1)
-    torch.testing.assert_close(e2[0], e1[0])
-    torch.testing.assert_close(e2[1], e1[1])
 
 
 def test_context_file_roundtrips_bf16_roar_store(tmp_path):

@@ -61,43 +61,14 @@ def test_search_contract(name):
     assert (ids >= 0).all() and (ids < 700).all()
     assert (np.diff(sc, axis=-1) <= 0).all(), "scores must be sorted descending"
     assert (ns > 0).all() and (ns <= 700).all()
-    pos = ix.positions(ids)  # rows -> positions in ``keys`` (an index may renumber its rows at build)
     for h in range(6):
         kh = keys[h // 3]
         for i in range(7):
             assert len(set(ids[h, i].tolist())) == k, "ids must be unique per query"
-            np.testing.assert_allclose(sc[h, i], kh[pos[h, i]] @ q[h, i], rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(sc[h, i], kh[ids[h, i]] @ q[h, i], rtol=1e-4, atol=1e-4)
     # an approximate index still finds most of the true top-k on easy isotropic data
     true, _ = exact_topk(keys, q, k, 3)
-    assert R.recall_at_k(pos, true).mean() > 0.8
-
-
-@pytest.mark.parametrize("name,params", [(n, {}) for n in ALL] + [("roar", {"layout": "bfs"})])
-def test_key_positions_are_a_permutation_and_survive_add_and_save(name, params, tmp_path):
-    """``key_positions`` is None (rows = positions) or, per KV head, a permutation of the built keys' positions
-    followed by the added keys in order; ``positions`` maps ids through it; save/load keeps it."""
-    keys, tq, q = _gauss(203, n=500)
-    ix = _build(name, keys, tq, **params)
-    assert (ix.key_positions() is None) == (params.get("layout") != "bfs")
-    extra = np.random.default_rng(5).standard_normal((2, 30, 16)).astype(np.float32)
-    ix.add(extra)
-    pos = ix.key_positions()
-    if pos is not None:
-        assert pos.shape == (2, 530) and pos.dtype == np.int64
-        for h in range(2):
-            np.testing.assert_array_equal(np.sort(pos[h, :500]), np.arange(500))
-            np.testing.assert_array_equal(pos[h, 500:], np.arange(500, 530))
-    ids, _, _ = ix.search(q, 10)
-    ids[0, 0, -1] = -1  # padding maps to padding
-    mapped = ix.positions(ids)
-    want = ids if pos is None else np.where(ids >= 0, pos[np.arange(6)[:, None, None] // 3, np.maximum(ids, 0)], -1)
-    np.testing.assert_array_equal(mapped, want)
-    ix.save(tmp_path / "ix.npz")
-    back = type(ix).load(tmp_path / "ix.npz")
-    if pos is None:
-        assert back.key_positions() is None
-    else:
-        np.testing.assert_array_equal(back.key_positions(), pos)
+    assert R.recall_at_k(ids, true).mean() > 0.8
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -216,7 +187,7 @@ def test_roar_ef_smaller_than_k():
     assert (ids_s >= 0).all() and (np.diff(sc_s, axis=-1) <= 0).all()
     assert ns_s.mean() < ns_l.mean()
     true, _ = exact_topk(keys, q, 50, 3)
-    assert R.recall_at_k(ix.positions(ids_s), true).mean() <= R.recall_at_k(ix.positions(ids_l), true).mean()
+    assert R.recall_at_k(ids_s, true).mean() <= R.recall_at_k(ids_l, true).mean()
 
 
 def test_single_key_index():
@@ -471,8 +442,8 @@ def test_roar_bulk_insert_keeps_recall_and_reachability():
         assert R.reachable_ref(ix._adj[g], ix.n_graph, ix._entries[g]).all()
     true, _ = exact_topk(keys, te, 50, 2)
     full = _build("roar", keys, tq)
-    r_ins = R.recall_at_k(ix.positions(ix.search(te, 50, ef=200)[0]), true).mean()
-    r_full = R.recall_at_k(full.positions(full.search(te, 50, ef=200)[0]), true).mean()
+    r_ins = R.recall_at_k(ix.search(te, 50, ef=200)[0], true).mean()
+    r_full = R.recall_at_k(full.search(te, 50, ef=200)[0], true).mean()
     assert r_ins > r_full - 0.05, (r_ins, r_full)
 
 
@@ -483,7 +454,7 @@ def _recall_at_fraction(ix, te, true, n, budgets, param, frac, generous_below=Fa
     pts = []
     for b in budgets:
         ids, _, ns = ix.search(te, true.shape[-1], **{param: b})
-        pts.append((ns.mean() / n, R.recall_at_k(ix.positions(ids), true).mean()))
+        pts.append((ns.mean() / n, R.recall_at_k(ids, true).mean()))
     pts.sort()
     xs, ys = zip(*pts)
     if generous_below and frac < xs[0]:
@@ -527,10 +498,10 @@ def test_roar_diverse_entries_reach_a_weakly_linked_region(graph_per):
     te = mode(3 * e[1], 40).astype(np.float32)[None]  # decode queries aimed at B
     truth, _ = exact_topk(keys, te, 50, 1)
     single = _build("roar", keys, tq, n_entry=1, graph_per=graph_per)
-    assert R.recall_at_k(single.positions(single.search(te, 50, ef=64)[0]), truth).mean() < 0.1  # the failure
+    assert R.recall_at_k(single.search(te, 50, ef=64)[0], truth).mean() < 0.1  # the failing condition
     ix = _build("roar", keys, tq, graph_per=graph_per)  # default entries
     assert ix._entries.shape[1] > 1
-    assert R.recall_at_k(ix.positions(ix.search(te, 50, ef=64)[0]), truth).mean() > 0.9
+    assert R.recall_at_k(ix.search(te, 50, ef=64)[0], truth).mean() > 0.9
 
 
 def test_entry_points_pick_distinct_distant_queries():
@@ -812,7 +783,7 @@ def test_roar_shared_passes_find_more_with_fewer_rows():
         i1, _, n1 = pair.search(test, 100, ef=ef)
         np.testing.assert_array_equal(n1[0::2], n1[1::2])  # both heads of a pass report its rows
         assert n1[0::2].mean() < 0.95 * (n0[0::2] + n0[1::2]).mean()
-        assert recall_at_k(pair.positions(i1), exact).mean() >= recall_at_k(sep.positions(i0), exact).mean()
+        assert recall_at_k(i1, exact).mean() >= recall_at_k(i0, exact).mean()
     values = np.random.default_rng(0).standard_normal((2, 4000, 8)).astype(np.float32)
     out, lse, ns, ids = pair.search_attend(test, 100, values, 0.2, return_ids=True)
     np.testing.assert_array_equal(ids, pair.search(test, 100)[0])
@@ -852,66 +823,3 @@ def test_roar_share_auto_pairs_heads_only_when_their_top_keys_overlap(tmp_path):
     assert KVIndex.load(tmp_path / "p.npz")._pairs_on and not KVIndex.load(tmp_path / "a.npz")._pairs_on
     assert make_index("roar", share="auto", graph_per="query_head", **kw).build(keys, near)._pairs_on is False
     assert make_index("roar", share=None, **kw).share == "none"  # index specs parse "share=none" as None
-
-
-# ---------------------------------------------------------------------------------------------------
-# roar key layout (breadth-first rows)
-# ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_bfs_layout_kernel_matches_reference(seed):
-    """Random graphs (some nodes unreachable, several graphs per KV head, -1 padded lists and entries)."""
-    from retrieval_attention.index import kernels as K
-
-    rng = np.random.default_rng(seed)
-    n, M, n_kv, per = 300, 5, 2, 3
-    G = n_kv * per
-    adj = rng.integers(0, n, (G, n, M)).astype(np.int32)
-    adj[rng.random((G, n, M)) < 0.35] = -1
-    adj = np.sort(adj, axis=-1)[..., ::-1].copy()  # -1s last: a list ends at its first -1
-    adj[:, rng.random(n) < 0.2] = -1  # nodes with no out-edges: some stay unreached
-    entries = rng.integers(-1, n, (G, 3)).astype(np.int32)
-    kvg = np.repeat(np.arange(n_kv), per).astype(np.int64)
-    order = K.bfs_layout(adj, n, entries, kvg, n_kv)
-    for h in range(n_kv):
-        g = kvg == h
-        np.testing.assert_array_equal(order[h], R.bfs_layout_ref(adj[g], n, entries[g]))
-    inv = K.inverse_order(order)
-    np.testing.assert_array_equal(np.take_along_axis(inv, order.astype(np.int64), 1), np.tile(np.arange(n), (n_kv, 1)))
-
-
-@pytest.mark.parametrize("graph_per", ["kv_head", "query_head"])
-@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
-def test_bfs_layout_is_a_relabelling_of_the_token_layout(graph_per, storage):
-    """The breadth-first layout holds the same graph under new ids: stored keys, adjacency and entries are the
-    token layout's through ``key_positions``, every node stays reachable, and searches return the same keys."""
-    keys, tq, te = R.make_ood_data(n_kv_heads=2, group=3, n_keys=3000, n_train=500, n_test=12, d=32, seed=9)
-    tok = make_index("roar", graph_per=graph_per, storage=storage).build(keys, tq)  # the default layout
-    bfs = make_index("roar", layout="bfs", graph_per=graph_per, storage=storage).build(keys, tq)
-    assert tok.key_positions() is None
-    pos = bfs.key_positions()
-    inv = np.argsort(pos, axis=1)
-    kvg = bfs._kv_of_graph
-    np.testing.assert_array_equal(bfs.stored_keys(), np.take_along_axis(tok.stored_keys(), pos[..., None], 1))
-    for g in range(bfs._adj.shape[0]):
-        kv = kvg[g]
-        a = tok._adj[g, pos[kv]]  # token-layout lists in bfs row order, token ids
-        np.testing.assert_array_equal(bfs._adj[g, :3000], np.where(a >= 0, inv[kv][np.maximum(a, 0)], -1))
-        e = tok._entries[g]
-        np.testing.assert_array_equal(bfs._entries[g], np.where(e >= 0, inv[kv][np.maximum(e, 0)], -1))
-        assert R.reachable_ref(bfs._adj[g], bfs.n_graph, bfs._entries[g]).all()
-        # the first rows are the entries' neighbourhoods: row 0 is an entry
-        assert 0 in bfs._entries[g] or graph_per == "query_head"
-    for ef in (64, 128):
-        i_t, s_t, n_t = tok.search(te, 50, ef=ef)
-        i_b, s_b, n_b = bfs.search(te, 50, ef=ef)
-        np.testing.assert_array_equal(np.sort(bfs.positions(i_b), -1), np.sort(i_t, -1))
-        np.testing.assert_allclose(s_b, s_t, rtol=1e-6, atol=1e-6)
-        np.testing.assert_array_equal(n_b, n_t)
-    assert bfs.build_stats["layout_s"] >= 0
-
-
-def test_layout_param_validated():
-    from retrieval_attention.index import IndexError_
-
-    with pytest.raises(IndexError_, match="layout"):
-        make_index("roar", layout="random")

@@ -6,9 +6,8 @@ this drop shifts the output (SmolLM2-135M at 4K: exact top-100, top-400 too, los
 attention finds; keeping layers 15-22 dense, or this estimate, recovers them — docs/RESULTS.md).
 
 The estimate: draw ``m`` key ids from the ``n`` keys of the store, one uniformly inside each of ``m`` equal
-strata of rows (stratified sampling: every key is drawn with probability ``m / n``, and the draws cover the
-whole store, which lowers the variance where neighbouring rows have similar scores). Rows are token positions,
-or, under ``roar``'s breadth-first key layout, graph neighbourhoods (similar keys in nearby rows); a draw that hits
+strata of positions (stratified sampling: every key is drawn with probability ``m / n``, and the draws cover
+the whole context, which lowers the variance where neighbouring tokens have similar scores); a draw that hits
 a retrieved id contributes nothing, any other contributes ``exp(s) v`` with weight ``n / m``. That is an
 unbiased estimate of the numerator and of the denominator of the residual's softmax (each sum over the
 non-retrieved keys), returned as a partial attention ``(out, lse)`` whose ``lse`` carries the weight, so

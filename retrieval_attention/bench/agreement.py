@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-eval", type=int, default=256, help="teacher-forced decode steps at the end of each prompt")
     p.add_argument("--methods", default="retrieval:roar,retrieval:flat,streaming",
                    help="comma-separated: retrieval:INDEX[@r=M] or streaming; INDEX may carry index options as in "
-                        "bench recall (retrieval:roar:layout=token); @r=M: residual samples, default "
+                        "bench recall (retrieval:roar:M=16); @r=M: residual samples, default "
                         "--residual-samples; @r=0 = the published method")
     p.add_argument("--residual-samples", type=int, default=DEFAULT_RESIDUAL_SAMPLES,
                    help="residual samples of retrieval methods without @r= (default %(default)s)")
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_methods(spec: str, residual: int = DEFAULT_RESIDUAL_SAMPLES) -> list[tuple[str, str, int]]:
     """``retrieval:INDEX[@r=M]`` / ``streaming`` specs -> ``(method, index spec, residual_samples)``; the index
-    spec may carry options (``roar:layout=token``, :func:`.common.parse_index_spec`)."""
+    spec may carry options (``roar:M=16``, :func:`.common.parse_index_spec`)."""
     from ..config import split_residual_option
 
     out = []

@@ -153,7 +153,7 @@ def run(args) -> int:
                                 continue
                             loads = getattr(idx, "last_call_loads", None)
                             bal = loads[0] / loads[1] if loads is not None and loads[1] > 0 else None
-                            rec = float(recall_at_k(idx.positions(ids), true_ids[:, step : step + 1]).mean())
+                            rec = float(recall_at_k(ids, true_ids[:, step : step + 1]).mean())
                             out.append((dt, float(ns.mean()) / n, rec, bal))
                     return out
 

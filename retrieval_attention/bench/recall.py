@@ -317,7 +317,7 @@ def run_benchmark(
                     t0 = time.perf_counter()
                     ids, _scores, n_scanned = idx.search(queries, k, **_budget_kw(spec, b))
                     search_s = min(search_s, time.perf_counter() - t0)
-                ids = idx.positions(ids)  # rows -> positions in ``keys`` (an index may renumber its rows)
+                ids = np.asarray(ids)
                 if ids.shape != (Hq, T, k):
                     raise RuntimeError(f"{spec.label} returned ids of shape {ids.shape}, expected {(Hq, T, k)}")
                 a = accs[(spec.label, b)]

@@ -10,17 +10,13 @@ Shapes and dtypes (numpy arrays, C-contiguous, float32 unless stated):
 * keys           ``[n_kv_heads, n_keys, head_dim]``
 * train_queries  ``[n_query_heads, n_train, head_dim]`` (prefill queries; optional, used by ``roar``)
 * queries        ``[n_query_heads, n_queries, head_dim]``
-* search returns ``ids [n_query_heads, n_queries, k] int64`` (rows of the index's key store, see below; ``-1``
-  pads when the index holds fewer than ``k`` keys), ``scores [n_query_heads, n_queries, k] float32`` (the raw
+* search returns ``ids [n_query_heads, n_queries, k] int64`` (positions in insertion order; ``-1`` pads
+  when the index holds fewer than ``k`` keys), ``scores [n_query_heads, n_queries, k] float32`` (the raw
   inner products ``q . key``, ``-inf`` where ``ids == -1``, sorted descending) and
   ``n_scanned [n_query_heads, n_queries] int64`` (inner products computed for that query).
 
-Key ids are rows, and stable: the keys given to ``build`` get ids ``0..n-1`` and each later ``add`` continues
-the numbering, so the caller can keep values in a parallel array. An index may renumber the keys given to
-``build``, once, during the build (``roar``'s ``layout="bfs"``: graph neighbours in nearby rows, a faster search);
-:meth:`KVIndex.key_positions` then says which given key each row holds (``None``: row ``j`` is key ``j``) and
-:meth:`KVIndex.positions` maps search ids to those positions. A caller keeping values in a parallel array
-permutes them once after the build (the cache does); keys added later are never renumbered.
+Key ids are stable: the keys given to ``build`` get ids ``0..n-1`` and each later ``add`` continues the
+numbering, so the caller can keep values in a parallel array.
 """
 
 from __future__ import annotations
@@ -227,24 +223,6 @@ class KVIndex(ABC):
             return
         self._add(x)
         self.n_keys += x.shape[1]
-
-    def key_positions(self) -> np.ndarray | None:
-        """``[n_kv_heads, n_keys]`` int64: the position (in the keys given to ``build``, then ``add``) of the key
-        stored in each row, or None when row ``j`` is key ``j`` (indexes that keep the given order)."""
-        return None
-
-    def positions(self, ids) -> np.ndarray:
-        """Search ids ``[Hq, ...]`` (rows; ``-1`` padding) -> the positions of those keys in the order given to
-        ``build`` / ``add`` (``-1`` kept); the ids themselves when the index keeps that order."""
-        ids = np.asarray(ids)
-        pos = self.key_positions()
-        if pos is None:
-            return ids
-        Hq = ids.shape[0]
-        if Hq % self.n_kv_heads != 0:
-            raise IndexError_(f"ids have {Hq} heads, not a multiple of the {self.n_kv_heads} KV heads")
-        kv = (np.arange(Hq) // (Hq // self.n_kv_heads)).reshape((Hq,) + (1,) * (ids.ndim - 1))
-        return np.where(ids >= 0, pos[kv, np.maximum(ids, 0)], -1)
 
     def __len__(self) -> int:
         return self.n_keys

@@ -230,38 +230,6 @@ def reachable_ref(adj_g, n, entries):
     return seen
 
 
-def bfs_layout_ref(adjs, n, entries):
-    """Plain version of :func:`.kernels.bfs_layout` for one KV head: ``adjs`` its graphs ``[Gh, n, M]``,
-    ``entries [Gh, E]`` -> order ``[n]``: BFS over the union of the graphs' edges (a node's neighbours graph by
-    graph) from every graph's entries; unreached nodes follow, each starting a BFS, smallest id first."""
-    seen = np.zeros(n, bool)
-    order = []
-    dq = deque()
-
-    def push(v):
-        seen[v] = True
-        dq.append(int(v))
-
-    for ent in entries:
-        for e in ent:
-            if 0 <= e < n and not seen[e]:
-                push(e)
-    while True:
-        while dq:
-            v = dq.popleft()
-            order.append(v)
-            for a in adjs:
-                for c in a[v]:
-                    if c < 0:
-                        break
-                    if not seen[c]:
-                        push(c)
-        rest = np.nonzero(~seen)[0]
-        if len(rest) == 0:
-            return np.asarray(order, np.int64)
-        push(rest[0])
-
-
 def topk_ref(S, k, exclude=None):
     """Row-wise top-k of a score matrix (desc score, ties smaller column), -1 / -inf padded."""
     r, c = S.shape

@@ -36,16 +36,6 @@ top-``k`` result heap. Both expand the same nodes in the same order for ``ef >= 
 bulk (exact L2 kNN of the new keys -> out-lists, reverse edges re-pruned, the connectivity repair again), in a
 background thread on a copy of the graphs that replaces them ``insert_lag`` added keys later.
 
-Key layout (``layout="bfs"``, opt-in): once the graphs are built, each KV head's keys are renumbered in
-breadth-first order from its graphs' entry points (:func:`kernels.bfs_layout`), so the nodes a search expands
-together sit in nearby rows of the key and adjacency arrays. On keys with no positional structure this pays (the
-fused decode call spent 30-38% less time per scanned key at 128K i.i.d. synthetic keys on the 2-core dev VM);
-on model keys it did not (real SmolLM2 8K / 32K: level; a random-weight 8B model at 128K on a 16-core GPU host:
-the search 8% slower in one run), presumably because token order already groups keys that attend together
-(docs/BENCHMARKS.md session 12). So the default, ``layout="token"``, keeps the order given. Under ``"bfs"`` search
-results are rows of that layout; :meth:`RoarIndex.key_positions` maps rows to the positions the keys were given in
-(keys added later keep their positions as rows).
-
 Memory: keys ``[n_kv_heads, cap, d]`` (one copy, the tail at its end) in float32 or, with
 ``storage="bfloat16"``, as uint16 bfloat16 bits (half the bytes; the kernels convert on load, exactly) +
 adjacency int32 ``[n_graphs, cap, M]``. Per-worker search scratch (visited bitsets, candidate heaps) is a
@@ -85,8 +75,6 @@ PAIR_PROBE_K = 16
 PAIR_PROBE_POSITIONS = 32
 #: key storage of the index: float32, or bfloat16 (uint16 bits, rounded to nearest even; half the memory)
 STORAGE = ("float32", "bfloat16")
-#: row order of the keys after the build: the order given, or breadth-first graph order (see the module docstring)
-LAYOUTS = ("token", "bfs")
 #: how the fused decode call hands (query head, query) pairs to its workers: ``"snake"`` (fixed ranks by the
 #: previous call's cost) or ``"dynamic"`` (a shared atomic counter, longest expected first)
 SCHEDULES = ("snake", "dynamic")
@@ -351,9 +339,6 @@ class RoarIndex(KVIndex):
                        random-weight ones, whose heads are independent and gain nothing from sharing. Default
                        ``"none"``: on the 2-core dev VM sharing bought recall at equal ef (+0.9-1.4 points,
                        SmolLM2 8K) but not time per head at equal recall (docs/BENCHMARKS.md, session 10).
-    layout             ``"token"`` (rows = positions) or ``"bfs"`` (rows renumbered in breadth-first graph order
-                       after the build; search ids are rows, :meth:`key_positions` maps them to positions; faster
-                       on i.i.d. synthetic keys, not on model keys: docs/BENCHMARKS.md session 12)
     projection         ``"kernel"`` (compiled, CPU threads), ``"torch"`` (batched tensor ops on the GPU when
                        there is one, :mod:`.projection_torch`; same graph up to float rounding) or ``"auto"``
                        (torch when CUDA is available, else the kernel). ``fill`` always uses the kernel.
@@ -368,16 +353,12 @@ class RoarIndex(KVIndex):
                  fill: bool = False, n_owners: int = 8, order: str = "count", repair_branching: int = 4,
                  insert_threshold: int = 4096, storage: str = "float32",
                  max_candidates: int | None = 128, projection: str = "auto", insert_lag: int | None = None,
-                 schedule: str = "snake", share: str = "none", layout: str = "token") -> None:
+                 schedule: str = "snake", share: str = "none") -> None:
         super().__init__(M=M, n_query_neighbors=n_query_neighbors, alpha=alpha, ef=ef, graph_per=graph_per,
                          max_train_queries=max_train_queries, n_entry=n_entry, fill=fill, n_owners=n_owners, order=order,
                          repair_branching=repair_branching, insert_threshold=insert_threshold, storage=storage,
                          max_candidates=max_candidates, projection=projection, insert_lag=insert_lag,
-                         schedule=schedule, share=share, layout=layout)
-        if layout not in LAYOUTS:
-            raise IndexError_(f"roar: layout must be one of {LAYOUTS}, got {layout!r}")
-        self.layout = layout
-        self._row_pos: np.ndarray | None = None  # [Hkv, n built] int32: position of the key in each row
+                         schedule=schedule, share=share)
         if schedule not in SCHEDULES:
             raise IndexError_(f"roar: schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.schedule = schedule
@@ -523,37 +504,6 @@ class RoarIndex(KVIndex):
             self._pairs_on = overlap is not None and overlap >= PAIR_OVERLAP_MIN
             self.build_stats["pair_overlap"] = float("nan") if overlap is None else overlap
             self.build_stats["pair_probe_s"] = time.perf_counter() - t3
-        if self.layout == "bfs":
-            t4 = time.perf_counter()
-            self._apply_bfs_layout()
-            self.build_stats["layout_s"] = time.perf_counter() - t4
-            self.build_stats["total_s"] += self.build_stats["layout_s"]
-
-    def _apply_bfs_layout(self) -> None:
-        """Renumber each KV head's keys (rows of keys and graphs, entry points) in breadth-first graph order
-        (:func:`.kernels.bfs_layout`); ``_row_pos`` keeps the position of the key in each row."""
-        n = self.n_graph
-        order = K.bfs_layout(self._adj, n, self._entries, self._kv_of_graph, self.n_kv_heads)
-        inv = K.inverse_order(order)
-        adj = huge_full(self._adj.shape, -1, np.int32)
-        K.relabel_graphs(self._adj, n, order, inv, self._kv_of_graph, adj)
-        keys = huge_empty(self._keys.shape, self._key_dtype)  # the spare rows past n hold nothing yet
-        K.gather_rows(self._keys, order, keys)
-        ent = self._entries
-        kv = np.broadcast_to(self._kv_of_graph[:, None], ent.shape)
-        self._entries = np.where(ent >= 0, inv[kv, np.maximum(ent, 0)], -1).astype(np.int32)
-        self._keys, self._adj, self._row_pos = keys, adj, order
-
-    def key_positions(self) -> np.ndarray | None:
-        """``[n_kv_heads, n_keys]`` int64: the position (in the keys given to ``build``, then ``add``) of the key in
-        each row, for ``layout="bfs"``; None with ``layout="token"`` (rows are positions)."""
-        if self._row_pos is None:
-            return None
-        n0 = self._row_pos.shape[1]
-        pos = np.empty((self.n_kv_heads, self.n_keys), np.int64)
-        pos[:, :n0] = self._row_pos
-        pos[:, n0:] = np.arange(n0, self.n_keys)
-        return pos
 
     def _pair_overlap(self, keys, n, train_queries, group) -> float | None:
         """Mean overlap of the exact top-:data:`PAIR_PROBE_K` keys of the heads the decode call would pair
@@ -820,15 +770,13 @@ class RoarIndex(KVIndex):
         return np.ascontiguousarray(as_float32(x))
 
     def stored_keys(self) -> np.ndarray:
-        """The keys ``[n_kv_heads, n_keys, head_dim]`` as the index holds them, row ``j`` = search id ``j`` (in the
-        layout order, see :meth:`key_positions`): float32, or uint16 bfloat16 bits with ``storage="bfloat16"`` (a
-        view, no copy; do not modify)."""
+        """The keys ``[n_kv_heads, n_keys, head_dim]`` as the index holds them: float32, or uint16 bfloat16
+        bits with ``storage="bfloat16"`` (a view, no copy; do not modify)."""
         return self._keys[:, : self.n_keys]
 
     # ---- accounting / persistence -------------------------------------------------------------------
     def memory_bytes(self) -> int:
         b = self._keys.nbytes + self._adj.nbytes + self._entries.nbytes
-        b += 0 if self._row_pos is None else self._row_pos.nbytes
         return int(b)
 
     def state(self):
@@ -839,7 +787,6 @@ class RoarIndex(KVIndex):
             "kv_of_graph": self._kv_of_graph,
             "n_graph": np.array([self.n_graph], np.int64),
             "pairs_on": np.array([self._pairs_on], np.bool_),
-            **({} if self._row_pos is None else {"row_pos": self._row_pos}),
         }
 
     def load_state(self, arrays):
@@ -856,10 +803,5 @@ class RoarIndex(KVIndex):
         self.n_graph = int(arrays["n_graph"][0])
         # files from before share="auto": the option decides
         self._pairs_on = bool(arrays["pairs_on"][0]) if "pairs_on" in arrays else self.share == "pairs"
-        # files from before the layout option hold keys in the order given
-        self._row_pos = np.ascontiguousarray(arrays["row_pos"], np.int32) if "row_pos" in arrays else None
-        if self._row_pos is not None and (self._row_pos.shape[0] != self._keys.shape[0]
-                                          or self._row_pos.shape[1] > self.n_keys):
-            raise IndexError_("roar index file is inconsistent (row_pos does not match the keys)")
         if self._keys.shape[1] != self.n_keys or self._adj.shape[1] != self.n_graph:
             raise IndexError_("roar index file is inconsistent (key / graph sizes do not match its metadata)")
