@@ -120,8 +120,8 @@ def run(args) -> int:
             search = {}
             if args.ef is not None:
                 search = {"nprobe": args.ef} if index_name == "ivf" else {"ef": args.ef}
-            cfg = RetrievalConfig(method=method, index=index_name, index_params=index_params, top_k=args.top_k, n_sink=args.n_sink,
-                                  window=args.window, dense_layers=dense, search_params=search,
+            cfg = RetrievalConfig(method=method, index=index_name, index_params=index_params, top_k=args.top_k,
+                                  n_sink=args.n_sink, window=args.window, dense_layers=dense, search_params=search,
                                   residual_samples=residual, exact_below=args.exact_below)
             t0 = time.perf_counter()
             logp, cache = teacher_forced_logprobs(model, ids, cfg, args.n_eval)

@@ -15,21 +15,11 @@ from retrieval_attention.index import make_index
 from retrieval_attention.index.reference import make_ood_data
 from retrieval_attention.hostmem import huge_empty, huge_full
 
-def bfs_order(adj_g, n, entries_g):
-    seen = np.zeros(n, bool); order = []
-    from collections import deque
-    dq = deque()
-    for e in entries_g:
-        if e >= 0 and not seen[e]:
-            seen[e] = True; dq.append(int(e))
-    while dq:
-        u = dq.popleft(); order.append(u)
-        for v in adj_g[u]:
-            if v < 0: break
-            if not seen[v]:
-                seen[v] = True; dq.append(int(v))
-    rest = np.nonzero(~seen)[0]
-    return np.concatenate([np.array(order, np.int64), rest])
+def bfs_order(adj, g, n, entries_g):
+    """Graph ``g``'s nodes in breadth-first order from its entries (the index's own BFS), then any unreached."""
+    reached = np.zeros(n, np.bool_); queue = np.empty(n, np.int32)
+    t = K._bfs(adj, g, n, entries_g, len(entries_g), reached, queue)
+    return np.concatenate([queue[:t].astype(np.int64), np.nonzero(~reached)[0]])
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 131072
 nlayers = int(sys.argv[2]) if len(sys.argv) > 2 else 4
@@ -43,7 +33,7 @@ for layer in range(nlayers):
     keys_p = huge_empty(ix._keys.shape, ix._keys.dtype); adj_p = huge_full(ix._adj.shape, -1, np.int32)
     ent_p = ix._entries.copy(); inv_all = []
     for g in range(G):  # kv_head graphs: graph g = KV head g
-        order = bfs_order(ix._adj[g, :n], n, ix._entries[g])
+        order = bfs_order(ix._adj, g, n, ix._entries[g])
         inv = np.empty(n, np.int64); inv[order] = np.arange(n)
         keys_p[g, :n] = ix._keys[g, order]
         a = ix._adj[g, order]  # rows in new order, old ids

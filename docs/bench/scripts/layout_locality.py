@@ -1,7 +1,7 @@
 """Experiment (docs/BENCHMARKS.md, session 12): how close in memory are the two ends of a graph edge, in token order
 and in breadth-first order from the entry points (the layout session 12 built as ``roar:layout=bfs``, measured and
-removed; the order is computed here as ``graph_reorder.py`` does)? For every edge u -> v of every graph, the row gap |row(u) - row(v)|: the fraction of
-edges within 16 and 256 rows (4 KiB and 64 KiB of 256-byte key rows) and the median gap. Real SmolLM2 keys from a
+removed; the order comes from the index's own BFS, ``kernels._bfs``, as in ``graph_reorder.py``)? For every edge
+u -> v of every graph, the row gap |row(u) - row(v)|: the fraction of edges within 16 and 256 rows (4 KiB and 64 KiB of 256-byte key rows) and the median gap. Real SmolLM2 keys from a
 cached ``bench recall`` capture (default: 32K, layers 2, 14, 26) against ``bench kernels``' i.i.d. synthetic keys.
 Usage: ``python docs/bench/scripts/layout_locality.py [capture.npz]``."""
 import sys
@@ -13,30 +13,17 @@ from retrieval_attention.threads import configure_threads
 configure_threads(None)
 from retrieval_attention.bench.capture import captures_dir, load_capture  # noqa: E402
 from retrieval_attention.bench.recall import subsample_rows  # noqa: E402
+from retrieval_attention.index import kernels as K  # noqa: E402
 from retrieval_attention.index import make_index  # noqa: E402
 from retrieval_attention.index.reference import make_ood_data  # noqa: E402
 
 
-def bfs_rows(adj_g, n, entries_g):
-    """Row of each node when a graph's nodes are stored in breadth-first order from its entries (then the rest)."""
-    from collections import deque
-
-    seen = np.zeros(n, bool)
-    order, dq = [], deque()
-    for e in entries_g:
-        if e >= 0 and not seen[e]:
-            seen[e] = True
-            dq.append(int(e))
-    while dq:
-        u = dq.popleft()
-        order.append(u)
-        for v in adj_g[u]:
-            if v < 0:
-                break
-            if not seen[v]:
-                seen[v] = True
-                dq.append(int(v))
-    order = np.concatenate([np.asarray(order, np.int64), np.nonzero(~seen)[0]])
+def bfs_rows(ix, g, n):
+    """Row of each node when graph ``g``'s nodes are stored in breadth-first order from its entries (then the rest)."""
+    reached = np.zeros(n, np.bool_)
+    queue = np.empty(n, np.int32)
+    t = K._bfs(ix._adj, g, n, ix._entries[g], ix._entries.shape[1], reached, queue)
+    order = np.concatenate([queue[:t].astype(np.int64), np.nonzero(~reached)[0]])
     rows = np.empty(n, np.int64)
     rows[order] = np.arange(n)
     return rows
@@ -59,7 +46,7 @@ def report(label, keys, tq):
     ix = make_index("roar").build(keys, tq)  # one graph per KV head; node id = token position = row
     n = keys.shape[1]
     token_rows = np.tile(np.arange(n), (keys.shape[0], 1))
-    bfs = np.stack([bfs_rows(ix._adj[g, :n], n, ix._entries[g]) for g in range(ix._adj.shape[0])])
+    bfs = np.stack([bfs_rows(ix, g, n) for g in range(ix._adj.shape[0])])
     for name, rows in (("token", token_rows), ("bfs", bfs)):
         g = gaps(ix, rows)
         print(f"{label:28s} {name:5s}: edges within 16 rows {100 * (g < 16).mean():5.1f}%, within 256 rows "
