@@ -32,3 +32,20 @@ def test_parse_methods():
     for bad in ("retrieval@x=1", "retrieval@r=-2", "full"):
         with pytest.raises(ValueError):
             parse_methods(bad)
+
+
+@pytest.mark.parametrize("methods", ["retrieval:roar:M=0", "retrieval:roar:layout=bfs", "retrieval:nosuch",
+                                     "retrieval:roar:M"])
+def test_bad_index_options_fail_before_the_model_loads(methods, capsys):
+    """A bad index option in --methods is reported (exit 2, naming the spec) before any model is loaded: the
+    model name here does not exist, so reaching the loader would fail differently."""
+    import argparse
+
+    from retrieval_attention.bench.agreement import add_arguments, run
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--model", "no-such-model", "--methods", methods, "--context", "2048"])
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert "error: --methods" in err and methods in err

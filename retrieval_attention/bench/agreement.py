@@ -101,21 +101,15 @@ def run(args) -> int:
                          update_doc_section, write_json)
 
     contexts = [int(c) for c in str(args.context).split(",") if c.strip()]
-    methods = parse_methods(args.methods, args.residual_samples)
     if args.n_eval <= 0 or any(c <= args.n_eval + args.n_sink + args.window for c in contexts):
         print("error: every --context must exceed --n-eval + --n-sink + --window, and --n-eval must be positive",
               file=sys.stderr)
         return 2
-    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     dense = tuple(int(x) for x in args.dense_layers.split(",") if x.strip())
-    records = []
-    for ctx_len in contexts:
-        ids = torch.tensor([haystack_tokens(tok, ctx_len + args.offset)[args.offset :]], device=model.device)
-        with torch.no_grad():
-            # step t of the teacher-forced loop feeds token t and predicts token t + 1: full positions [-n_eval:]
-            full_logits = model(input_ids=ids).logits[0, -args.n_eval :].float()
-        logp_full = torch.log_softmax(full_logits, -1)
-        for method, index, residual in tqdm(methods, desc=f"agreement @ {ctx_len}", unit="method"):
+    # every method's config is made (and its index options checked) before the model loads
+    try:
+        methods = []
+        for method, index, residual in parse_methods(args.methods, args.residual_samples):
             index_name, index_params = parse_index_spec(index)
             search = {}
             if args.ef is not None:
@@ -123,6 +117,19 @@ def run(args) -> int:
             cfg = RetrievalConfig(method=method, index=index_name, index_params=index_params, top_k=args.top_k,
                                   n_sink=args.n_sink, window=args.window, dense_layers=dense, search_params=search,
                                   residual_samples=residual, exact_below=args.exact_below)
+            methods.append((method, index, residual, cfg))
+    except ValueError as e:
+        print(f"error: --methods {args.methods!r}: {e}", file=sys.stderr)
+        return 2
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+    records = []
+    for ctx_len in contexts:
+        ids = torch.tensor([haystack_tokens(tok, ctx_len + args.offset)[args.offset :]], device=model.device)
+        with torch.no_grad():
+            # step t of the teacher-forced loop feeds token t and predicts token t + 1: full positions [-n_eval:]
+            full_logits = model(input_ids=ids).logits[0, -args.n_eval :].float()
+        logp_full = torch.log_softmax(full_logits, -1)
+        for method, index, residual, cfg in tqdm(methods, desc=f"agreement @ {ctx_len}", unit="method"):
             t0 = time.perf_counter()
             logp, cache = teacher_forced_logprobs(model, ids, cfg, args.n_eval)
             kl, agree = kl_and_agreement(logp_full, logp)
