@@ -245,12 +245,15 @@ class CPUStore:
         kv_head = (torch.arange(Hq) // group).repeat_interleave(L * k)
         return self.values[kv_head, idx].view(Hq, L, k, -1)
 
-    def attend(self, queries: np.ndarray, group: int, scaling: float, k: int, **budget):
+    def attend(self, queries: np.ndarray, group: int, scaling: float, k: int, residual: bool = True,
+               return_ids: bool = False, **budget):
         """Top-``k`` retrieval + softmax attention over the retrieved keys.
 
         queries ``[Hq, L, D]`` float32 (C-contiguous); ``group`` query heads per KV head; scores are
         ``scaling * q.key``. Returns ``out [Hq, L, D] float32`` (0 where nothing was retrieved),
-        ``lse [Hq, L] float32`` (-inf there) and ``n_scanned [Hq, L] int64``.
+        ``lse [Hq, L] float32`` (-inf there) and ``n_scanned [Hq, L] int64``, and with ``return_ids`` the
+        retrieved ids ``[Hq, L, k] int64`` (-1 padding). ``residual``: merge the residual estimate over
+        :meth:`residual_population` in (``config.residual_samples`` draws; False: the caller estimates it).
         One ``index.search_attend`` call (fused compiled search + attention for ``roar`` with float32 or
         bfloat16 values; search + numpy attention otherwise).
         """
@@ -258,12 +261,21 @@ class CPUStore:
         if queries.shape[0] != group * idx.n_kv_heads:
             raise ValueError(f"{queries.shape[0]} query heads for {idx.n_kv_heads} KV heads and group {group}")
         values = tensor_as_numpy(self.values)
-        m = self.config.residual_samples
-        if m <= 0 or self.n <= k:
-            return idx.search_attend(queries, k, values, scaling, **budget)
+        pop = self.residual_population(k) if residual else None
+        if pop is None:
+            return idx.search_attend(queries, k, values, scaling, return_ids=return_ids, **budget)
+        keys, _, n, seed = pop
         # the residual estimate is merged in the same call (roar: inside the fused compiled kernel)
-        return idx.search_attend(queries, k, values, scaling,
-                                 residual=Residual(self.key_array(), self.n, m, self.residual_seed), **budget)
+        return idx.search_attend(queries, k, values, scaling, return_ids=return_ids,
+                                 residual=Residual(keys, n, self.config.residual_samples, seed), **budget)
+
+    def residual_population(self, k: int):
+        """What the residual estimate draws from when retrieving top-``k``: ``(keys [Hkv, >= n, D]`` numpy float32
+        or uint16 bfloat16 bits, ``values [Hkv, >= n, Dv]`` torch, ``n``, seed``)``, ids ``0..n-1``; None when there
+        is no residual (``residual_samples`` 0, or no more than ``k`` keys: retrieval returns them all)."""
+        if self.config.residual_samples <= 0 or self.n <= k or self.index is None:
+            return None
+        return self.key_array(), self.values, self.n, self.residual_seed
 
     def key_array(self) -> np.ndarray:
         """Host keys ``[Hkv, >= n, D]`` as numpy for the compiled kernels: float32, or uint16 bfloat16 bits (the
@@ -287,21 +299,22 @@ class CPUStore:
         return v + (self.index.memory_bytes() if self.index is not None else 0)
 
 
-def _attend_by_search(store, queries: np.ndarray, group: int, scaling: float, k: int, **budget):
+def _attend_by_search(store, queries: np.ndarray, group: int, scaling: float, k: int, residual: bool = True,
+                      return_ids: bool = False, **budget):
     """Generic ``attend``: ``store.search`` + ``store.gather_values`` + :func:`retrieved_attention`
-    (shapes as :meth:`CPUStore.attend`), plus the residual estimate over a fork's base store."""
+    (shapes and options as :meth:`CPUStore.attend`), plus the residual estimate over a fork's base store."""
     from .attention.cpu import retrieved_attention
 
     ids, scores, n_scanned = store.search(queries, k, **budget)
     out, lse = retrieved_attention(scores, ids, store.gather_values(ids, group), scaling)
     out, lse = out.numpy(), lse.numpy()
-    base = getattr(store, "base", None)
-    m = store.config.residual_samples
-    if base is not None and m > 0 and store.base_n > k and base.index is not None:
+    pop = store.residual_population(k) if residual else None
+    if pop is not None:
         # the base's non-retrieved keys (retrieved tail ids are >= base_n: never drawn)
-        out, lse = _add_residual(out, lse, base.key_array(), tensor_as_numpy(base.values), queries, group, ids,
-                                 store.base_n, m, scaling, base.residual_seed)
-    return out, lse, n_scanned
+        keys, values, n, seed = pop
+        out, lse = _add_residual(out, lse, keys, tensor_as_numpy(values), queries, group, ids, n,
+                                 store.config.residual_samples, scaling, seed)
+    return (out, lse, n_scanned, ids) if return_ids else (out, lse, n_scanned)
 
 
 def _add_residual(out, lse, keys, values, queries, group, ids, n, m, scaling, seed):
@@ -412,11 +425,21 @@ class ForkedStore:
             out[~in_base] = self.tail.values[kv_head[~in_base], flat[~in_base] - self.base_n].to(dtype)
         return out.view(Hq, L, k, D)
 
-    def attend(self, queries: np.ndarray, group: int, scaling: float, k: int, **budget):
+    def attend(self, queries: np.ndarray, group: int, scaling: float, k: int, residual: bool = True,
+               return_ids: bool = False, **budget):
         """As :meth:`CPUStore.attend`, over the base store's keys and this fork's tail (top-``k`` of both)."""
         if self.m == 0 and self.base_n:  # nothing added yet: the base store's (fused) path
-            return self.base.attend(queries, group, scaling, k, **budget)
-        return _attend_by_search(self, queries, group, scaling, k, **budget)
+            return self.base.attend(queries, group, scaling, k, residual=residual, return_ids=return_ids, **budget)
+        return _attend_by_search(self, queries, group, scaling, k, residual=residual, return_ids=return_ids,
+                                 **budget)
+
+    def residual_population(self, k: int):
+        """As :meth:`CPUStore.residual_population`: the base store's keys (the fork's own tail is scanned
+        exactly, never drawn)."""
+        b = self.base
+        if self.config.residual_samples <= 0 or self.base_n <= k or b.index is None:
+            return None
+        return b.key_array(), b.values, self.base_n, b.residual_seed
 
     def exact_attention(self, queries: torch.Tensor, group: int, scaling: float):
         from .attention.merge import merge_partial

@@ -16,6 +16,11 @@ DEFAULT_RESIDUAL_SAMPLES = 256
 #: anyway; exact top-k over that few keys costs no build, answers exactly and searches as fast
 DEFAULT_EXACT_BELOW = 2048
 
+#: where the lean decode loop computes the residual estimate: ``auto`` = on the model's device when that is a GPU
+RESIDUAL_ON = ("auto", "device", "cpu")
+#: decode steps between redraws of the device residual's sample (its keys/values held on the model's device)
+DEFAULT_RESIDUAL_REFRESH = 64
+
 
 @dataclass
 class RetrievalConfig:
@@ -39,6 +44,13 @@ class RetrievalConfig:
                     keys retrieval did not return (0 = drop it, the published method; see
                     :mod:`retrieval_attention.attention.residual`)
     residual_seed   seed of those draws (deterministic per layer size, head and query)
+    residual_on     where the lean decode loop (:class:`~retrieval_attention.decode_loop.LeanDecoder`) computes the
+                    residual: ``cpu`` (fresh draws every step, inside the CPU search call), ``device`` (a sample
+                    of the same draws held on the model's device, redrawn every ``residual_refresh`` steps and
+                    scored there while the CPU searches; :mod:`retrieval_attention.attention.residual_device`), or
+                    ``auto`` (``device`` on a GPU, else ``cpu``). The transformers forward path always uses ``cpu``
+    residual_refresh  decode steps between redraws of the device residual's sample (1 = every step: the same
+                    estimate as ``cpu``)
     exact_below     stores with fewer keys at prefill than this use exact top-k (``flat``) instead of ``index``
                     (0 = always ``index``); a store keeps its kind as it grows
     """
@@ -56,6 +68,8 @@ class RetrievalConfig:
     max_train_queries: int | None = None
     residual_samples: int = DEFAULT_RESIDUAL_SAMPLES
     residual_seed: int = 0
+    residual_on: str = "auto"
+    residual_refresh: int = DEFAULT_RESIDUAL_REFRESH
     exact_below: int = DEFAULT_EXACT_BELOW
 
     def __post_init__(self) -> None:
@@ -65,7 +79,9 @@ class RetrievalConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
-        for name in ("n_sink", "window", "top_k", "prefill_chunk", "max_train_queries"):
+        if self.residual_on not in RESIDUAL_ON:
+            raise ValueError(f"residual_on must be one of {', '.join(RESIDUAL_ON)}, got {self.residual_on!r}")
+        for name in ("n_sink", "window", "top_k", "prefill_chunk", "max_train_queries", "residual_refresh"):
             v = getattr(self, name)
             if v is None and name == "max_train_queries":
                 continue

@@ -9,7 +9,10 @@ Per step and layer only the needed ops run, through the model's own modules: inp
   ``retrieval``, only if that slot held a real token);
 * the query goes to pinned host memory, an event is recorded, and only then the device attention over the
   static slots is queued, so the CPU store's top-k retrieval + attention (``store.attend``) overlaps it;
-* the two parts merge exactly by log-sum-exp (fp32);
+* the two parts merge exactly by log-sum-exp (fp32); with the residual estimate on the device
+  (``RetrievalConfig.residual_on``, the default on a GPU) the CPU part returns its retrieved ids too and a
+  third part, the residual over a sample of the store held on the device
+  (:mod:`~retrieval_attention.attention.residual_device`), is merged in first;
 
 then o_proj, residual, post norm, MLP, residual. Dense layers (plain ``DynamicLayer``) run ``update`` +
 exact SDPA. While a :class:`LeanDecoder` is open the window is kept in ring order; :meth:`LeanDecoder.close`
@@ -32,9 +35,18 @@ import torch
 
 from .attention.device import attention_with_lse
 from .attention.merge import merge_partial
+from .attention.residual_device import draw_sample, residual_partial, sample_capacity
 from .prefill import unsupported_reason as _model_unsupported_reason
 
 _DEV, _HOST = "device", "host"  # op kinds: device ops are capturable, host ops run between graphs
+
+
+def residual_placement(config, device) -> str:
+    """Where :class:`LeanDecoder` estimates the residual for ``config`` on a model on ``device``: ``"device"`` or
+    ``"cpu"`` (``residual_on="auto"``: the device when it is a GPU)."""
+    if config.residual_on != "auto":
+        return config.residual_on
+    return "device" if torch.device(device).type == "cuda" else "cpu"
 
 
 def unsupported_reason(model, cache) -> str | None:
@@ -122,22 +134,40 @@ class LeanDecoder:
         self._q_host = torch.empty((B, Hq, 1, D), dtype=torch.float32, pin_memory=pin)
         self._old_k_host = torch.empty((B, Hkv, 1, D), dtype=dtype, pin_memory=pin)
         self._old_v_host = torch.empty((B, Hkv, 1, D), dtype=dtype, pin_memory=pin)
-        # the CPU part's output and log-sum-exp side by side ([..., :D] and [..., D]): one copy to the device
-        self._olc_host = torch.empty((B, Hq, 1, D + 1), dtype=torch.float32, pin_memory=pin)
+        # the residual estimate on the device: each retrieval layer holds a sample of its stores' draws
+        m_res, self.top_k = cfg.residual_samples, cfg.top_k
+        self.residual_on_device = m_res > 0 and "retrieve" in self.kinds and residual_placement(cfg, self.dev) == "device"
+        self._res_refresh = cfg.residual_refresh
+        # the CPU part's output, log-sum-exp and (device residual) retrieved ids as int32 bits side by side
+        # ([..., :D], [..., D], [..., D + 1:]): one copy to the device
+        E = D + 1 + (self.top_k if self.residual_on_device else 0)
+        self._olc_host = torch.empty((B, Hq, 1, E), dtype=torch.float32, pin_memory=pin)
         # numpy views for the per-layer host work: right after the search call a torch op costs tens of us, a numpy
         # op a few (dev VM, docs/bench/scripts/host_part.py: host work besides the search ~330 -> ~190 us per layer)
         self._q_np, self._olc_np = self._q_host.numpy(), self._olc_host.numpy()
+        self._ids_np = self._olc_np[..., D + 1:].view(np.int32)  # [B, Hq, 1, top_k] (device residual)
+        self._res_n: dict[int, list] = {}  # layer -> per sequence: keys its sample was drawn from (None: not yet)
+        self._res_next: dict[int, int] = {}  # layer -> step of its next redraw
         self._event = torch.cuda.Event() if self.cuda else None
         self._t: dict[str, torch.Tensor] = {"pos": self._pos}
         for i, kind in enumerate(self.kinds):
             if kind == "retrieve":  # CPU results land here (persistent: graphs read them by address)
                 if self.cuda:
-                    olc = torch.zeros((B, Hq, 1, D + 1), dtype=torch.float32, device=self.dev)
+                    olc = torch.zeros((B, Hq, 1, E), dtype=torch.float32, device=self.dev)
                     olc[..., D] = float("-inf")
                 else:  # on the CPU the ops run in order: every layer reads the host buffer itself, no copy
                     olc = self._olc_host
                 self._t[f"olc{i}"] = olc
                 self._t[f"oc{i}"], self._t[f"lc{i}"] = olc[..., :D], olc[..., D]
+                if self.residual_on_device:  # persistent (graphs read them by address), redrawn in place
+                    C = sample_capacity(m_res, self.top_k)
+                    self._t[f"tk{i}"] = olc[..., D + 1:].view(torch.int32)
+                    self._t[f"rk{i}"] = torch.zeros((B, Hkv, C, D), dtype=torch.float32, device=self.dev)
+                    self._t[f"rv{i}"] = torch.zeros((B, Hkv, C, D), dtype=torch.float32, device=self.dev)
+                    self._t[f"rid{i}"] = torch.full((B, Hkv, C), -1, dtype=torch.int32, device=self.dev)
+                    self._t[f"rlw{i}"] = torch.zeros((B,), dtype=torch.float32, device=self.dev)
+                    self._res_n[i] = [None] * B
+                    self._res_next[i] = 0
         self._ops = self._build_ops()
         self._graphs = None  # list of ("graph", CUDAGraph) / (_HOST, fn) once captured
         self._want_graphs = False
@@ -185,6 +215,11 @@ class LeanDecoder:
             logits = self._t["logits"]
         self._advance()
         return logits
+
+    def residual_bytes(self) -> int:
+        """Device bytes of the residual samples (0 unless the residual is estimated on the device)."""
+        return sum(t.numel() * t.element_size() for name, t in self._t.items()
+                   if name.startswith(("rk", "rv", "rid", "rlw")))
 
     def _advance(self) -> None:
         """Bookkeeping after a step: the ring head, positions, and each layer's counters."""
@@ -255,7 +290,12 @@ class LeanDecoder:
         t = self._t
         layer = self.base.layers[i]
         if self.kinds[i] == "retrieve":
-            out, _ = merge_partial(t[f"od{i}"], t[f"ld{i}"], t[f"oc{i}"], t[f"lc{i}"])
+            oc, lc = t[f"oc{i}"], t[f"lc{i}"]
+            if self.residual_on_device:  # the retrieved partial and the residual first, as the CPU kernel does
+                res = residual_partial(t[f"qf{i}"], t[f"rk{i}"], t[f"rv{i}"], t[f"rid{i}"], t[f"rlw{i}"],
+                                       t[f"tk{i}"], layer.self_attn.scaling)
+                oc, lc = merge_partial(oc, lc, *res)
+            out, _ = merge_partial(t[f"od{i}"], t[f"ld{i}"], oc, lc)
         else:
             out = t[f"od{i}"]
         self._residual_mlp(layer, out.to(t["x"].dtype).transpose(1, 2).reshape(self.B, 1, -1))
@@ -310,16 +350,24 @@ class LeanDecoder:
                 store.add(self._old_k_host[b], self._old_v_host[b], cl.n_query_heads)  # copied by the store
         valid[:, slot] = True
         olc, D = self._olc_np, self.D
+        on_dev = self.residual_on_device
         for b, store in enumerate(cl.stores):
             if store.index is None or store.n == 0:
                 olc[b, ..., :D] = 0.0
                 olc[b, ..., D] = -np.inf
+                if on_dev:
+                    self._ids_np[b] = -1
                 continue
             t0 = time.perf_counter()
-            o, s, n_scanned = store.attend(self._q_np[b], self.group, self.base.layers[i].self_attn.scaling,
-                                           cfg.top_k, **store.search_budget(cfg))
+            got = store.attend(self._q_np[b], self.group, self.base.layers[i].self_attn.scaling, cfg.top_k,
+                               residual=not on_dev, return_ids=on_dev, **store.search_budget(cfg))
+            o, s, n_scanned = got[:3]
             olc[b, ..., :D] = o
             olc[b, ..., D] = s
+            if on_dev:  # the retrieved ids: the device residual leaves them out
+                kk = got[3].shape[-1]
+                self._ids_np[b, ..., :kk] = got[3]
+                self._ids_np[b, ..., kk:] = -1
             st.search_s += time.perf_counter() - t0  # fused retrieval + attention, booked as search (as decode_attention)
             n_pairs = n_scanned.size
             st.n_searches += n_pairs
@@ -329,9 +377,43 @@ class LeanDecoder:
             if loads is not None:
                 st.worker_keys_max += loads[0]
                 st.worker_keys_mean += loads[1]
+        if on_dev:
+            self._redraw_residual(i, cl)
         if self.cuda:
             self._t[f"olc{i}"].copy_(self._olc_host, non_blocking=True)
         st.host_s += time.perf_counter() - t_ready
+
+    def _redraw_residual(self, i, cl) -> None:
+        """Redraw layer ``i``'s device residual sample of each sequence when due: on the first step, then every
+        ``residual_refresh`` steps (the layers' turns spread over those steps, so no step pays for all of them),
+        and every step while a store is small enough for the exact residual (all its keys) or has just gained
+        its first residual keys. Runs after the step's evictions, so a redraw draws what the CPU estimate would
+        draw in this step."""
+        k, m = self.top_k, cl.config.residual_samples
+        t = self._t
+        due = self.steps >= self._res_next[i]
+        if due:
+            R = self._res_refresh
+            # the first redraw after step 0 comes at R + this layer's share of R
+            phase = (list(self._res_next).index(i) * R) // len(self._res_next) if self.steps == 0 else 0
+            self._res_next[i] = self.steps + R + phase
+        for b, store in enumerate(cl.stores):
+            pop = store.residual_population(k) if store.index is not None else None
+            n = 0 if pop is None else pop[2]
+            prev = self._res_n[i][b]
+            if not (prev is None or due or (n != prev and (n <= k + m or prev == 0))):
+                continue
+            self._res_n[i][b] = n
+            if pop is None:
+                t[f"rid{i}"][b].fill_(-1)
+                continue
+            keys, values, n, seed = pop
+            ids, k_rows, v_rows, log_w = draw_sample(keys, values, n, m, k, seed)
+            cnt = k_rows.shape[1]
+            t[f"rid{i}"][b].copy_(ids)
+            t[f"rk{i}"][b, :, :cnt].copy_(k_rows)
+            t[f"rv{i}"][b, :, :cnt].copy_(v_rows)
+            t[f"rlw{i}"][b].fill_(log_w)
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------
     def _warmup_and_capture(self, input_ids):

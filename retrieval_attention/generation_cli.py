@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from .config import DEFAULT_EXACT_BELOW, DEFAULT_RESIDUAL_SAMPLES
+from .config import DEFAULT_EXACT_BELOW, DEFAULT_RESIDUAL_REFRESH, DEFAULT_RESIDUAL_SAMPLES, RESIDUAL_ON
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +25,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--residual-samples", type=int, default=DEFAULT_RESIDUAL_SAMPLES,
                    help="keys drawn per head and step to estimate the attention of the keys not retrieved "
                         "(0 = the published method, which drops them)")
+    p.add_argument("--residual-on", default="auto", choices=RESIDUAL_ON,
+                   help="where decoding estimates the residual: device (a sample of the draws held on the GPU, "
+                        "redrawn every --residual-refresh steps), cpu (fresh draws in the CPU search call), auto "
+                        "(device on a GPU; default)")
+    p.add_argument("--residual-refresh", type=int, default=DEFAULT_RESIDUAL_REFRESH,
+                   help="decode steps between redraws of the device residual's sample (default %(default)s)")
     p.add_argument("--n-sink", type=int, default=128, help="initial tokens kept on the device")
     p.add_argument("--window", type=int, default=512, help="recent tokens kept on the device")
     p.add_argument("--ef", type=int, default=None, help="search beam width of graph indexes (roar/hnsw); nprobe for ivf")
@@ -56,6 +62,8 @@ def config_from_args(args):
         max_train_queries=getattr(args, "max_train_queries", None),
         top_k=args.top_k,
         residual_samples=args.residual_samples,
+        residual_on=getattr(args, "residual_on", "auto"),
+        residual_refresh=getattr(args, "residual_refresh", DEFAULT_RESIDUAL_REFRESH),
         n_sink=args.n_sink,
         window=args.window,
         search_params=search,

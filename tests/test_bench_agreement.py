@@ -19,6 +19,9 @@ def test_teacher_forced_alignment_and_exactness():
     kl, agree = kl_and_agreement(logp_full, logp)
     assert kl.abs().max() < 1e-5 and agree.all()
     assert cache.retrieval_layers[0].stores[0].n > 0
+    logp_lean, _ = teacher_forced_logprobs(model, ids, exact, 30, decode="lean")  # the lean decode loop
+    kl_lean, agree_lean = kl_and_agreement(logp_full, logp_lean)
+    assert kl_lean.abs().max() < 1e-5 and agree_lean.all()
     stream = RetrievalConfig(method="streaming", index="flat", n_sink=8, window=16, dense_layers=())
     kl_s, _ = kl_and_agreement(logp_full, teacher_forced_logprobs(model, ids, stream, 30)[0])
     assert kl_s.mean() > 1e-3

@@ -46,6 +46,11 @@ def test_bench_decode_residual_and_ef_options(tmp_path):
     assert main(args + ["--ef", "64"]) == 0
     (wide,) = json.loads(js.read_text())
     assert wide["scanned_fraction"] > narrow["scanned_fraction"]  # the beam width reaches the search
+    assert wide["residual_on"] == "cpu" and wide["residual_device_bytes"] == 0  # "auto" off a GPU
+    assert main(args + ["--ef", "64", "--residual-on", "device"]) == 0
+    (dev,) = json.loads(js.read_text())
+    assert dev["residual_on"] == "device" and dev["residual_device_bytes"] > 0
+    assert dev["kv_device_bytes"] == wide["kv_device_bytes"] + dev["residual_device_bytes"]  # counted as device KV
     # index options reach the index (roar:M=4 -> a sparser graph: fewer keys scanned at the same ef)
     args[args.index("roar")] = "roar:M=4"
     assert main(args + ["--ef", "64"]) == 0

@@ -78,6 +78,18 @@ def test_lean_on_cuda_equals_transformers_path(cuda_graphs):
     assert cache.retrieval_layers[0].stores[0].n == 100 - 4 - 16 + N_STEPS + 4
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_lean_on_cuda_device_residual_equals_cpu_residual(cuda_graphs):
+    """On a GPU the residual is estimated on the device by default (redrawn every step here): the same logits as
+    the transformers path's CPU estimate, also when CUDA graphs replay the scoring and the merge."""
+    model = tiny_model("llama", seed=21).cuda()
+    ids = torch.randint(2, VOCAB - 1, (1, 100), generator=torch.Generator().manual_seed(1)).cuda()
+    cfg = RetrievalConfig(index="flat", n_sink=4, window=16, top_k=8, dense_layers=(), residual_samples=8,
+                          residual_refresh=1)
+    _compare(model, cfg, ids, layerwise=True, cuda_graphs=cuda_graphs, atol=1e-3)
+
+
 @pytest.mark.parametrize("method,index,dense", [("retrieval", "roar", ()), ("streaming", "flat", ()),
                                                 ("retrieval", "flat", (0,))])
 def test_lean_other_methods_indexes_and_dense_layers(method, index, dense):
@@ -92,6 +104,67 @@ def test_lean_other_methods_indexes_and_dense_layers(method, index, dense):
         assert imb is not None and imb >= 1.0
     else:
         assert imb is None
+
+
+@pytest.mark.parametrize("index,m", [("roar", 8), ("flat", 8), ("flat", 256)])  # m 256: the exact residual
+def test_lean_device_residual_redrawn_every_step_equals_cpu_residual(index, m):
+    """residual_on="device" with a redraw every step is the CPU estimate (same draws, weight, exclusions): the
+    same logits as the transformers path, whose residual runs in the CPU search call."""
+    model = tiny_model("llama", seed=26)
+    ids = torch.randint(2, VOCAB - 1, (1, 120), generator=torch.Generator().manual_seed(6))
+    kw = dict(index=index, n_sink=4, window=16, top_k=8, dense_layers=(), exact_below=0, residual_samples=m)
+    ref_cfg = RetrievalConfig(**kw)
+    cfg = RetrievalConfig(**kw, residual_on="device", residual_refresh=1)
+    with torch.no_grad(), enable(model):
+        ref_cache, logits = _prefill(model, ref_cfg, ids)
+        cache, _ = _prefill(model, cfg, ids, layerwise=True)
+        tok = logits.argmax(-1, keepdim=True)
+        with LeanDecoder(model, cache) as dec:
+            assert dec.residual_on_device and dec.residual_bytes() > 0
+            for step in range(24):
+                a, b = _hf(model, ref_cache, tok), dec.step(tok)
+                assert torch.allclose(a, b, atol=ATOL), (step, (a - b).abs().max())
+                tok = a.argmax(-1, keepdim=True)
+        with LeanDecoder(model, ref_cache) as dec:  # "auto" off a GPU: the CPU estimate, nothing on the device
+            assert not dec.residual_on_device and dec.residual_bytes() == 0
+
+
+def test_lean_device_residual_redraws_when_due(monkeypatch):
+    """residual_refresh=R: each layer's sample is drawn on the first step, then exactly every R steps (the layers'
+    turns spread over the R steps), not between: the store is past the exact residual."""
+    import retrieval_attention.decode_loop as DL
+
+    model = tiny_model("llama", seed=27)
+    ids = torch.randint(2, VOCAB - 1, (1, 120), generator=torch.Generator().manual_seed(7))
+    R = 6
+    cfg = RetrievalConfig(index="flat", n_sink=4, window=16, top_k=8, dense_layers=(), residual_samples=8,
+                          residual_on="device", residual_refresh=R)
+    draws = []  # (step, layer, n)
+    real = DL.draw_sample
+    step = [0]
+
+    def spy(keys, values, n, m, k, seed):
+        draws.append((step[0], seed % 1_000_003, n))  # residual seed 0: the store's seed is its layer index
+        return real(keys, values, n, m, k, seed)
+
+    monkeypatch.setattr(DL, "draw_sample", spy)
+    with torch.no_grad(), enable(model):
+        cache, logits = _prefill(model, cfg, ids, layerwise=True)
+        tok = logits.argmax(-1, keepdim=True)
+        layers = [l.layer_idx for l in cache.retrieval_layers]
+        with LeanDecoder(model, cache) as dec:
+            for step[0] in range(4 * R):
+                tok = dec.step(tok).argmax(-1, keepdim=True)
+                assert torch.isfinite(dec._t["x"]).all()
+    assert len(layers) == 3
+    n0 = 120 - 4 - 16 + 1  # the first step's store: the prompt's CPU keys + the token leaving the window
+    for layer in layers:
+        at = [(s, n) for s, l, n in draws if l == layer]
+        assert at[0] == (0, n0) and all(n == n0 + s for s, n in at)  # drawn from the store of that step
+        gaps = [b[0] - a[0] for a, b in zip(at, at[1:])]
+        assert R <= gaps[0] < 2 * R and all(g == R for g in gaps[1:]) and len(at) >= 3
+    later = [s for s, _, _ in draws if s > 0]
+    assert len(set(later)) > 1  # the layers take turns: not all redrawn in one step
 
 
 def test_lean_left_padded_batch():

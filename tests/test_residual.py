@@ -195,3 +195,54 @@ def test_add_residual_into_equals_merge_partial():
     np.testing.assert_allclose(lse, el.numpy(), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="float32"):
         add_residual_into(out.astype(np.float64), lse, keys, vals, q, kvh, top, n, 32, 0.3)
+
+
+# ---- the residual on the model's device (lean decode loop, residual_on="device") ----------------------------
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("n,m", [(400, 8), (400, 50), (60, 50)])  # (60, 50): n <= k + m, the exact residual
+def test_device_residual_equals_cpu_estimate(bf16, n, m):
+    """A sample drawn by draw_sample, scored by residual_partial, is the CPU estimate of the same step: the same
+    draws, weight and retrieved ids left out (two sequences of different sizes in one batch)."""
+    import torch
+
+    from retrieval_attention.attention.residual_device import draw_sample, residual_partial, sample_capacity
+
+    k, scaling = 20, 0.3
+    for seed in range(3):
+        batch = [_data(10 * seed + b, L=1, n=n - 7 * b, k=k) for b in range(2)]
+        C = sample_capacity(m, k)
+        Hkv, D = batch[0][0].shape[0], batch[0][0].shape[2]
+        Dv = batch[0][1].shape[2]
+        rk, rv = torch.zeros((2, Hkv, C, D)), torch.full((2, Hkv, C, Dv), 7.0)  # rows past the sample: finite junk
+        rid, rlw = torch.empty((2, Hkv, C), dtype=torch.int32), torch.empty(2)
+        refs = []
+        for b, (keys, vals, q, kvh, top, nb) in enumerate(batch):
+            if bf16:
+                keys = f32_to_bf16_bits(np.nan_to_num(keys))
+                vals = f32_to_bf16_bits(np.nan_to_num(vals))
+            v_t = torch.from_numpy(vals.view(np.int16)).view(torch.bfloat16) if bf16 else torch.from_numpy(vals)
+            ids, kr, vr, lw = draw_sample(keys, v_t, nb, m, k, seed)
+            assert ids.shape == (Hkv, C) and kr.shape[1] == (nb if nb <= k + m else m)
+            rid[b], rlw[b] = ids, lw
+            rk[b, :, :kr.shape[1]], rv[b, :, :vr.shape[1]] = kr, vr
+            refs.append(residual_attention_ref(keys, vals, q, kvh, top, nb, m, scaling, seed))
+        q = torch.from_numpy(np.stack([x[2] for x in batch]))  # [B, Hq, 1, D]
+        top = torch.from_numpy(np.stack([x[4] for x in batch]).astype(np.int32))
+        out, lse = residual_partial(q, rk, rv, rid, rlw, top, scaling)
+        for b, (o_ref, l_ref) in enumerate(refs):
+            np.testing.assert_allclose(out[b].numpy(), o_ref, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(lse[b].numpy(), l_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_device_residual_all_retrieved_or_empty():
+    """Nothing left to estimate (every drawn id retrieved, or an empty sample): out 0, lse -inf, no NaN."""
+    import torch
+
+    from retrieval_attention.attention.residual_device import residual_partial
+
+    q = torch.randn(1, 4, 1, 8)
+    rk, rv = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    rid = torch.tensor([[[0, 1, 2, -1, -1], [-1, -1, -1, -1, -1]]], dtype=torch.int32)
+    top = torch.tensor([0, 1, 2, -1], dtype=torch.int32).expand(1, 4, 1, 4).contiguous()
+    out, lse = residual_partial(q, rk, rv, rid, torch.zeros(1), top, 0.5)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()

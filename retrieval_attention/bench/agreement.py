@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from ..config import DEFAULT_RESIDUAL_SAMPLES
+from ..config import DEFAULT_RESIDUAL_REFRESH, DEFAULT_RESIDUAL_SAMPLES, RESIDUAL_ON
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +24,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--residual-samples; @r=0 = the published method")
     p.add_argument("--residual-samples", type=int, default=DEFAULT_RESIDUAL_SAMPLES,
                    help="residual samples of retrieval methods without @r= (default %(default)s)")
+    p.add_argument("--decode", default="hf", choices=["hf", "lean"],
+                   help="decode steps through the transformers forward (hf, default) or the lean decode loop")
+    p.add_argument("--residual-on", default="auto", choices=RESIDUAL_ON,
+                   help="where the lean loop estimates the residual (RetrievalConfig.residual_on; the hf path "
+                        "always uses the CPU)")
+    p.add_argument("--residual-refresh", type=int, default=DEFAULT_RESIDUAL_REFRESH,
+                   help="steps between redraws of the device residual's sample (default %(default)s)")
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--exact-below", type=int, default=0,
                    help="RetrievalConfig.exact_below (default 0 here: the named index at every length)")
@@ -67,11 +74,13 @@ def kl_and_agreement(logp_full, logp_method):
     return kl, agree
 
 
-def teacher_forced_logprobs(model, ids, config, n_eval: int):
+def teacher_forced_logprobs(model, ids, config, n_eval: int, decode: str = "hf"):
     """Log-probs ``[n_eval, V]`` predicting tokens after each of the last ``n_eval`` prompt positions, decoding
-    them one at a time with ``config``'s cache (prefill of the rest is exact)."""
+    them one at a time with ``config``'s cache (prefill of the rest is exact), through the transformers forward
+    (``decode="hf"``) or :class:`~retrieval_attention.decode_loop.LeanDecoder` (``"lean"``)."""
     import torch
 
+    from ..decode_loop import LeanDecoder
     from ..generation import cache_kwarg
     from ..integration import enable, make_cache
 
@@ -81,6 +90,11 @@ def teacher_forced_logprobs(model, ids, config, n_eval: int):
     out = []
     with torch.no_grad(), enable(model):
         logits = model(input_ids=ids[:, :n_pre], use_cache=True, logits_to_keep=1, **kw).logits
+        if decode == "lean":
+            with LeanDecoder(model, cache) as dec:
+                for t in range(n_pre, ids.shape[1]):
+                    out.append(torch.log_softmax(dec.step(ids[:, t : t + 1]).float()[0], -1))
+            return torch.stack(out), cache
         for t in range(n_pre, ids.shape[1]):
             logits = model(input_ids=ids[:, t : t + 1], use_cache=True, **kw).logits
             out.append(torch.log_softmax(logits[0, -1].float(), -1))
@@ -96,6 +110,7 @@ def run(args) -> int:
 
     from ..config import RetrievalConfig
     from ..data import haystack_tokens
+    from ..decode_loop import residual_placement
     from ..models import load_model
     from .common import (command_line, default_docs_path, machine_line, markdown_table, parse_index_spec,
                          update_doc_section, write_json)
@@ -116,7 +131,8 @@ def run(args) -> int:
                 search = {"nprobe": args.ef} if index_name == "ivf" else {"ef": args.ef}
             cfg = RetrievalConfig(method=method, index=index_name, index_params=index_params, top_k=args.top_k,
                                   n_sink=args.n_sink, window=args.window, dense_layers=dense, search_params=search,
-                                  residual_samples=residual, exact_below=args.exact_below)
+                                  residual_samples=residual, exact_below=args.exact_below,
+                                  residual_on=args.residual_on, residual_refresh=args.residual_refresh)
             methods.append((method, index, residual, cfg))
     except ValueError as e:
         print(f"error: --methods {args.methods!r}: {e}", file=sys.stderr)
@@ -131,13 +147,18 @@ def run(args) -> int:
         logp_full = torch.log_softmax(full_logits, -1)
         for method, index, residual, cfg in tqdm(methods, desc=f"agreement @ {ctx_len}", unit="method"):
             t0 = time.perf_counter()
-            logp, cache = teacher_forced_logprobs(model, ids, cfg, args.n_eval)
+            logp, cache = teacher_forced_logprobs(model, ids, cfg, args.n_eval, decode=args.decode)
             kl, agree = kl_and_agreement(logp_full, logp)
             st = cache.stats()
             records.append({
                 "method": method,
                 "index": index if method == "retrieval" else None,
                 "residual_samples": residual if method == "retrieval" else None,
+                "decode": args.decode,
+                # where the residual ran: the lean loop's choice (auto: device on a GPU), the CPU on the hf path
+                "residual_on": (None if method != "retrieval" or not residual else
+                                "cpu" if args.decode == "hf" else residual_placement(cfg, model.device)),
+                "residual_refresh": args.residual_refresh,
                 "context": ctx_len,
                 "kl_mean": float(kl.mean()),
                 "kl_p95": float(kl.quantile(0.95)),
@@ -148,9 +169,10 @@ def run(args) -> int:
                 "seconds": time.perf_counter() - t0,
             })
             r = records[-1]
-            print(f"{ctx_len:>6} {method:>9} {r['index'] or '-':>5} r={r['residual_samples']}  KL {r['kl_mean']:.4f}  top-1 {r['top1_agreement']:.3f}",
+            print(f"{ctx_len:>6} {method:>9} {r['index'] or '-':>5} r={r['residual_samples']} ({r['residual_on']})  KL {r['kl_mean']:.4f}  top-1 {r['top1_agreement']:.3f}",
                   file=sys.stderr)
-    rows = [[r["context"], r["method"], (r["index"] or "—") + ("" if r["method"] != "retrieval" else f" (r={r['residual_samples']})"), f"{r['kl_mean']:.4f}", f"{r['kl_p95']:.4f}",
+    rows = [[r["context"], r["method"], (r["index"] or "—") + ("" if r["method"] != "retrieval" else f" (r={r['residual_samples']}"
+                                                                   + (f", {r['residual_on']}" if r["residual_on"] else "") + ")"), f"{r['kl_mean']:.4f}", f"{r['kl_p95']:.4f}",
              f"{100 * r['top1_agreement']:.1f}%",
              "—" if r["scanned_fraction"] is None else f"{100 * r['scanned_fraction']:.1f}%"] for r in records]
     table = markdown_table(["context", "method", "index", "KL mean (nats)", "KL p95", "top-1 agreement", "keys scanned"], rows)

@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-from ..config import DEFAULT_RESIDUAL_SAMPLES
+from ..config import DEFAULT_RESIDUAL_SAMPLES, RESIDUAL_ON
 
 SHAPES = {
     # real Llama-3-8B sizes
@@ -88,6 +88,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--residual-samples", type=int, default=None,
                    help="residual draws per query head and step (default: the library's, "
                         f"{DEFAULT_RESIDUAL_SAMPLES}; 0 = the published method)")
+    p.add_argument("--residual-on", default=None, choices=RESIDUAL_ON,
+                   help="where the lean decode loop estimates the residual: device (a sample held on the GPU, "
+                        "scored while the CPU searches), cpu (fresh draws inside the CPU search call), auto "
+                        "(the default: device on a GPU)")
     p.add_argument("--ef", type=int, default=None, help="beam width of the roar search (default: the index's)")
     p.add_argument("--max-train-queries", type=int, default=None,
                    help="prefill queries per query head that train the index (default: RetrievalConfig's, "
@@ -221,6 +225,7 @@ def run_one(model, method, index, ctx, args, device):
         cache, ctxm = DynamicCache(config=model.config, offloading=True), nullcontext()
     else:
         residual = getattr(args, "residual_samples", None)
+        residual_on = getattr(args, "residual_on", None)
         ef = getattr(args, "ef", None)
         train = getattr(args, "max_train_queries", None)
         from .common import parse_index_spec
@@ -231,6 +236,7 @@ def run_one(model, method, index, ctx, args, device):
                               dense_layers=dense, search_params={"ef": ef} if ef is not None and name == "roar" else {},
                               exact_below=0,  # time the named index at every context
                               **({} if residual is None else {"residual_samples": residual}),
+                              **({} if residual_on is None else {"residual_on": residual_on}),
                               **({} if train is None else {"max_train_queries": train}))
         if method == "retrieval":
             rec["residual_samples"], rec["search_params"] = cfg.residual_samples, dict(cfg.search_params)
@@ -306,6 +312,9 @@ def run_one(model, method, index, ctx, args, device):
                         cpu_attn.append(s1["cpu_attention_s"] - s0["cpu_attention_s"])
                         waits.append(s1["wait_s"] - s0["wait_s"])
                         hosts.append(s1["host_s"] - s0["host_s"])
+        if decoder is not None and method == "retrieval":  # where the residual ran, and its device sample
+            rec["residual_on"] = "device" if decoder.residual_on_device else "cpu"
+            rec["residual_device_bytes"] = decoder.residual_bytes()
         med = statistics.median(times)
         rec["decode_ms_per_token"] = 1000 * med
         rec["decode_ms_p90"] = 1000 * sorted(times)[int(0.9 * (len(times) - 1))]
@@ -329,6 +338,8 @@ def run_one(model, method, index, ctx, args, device):
             n = _dense_bytes(cache)
             st = {"kv_device_bytes": n, "kv_cpu_bytes": 0} if method == "full" else {"kv_device_bytes": 0, "kv_cpu_bytes": n}
         rec["kv_device_bytes"] = st.get("kv_device_bytes")
+        if rec["kv_device_bytes"] is not None and rec.get("residual_device_bytes"):
+            rec["kv_device_bytes"] += rec["residual_device_bytes"]  # the residual's sample: KV rows on the device
         rec["kv_cpu_bytes"] = st.get("kv_cpu_bytes")
         rec["scanned_fraction"] = st.get("scanned_fraction") if st.get("n_searches") else None
         if st.get("worker_imbalance") is not None:  # the fused layer calls' most / average worker load
