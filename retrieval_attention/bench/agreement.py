@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "always uses the CPU)")
     p.add_argument("--residual-refresh", type=int, default=DEFAULT_RESIDUAL_REFRESH,
                    help="steps between redraws of the device residual's sample (default %(default)s)")
+    p.add_argument("--residual-seed", type=int, default=0, help="seed of the residual draws (default 0)")
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--exact-below", type=int, default=0,
                    help="RetrievalConfig.exact_below (default 0 here: the named index at every length)")
@@ -132,7 +133,8 @@ def run(args) -> int:
             cfg = RetrievalConfig(method=method, index=index_name, index_params=index_params, top_k=args.top_k,
                                   n_sink=args.n_sink, window=args.window, dense_layers=dense, search_params=search,
                                   residual_samples=residual, exact_below=args.exact_below,
-                                  residual_on=args.residual_on, residual_refresh=args.residual_refresh)
+                                  residual_on=args.residual_on, residual_refresh=args.residual_refresh,
+                                  residual_seed=args.residual_seed)
             methods.append((method, index, residual, cfg))
     except ValueError as e:
         print(f"error: --methods {args.methods!r}: {e}", file=sys.stderr)
@@ -159,6 +161,7 @@ def run(args) -> int:
                 "residual_on": (None if method != "retrieval" or not residual else
                                 "cpu" if args.decode == "hf" else residual_placement(cfg, model.device)),
                 "residual_refresh": args.residual_refresh,
+                "residual_seed": args.residual_seed,
                 "context": ctx_len,
                 "kl_mean": float(kl.mean()),
                 "kl_p95": float(kl.quantile(0.95)),
