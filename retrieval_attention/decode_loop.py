@@ -351,6 +351,8 @@ class LeanDecoder:
         valid[:, slot] = True
         olc, D = self._olc_np, self.D
         on_dev = self.residual_on_device
+        if on_dev:  # before the search: the CPU covers exactly what the sample does not (keys added since its draw)
+            self._redraw_residual(i, cl)
         for b, store in enumerate(cl.stores):
             if store.index is None or store.n == 0:
                 olc[b, ..., :D] = 0.0
@@ -360,7 +362,8 @@ class LeanDecoder:
                 continue
             t0 = time.perf_counter()
             got = store.attend(self._q_np[b], self.group, self.base.layers[i].self_attn.scaling, cfg.top_k,
-                               residual=not on_dev, return_ids=on_dev, **store.search_budget(cfg))
+                               residual_from=self._res_n[i][b] if on_dev else None, return_ids=on_dev,
+                               **store.search_budget(cfg))
             o, s, n_scanned = got[:3]
             olc[b, ..., :D] = o
             olc[b, ..., D] = s
@@ -377,8 +380,6 @@ class LeanDecoder:
             if loads is not None:
                 st.worker_keys_max += loads[0]
                 st.worker_keys_mean += loads[1]
-        if on_dev:
-            self._redraw_residual(i, cl)
         if self.cuda:
             self._t[f"olc{i}"].copy_(self._olc_host, non_blocking=True)
         st.host_s += time.perf_counter() - t_ready
@@ -388,7 +389,8 @@ class LeanDecoder:
         ``residual_refresh`` steps (the layers' turns spread over those steps, so no step pays for all of them),
         and every step while a store is small enough for the exact residual (all its keys) or has just gained
         its first residual keys. Runs after the step's evictions, so a redraw draws what the CPU estimate would
-        draw in this step."""
+        draw in this step. Keys added after a draw (ids from ``_res_n``, the store size it was drawn at) are
+        outside the sample: the CPU search call adds their exact residual (``attend(residual_from=...)``)."""
         k, m = self.top_k, cl.config.residual_samples
         t = self._t
         due = self.steps >= self._res_next[i]

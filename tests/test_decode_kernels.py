@@ -99,7 +99,7 @@ def _run_search(adj, keys, n_graph, n_total, queries, goh, koh, entries, k, L, T
 
 
 def _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L, scaling, T=2, order=None,
-               res_m=0, res_seed=0, dynamic=False, partner=None):
+               res_m=0, res_seed=0, dynamic=False, partner=None, res_lo=-1):
     Hq, nq = queries.shape[:2]
     if partner is None:
         partner = np.full(Hq, -1, np.int64)
@@ -117,7 +117,7 @@ def _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, 
         DK.search_attend_batch(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L, scaling,
                                w.visited, w.cand_s, w.cand_i, out, lse, ns, ids, sc,
                                DK.balanced_order(None, Hq * nq) if order is None else order,
-                               keys, n_total, res_m, res_seed, w.taken, worker, dynamic, partner)
+                               keys, n_total, res_m, res_seed, w.taken, worker, dynamic, partner, res_lo)
         assert not w.taken.any()  # the residual's bitsets are left zeroed
         assert ((worker >= 0) & (worker < T)).all()  # every pair was run, by one of the T workers
     return out, lse, ns, ids, sc
@@ -239,6 +239,32 @@ def test_fused_residual_equals_separate_residual(storage, m):
         np.testing.assert_array_equal(lse2, lse)
         o0, l0, _, _, _ = _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L, 0.37, T=T)
         assert not np.array_equal(o0, out2)  # the estimate did change the result
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_fused_exact_tail_residual_equals_separate(storage):
+    """res_lo (the device residual's CPU part): the exact residual over ids res_lo..n-1, as add_residual_into(lo=)
+    merges it afterwards, bit for bit; nothing when res_lo = n."""
+    from retrieval_attention.attention.residual import add_residual_into
+
+    rng = np.random.default_rng(9)
+    adj, keys, values, queries, entries, goh, koh, n_graph, n_total = _kernel_inputs(rng, "kv_head")
+    if storage == "bfloat16":
+        keys, values = _bits(keys), _bits(values)
+    for k, L, lo in ((10, 12, n_total - 7), (30, 40, n_graph - 20), (10, 12, 0)):
+        out, lse, ns, ids, _ = _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L, 0.37)
+        base = (out.copy(), lse.copy())
+        add_residual_into(out, lse, keys, values, queries, koh, ids, n_total, 0, 0.37, lo=lo)
+        out2, lse2, _, ids2, _ = _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, k, L,
+                                            0.37, res_lo=lo)
+        np.testing.assert_array_equal(ids2, ids)
+        np.testing.assert_array_equal(out2, out)
+        np.testing.assert_array_equal(lse2, lse)
+        assert (lse2 >= base[1]).all() and (lse2 > base[1]).any()  # exact extra mass, never less
+    plain = _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, 10, 12, 0.37)
+    empty = _run_fused(adj, keys, values, n_graph, n_total, queries, goh, koh, entries, 10, 12, 0.37, res_lo=n_total)
+    np.testing.assert_array_equal(empty[0], plain[0])  # res_lo = n: no keys to add
+    np.testing.assert_array_equal(empty[1], plain[1])
 
 
 def test_fused_kernel_empty_graph_gives_no_result():

@@ -148,6 +148,16 @@ def test_lean_device_residual_redraws_when_due(monkeypatch):
         return real(keys, values, n, m, k, seed)
 
     monkeypatch.setattr(DL, "draw_sample", spy)
+    from retrieval_attention import cache as C
+
+    attends = []  # (step, layer, residual_from, n): the CPU's exact part covers the keys added since the draw
+    real_attend = C.CPUStore.attend
+
+    def attend_spy(self, *a, residual_from=None, **kw):
+        attends.append((step[0], self.residual_seed % 1_000_003, residual_from, self.n))
+        return real_attend(self, *a, residual_from=residual_from, **kw)
+
+    monkeypatch.setattr(C.CPUStore, "attend", attend_spy)
     with torch.no_grad(), enable(model):
         cache, logits = _prefill(model, cfg, ids, layerwise=True)
         tok = logits.argmax(-1, keepdim=True)
@@ -165,6 +175,10 @@ def test_lean_device_residual_redraws_when_due(monkeypatch):
         assert R <= gaps[0] < 2 * R and all(g == R for g in gaps[1:]) and len(at) >= 3
     later = [s for s, _, _ in draws if s > 0]
     assert len(set(later)) > 1  # the layers take turns: not all redrawn in one step
+    assert len(attends) == 4 * R * len(layers)
+    for s, layer, frm, n in attends:
+        drawn_at = max(d for d in draws if d[1] == layer and d[0] <= s)[2]
+        assert frm == drawn_at and n == n0 + s  # the sample covers ids < frm, the CPU frm..n-1 exactly
 
 
 def test_lean_left_padded_batch():

@@ -246,3 +246,52 @@ def test_device_residual_all_retrieved_or_empty():
     top = torch.tensor([0, 1, 2, -1], dtype=torch.int32).expand(1, 4, 1, 4).contiguous()
     out, lse = residual_partial(q, rk, rv, rid, torch.zeros(1), top, 0.5)
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_exact_tail_residual(bf16):
+    """lo: the exact residual over the non-retrieved ids lo..n-1 (kernel == reference == the plain formula)."""
+    keys, vals, q, kvh, top, n = _data(11, n=300, k=20)
+    if bf16:
+        keys, vals = f32_to_bf16_bits(np.nan_to_num(keys)), f32_to_bf16_bits(np.nan_to_num(vals))
+    lo = 240
+    o, l = estimate_residual(keys, vals, q, kvh, top, n, 8, 0.3, seed=3, lo=lo)
+    o2, l2 = residual_attention_ref(keys, vals, q, kvh, top, n, 8, 0.3, 3, lo=lo)
+    np.testing.assert_allclose(o, o2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(l, l2, rtol=1e-5, atol=1e-5)
+    kf, vf = bf16_bits_to_f32(keys) if bf16 else keys, bf16_bits_to_f32(vals) if bf16 else vals
+    top_shifted = np.where(top >= lo, top - lo, -1)  # the formula over rows lo..n-1, retrieved ids left out
+    eo, el = _exact_residual(kf[:, lo:n], vf[:, lo:n], q, kvh, top_shifted, n - lo, 0.3)
+    np.testing.assert_allclose(o, eo, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(l, el, rtol=1e-4, atol=1e-4)
+    o3, l3 = estimate_residual(keys, vals, q, kvh, top, n, 8, 0.3, lo=n)  # nothing past n
+    assert np.isneginf(l3).all() and (o3 == 0).all()
+
+
+def test_device_sample_plus_exact_tail_is_unbiased():
+    """The lean loop's estimate between redraws: a device sample drawn when the store had n0 keys (weight n0 / m)
+    plus the CPU's exact residual over the keys added since (ids n0..n-1). Averaged over seeds, its numerator and
+    denominator converge to the exact residual over all n keys."""
+    import torch
+
+    from retrieval_attention.attention.merge import merge_partial
+    from retrieval_attention.attention.residual_device import draw_sample, residual_partial
+
+    keys, vals, q, kvh, top, n = _data(12, L=1, n=600, k=30)
+    n0, m, k, scaling = 560, 64, 30, 0.3
+    eo, el = _exact_residual(keys, vals, q, kvh, top, n, scaling)
+    tail_o, tail_l = estimate_residual(keys, vals, q, kvh, top, n, m, scaling, lo=n0)
+    num, den = np.zeros_like(eo), np.zeros_like(el)
+    S = 300
+    for seed in range(S):
+        ids, kr, vr, lw = draw_sample(keys, torch.from_numpy(vals), n0, m, k, seed)
+        rk, rv = torch.zeros((kr.shape[0], ids.shape[1], kr.shape[2])), torch.zeros((vr.shape[0], ids.shape[1], vr.shape[2]))
+        rk[:, :m], rv[:, :m] = kr, vr
+        o, l = residual_partial(torch.from_numpy(q)[None], rk[None], rv[None], ids[None], torch.tensor([lw]),
+                                torch.from_numpy(top.astype(np.int32))[None], scaling)
+        o, l = merge_partial(o[0], l[0], torch.from_numpy(tail_o), torch.from_numpy(tail_l))
+        w = np.exp(l.double().numpy())
+        den += w
+        num += w[..., None] * o.double().numpy()
+    np.testing.assert_allclose(den / S, np.exp(el), rtol=0.05)
+    np.testing.assert_allclose(num / den[..., None], eo, atol=0.05)

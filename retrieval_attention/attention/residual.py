@@ -32,7 +32,8 @@ from .residual_kernels import _draw, _finish, _row, _seed, draw_ids  # noqa: F40
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed, out, lse, n_split, merge):
+def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed, out, lse, n_split, merge,
+                       lo=-1):
     """Residual estimate for every (query head, query).
 
     keys / values ``[Hkv, >= n, D]`` float32 or uint16 (bfloat16 bits); queries ``[Hq, L, D]`` float32;
@@ -45,14 +46,17 @@ def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scalin
     and value row is read from memory once for the whole group (the loop is bound by those random reads);
     ``n_split`` cuts each (KV head, query)'s draws into that many contiguous ranges (more tasks than KV heads),
     whose partial sums are combined exactly (max-subtracted) in a second pass; the decode path passes
-    :data:`RESIDUAL_SPLIT` (1: measured not to pay on a 16-core host).
+    :data:`RESIDUAL_SPLIT` (1: measured not to pay on a 16-core host). ``lo >= 0``: no draws, the exact
+    attention over the non-retrieved ids ``lo..n-1`` instead (the keys a device sample drawn at ``n = lo``
+    does not cover, :mod:`.residual_device`).
     """
     Hq, L, D = queries.shape
     Hkv = keys.shape[0]
     Dv = values.shape[2]
     k = topk_ids.shape[2]
-    exact = n <= k + m
-    cnt = n if exact else m
+    exact = n <= k + m or lo >= 0
+    base = max(lo, 0)
+    cnt = (n - base) if exact else m
     weight = 1.0 if exact else n / m
     S = max(1, min(n_split, cnt))
     P = Hkv * L
@@ -77,7 +81,7 @@ def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scalin
         ids = np.empty(nt, np.int64)
         if exact:
             for t in range(nt):
-                ids[t] = t0 + t
+                ids[t] = base + t0 + t
         else:
             st0 = _seed(seed, n, kv, i)
             for t in range(nt):
@@ -143,21 +147,22 @@ def residual_attention(keys, values, queries, kv_of_head, topk_ids, n, m, scalin
             _finish(out, lse, h, i, mx, z, acc, weight, merge)
 
 
-def residual_attention_ref(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed):
-    """Plain numpy version of :func:`residual_attention` (same draws). Arrays as there (float32 keys/values)."""
+def residual_attention_ref(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed, lo=None):
+    """Plain numpy version of :func:`residual_attention` (same draws; ``lo``: the exact residual over ids
+    ``lo..n-1``). Arrays as there (float32 keys/values)."""
     from ..index.bf16 import as_float32
 
     keys, values = as_float32(keys), as_float32(values)
     Hq, L, D = queries.shape
     k = topk_ids.shape[2]
-    exact = n <= k + m
+    exact = n <= k + m or lo is not None
     out = np.zeros((Hq, L, values.shape[2]), np.float32)
     lse = np.full((Hq, L), -np.inf, np.float32)
     buf = np.empty(max(m, 1), np.int64)
     for h in range(Hq):
         for i in range(L):
             if exact:
-                ids = np.arange(n)
+                ids = np.arange(0 if lo is None else lo, n)
             else:
                 draw_ids(seed, n, kv_of_head[h], i, m, buf)  # the heads of a KV head share its draws
                 ids = buf[:m].copy()
@@ -183,35 +188,42 @@ def _kernel_rows(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float32) if a.dtype == np.float16 else a
 
 
-def _run_kernel(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed, out, lse, merge: bool) -> None:
+def _run_kernel(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed, out, lse, merge: bool,
+                lo: int | None = None) -> None:
     """:func:`residual_attention` with its inputs made contiguous and typed (float16 keys / values widened to
     float32), :data:`RESIDUAL_SPLIT` splits."""
     keys, values = _kernel_rows(keys), _kernel_rows(values)
     residual_attention(keys, values, np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(kv_of_head, np.int64),
                        np.ascontiguousarray(topk_ids, np.int64), int(n), int(m), float(scaling), int(seed), out, lse,
-                       RESIDUAL_SPLIT, merge)
+                       RESIDUAL_SPLIT, merge, -1 if lo is None else int(lo))
 
 
-def estimate_residual(keys, values, queries, kv_of_head, topk_ids, n: int, m: int, scaling: float, seed: int = 0):
-    """Compiled residual estimate (see the module docstring); returns ``out [Hq, L, Dv] float32, lse [Hq, L]``."""
+def _nothing_to_estimate(n: int, m: int, lo: int | None) -> bool:
+    return n <= (0 if lo is None else lo) or (lo is None and m <= 0)
+
+
+def estimate_residual(keys, values, queries, kv_of_head, topk_ids, n: int, m: int, scaling: float, seed: int = 0,
+                      lo: int | None = None):
+    """Compiled residual estimate (see the module docstring); returns ``out [Hq, L, Dv] float32, lse [Hq, L]``.
+    ``lo``: the exact attention over the non-retrieved ids ``lo..n-1`` instead of draws."""
     Hq, L, _ = queries.shape
     out = np.empty((Hq, L, values.shape[2]), np.float32)
     lse = np.empty((Hq, L), np.float32)
-    if n == 0 or m <= 0:
+    if _nothing_to_estimate(n, m, lo):
         out[:] = 0
         lse[:] = -np.inf
         return out, lse
-    _run_kernel(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed, out, lse, merge=False)
+    _run_kernel(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed, out, lse, merge=False, lo=lo)
     return out, lse
 
 
 def add_residual_into(out, lse, keys, values, queries, kv_of_head, topk_ids, n: int, m: int, scaling: float,
-                      seed: int = 0) -> None:
+                      seed: int = 0, lo: int | None = None) -> None:
     """Merge the residual estimate into a retrieved partial in place: ``out [Hq, L, Dv]`` / ``lse [Hq, L]``
     float32 C-contiguous (the attention over the retrieved ``topk_ids``) become the attention over retrieved +
     residual, as ``merge_partial(out, lse, *estimate_residual(...))`` but in the same compiled call."""
-    if n == 0 or m <= 0:
+    if _nothing_to_estimate(n, m, lo):
         return
     if out.dtype != np.float32 or lse.dtype != np.float32 or not (out.flags.c_contiguous and lse.flags.c_contiguous):
         raise ValueError("add_residual_into: out and lse must be C-contiguous float32 arrays")
-    _run_kernel(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed, out, lse, merge=True)
+    _run_kernel(keys, values, queries, kv_of_head, topk_ids, n, m, scaling, seed, out, lse, merge=True, lo=lo)

@@ -7,12 +7,14 @@ for the Llama-3-8B shape, docs/BENCHMARKS.md session 11), spent while the GPU id
 key / value rows held on the device (``[Hkv, m + k, D]`` float32 per layer and sequence: ~3 MB per layer of
 the 8B shape, 0.5% of its 128K KV). Each step scores them there, drops the ids the CPU search retrieved, and
 merges the weighted partial like the CPU one. The sample is redrawn every ``residual_refresh`` steps (and every
-step while the store is small enough for the exact residual); in between, keys the store gained since the draw
-are outside the estimate unless retrieved (at most ``residual_refresh`` of them per KV head).
+step while the store is small enough for the exact residual); the keys the store gained since the draw (at most
+``residual_refresh`` per KV head, the tokens that left the window) are not in it: the CPU search call adds their
+exact attention instead (``CPUStore.attend(residual_from=n at the draw)``, a few rows per query head).
 
 With a redraw every step the estimate is the CPU one (the same ids, weight and exclusions; tests compare
-them). Between redraws each step's estimate is still unbiased for the keys drawn from (the sample does not
-depend on the queries); its errors are correlated across those steps instead of independent.
+them). Between redraws each step's estimate is still unbiased (the sample does not depend on the queries); its
+errors are correlated across those steps instead of independent. Left out, the keys added since the draw made
+the 8K agreement measurably worse (KL +20% over three seeds, docs/BENCHMARKS.md session 13).
 """
 
 from __future__ import annotations

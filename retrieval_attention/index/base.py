@@ -107,15 +107,19 @@ class Residual:
     """What :meth:`KVIndex.search_attend` needs to add the residual estimate (:mod:`..attention.residual`):
     ``keys [n_kv_heads, >= n, D]`` float32 or uint16 bfloat16 bits, the keys drawn from (ids ``0..n-1``; the
     index's own stored keys or the cache's copy), ``m`` draws per (KV head, query) (``<= 0``: none) and the
-    layer's ``seed``."""
+    layer's ``seed``. ``lo`` (not None): no draws; the exact attention over the non-retrieved ids ``lo..n-1``,
+    the keys that a device sample drawn at ``n = lo`` does not cover (:mod:`..attention.residual_device`)."""
 
     keys: np.ndarray
     n: int
     m: int
     seed: int = 0
+    lo: int | None = None
 
     @property
     def active(self) -> bool:
+        if self.lo is not None:
+            return self.n > self.lo
         return self.m > 0 and self.n > 0
 
 
@@ -199,7 +203,7 @@ class KVIndex(ABC):
             from ..attention.residual import add_residual_into
 
             add_residual_into(out, lse, np.asarray(residual.keys), values, queries, kv_of_head, ids, residual.n,
-                              residual.m, float(scaling), residual.seed)
+                              residual.m, float(scaling), residual.seed, lo=residual.lo)
         return (out, lse, n_scanned, ids) if return_ids else (out, lse, n_scanned)
 
     def _check_values(self, values) -> np.ndarray:

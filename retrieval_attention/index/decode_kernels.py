@@ -37,7 +37,7 @@ CAND_INIT = 4096
 @njit(parallel=True, nogil=True, cache=True)
 def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_head, kv_of_head, entries, k, L,
                         scaling, visited, cand_s, cand_i, out, out_lse, out_ns, out_ids, out_sc, order,
-                        res_keys, res_n, res_m, res_seed, taken, out_worker, dynamic, partner):
+                        res_keys, res_n, res_m, res_seed, taken, out_worker, dynamic, partner, res_lo=-1):
     """Fused top-``k`` search + attention of every (query head, query) pair of a layer.
 
     Inputs as :func:`.kernels.search_batch` (adj, keys, n_graph, n_total, queries [Hq, nq, d] float32,
@@ -60,7 +60,9 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
     results), in the same parallel call: no second thread launch per layer, and the draws spread over all
     pairs instead of one task per KV head. res_keys [Hkv, >= res_n, d] (float32 or bfloat16 bits) are the
     keys drawn from (ids ``0..res_n-1``), taken [T, >= ceil(res_n / 64)] uint64 per-worker bitsets, all
-    zero on entry (left zero). ``res_m <= 0``: no estimate (res_keys / taken are not read).
+    zero on entry (left zero). ``res_m <= 0``: no estimate (res_keys / taken are not read). ``res_lo >= 0``:
+    instead of draws, the exact attention over the non-retrieved ids ``res_lo..res_n-1`` (weight 1): the keys a
+    device sample drawn at ``n = res_lo`` does not cover (:mod:`~retrieval_attention.attention.residual_device`).
 
     Shared passes (``partner [Hq]`` int64, -1 = none): a head ``h`` with ``partner[h] = b >= 0`` searches together
     with head ``b`` of the same graph in one pass (:func:`.kernels.search_two`, needs ``L >= k``); ``order`` then
@@ -92,8 +94,12 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
         pw = np.empty(k, np.float64)
         acc = np.empty(dv, np.float64)
         vis = visited[t]
-        r_exact = res_n <= k + res_m
-        r_cnt = max(0, res_n if r_exact else res_m) if res_m > 0 else 0
+        if res_lo >= 0:  # the exact residual over ids res_lo..res_n-1
+            r_exact, r_cnt, r_lo = True, max(0, res_n - res_lo), res_lo
+        else:
+            r_exact = res_n <= k + res_m
+            r_cnt = max(0, res_n if r_exact else res_m) if res_m > 0 else 0
+            r_lo = 0
         r_ids = np.empty(r_cnt, np.int64)
         r_sc = np.empty(r_cnt, np.float64)
         r_keep = np.empty(r_cnt, np.bool_)
@@ -136,27 +142,28 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
                 _attend_one(values, kv, rb_s, rb_i, nrb, scaling, pw, acc, out, out_lse, hb, i)
                 if r_cnt > 0:
                     _residual_one(res_keys, values, qb, kv, hb, i, rb_i, nrb, res_n, r_exact, r_cnt, scaling,
-                                  res_seed, taken[t], r_ids, r_sc, r_keep, r_row, acc, out, out_lse)
+                                  res_seed, taken[t], r_ids, r_sc, r_keep, r_row, acc, out, out_lse, r_lo)
             emit_results(r_s, r_i, nr, k, out_ids, out_sc, h, i)
             out_ns[h, i] = ns
             _attend_one(values, kv, r_s, r_i, nr, scaling, pw, acc, out, out_lse, h, i)
             if r_cnt > 0:
                 _residual_one(res_keys, values, qv, kv, h, i, r_i, nr, res_n, r_exact, r_cnt, scaling, res_seed,
-                              taken[t], r_ids, r_sc, r_keep, r_row, acc, out, out_lse)
+                              taken[t], r_ids, r_sc, r_keep, r_row, acc, out, out_lse, r_lo)
 
 
 @njit(nogil=True, cache=True)
 def _residual_one(keys, values, qv, kv, h, i, r_i, nr, n, exact, cnt, scaling, seed, taken, ids, sc, keep, row, acc,
-                  out, out_lse):
+                  out, out_lse, lo=0):
     """Residual estimate of pair (h, i) merged into ``out[h, i]`` / ``out_lse[h, i]``: the per-pair form of
     :func:`~retrieval_attention.attention.residual.residual_attention` (the same draws and float64 sums, in the
-    same order). ``r_i[:nr]`` are the retrieved ids (excluded); ``taken`` a zeroed bitset, left zeroed."""
+    same order). ``r_i[:nr]`` are the retrieved ids (excluded); ``taken`` a zeroed bitset, left zeroed.
+    ``exact``: the ``cnt`` ids ``lo, lo + 1, ...`` with weight 1 instead of draws."""
     dv = values.shape[2]
     for r in range(nr):
         _test_and_set(taken, r_i[r])
     if exact:
         for t in range(cnt):
-            ids[t] = t
+            ids[t] = lo + t
     else:
         draw_ids(seed, n, kv, i, cnt, ids)
     mx = -np.inf

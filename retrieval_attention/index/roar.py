@@ -652,7 +652,8 @@ class RoarIndex(KVIndex):
                                    w.cand_s[:T], w.cand_i[:T], out, lse, ns, ids, sc, order,
                                    self._keys if res is None else res_keys, 0 if res is None else int(res.n),
                                    0 if res is None else int(res.m), 0 if res is None else int(res.seed),
-                                   w.taken[:T], worker, self.schedule == "dynamic", partner)
+                                   w.taken[:T], worker, self.schedule == "dynamic", partner,
+                                   -1 if res is None or res.lo is None else int(res.lo))
         self._last_scanned = ns.reshape(-1)
         rows = self._last_scanned
         if paired:  # a shared pass's rows were loaded once, by its task's worker
