@@ -29,6 +29,17 @@ def test_bench_kernels_records(tmp_path, capsys):
     assert rec["residual_samples"] == 0 and rec["residual_ms"] == 0.0
 
 
+def test_bench_kernels_residual_on_device(tmp_path):
+    """--residual-on device times the CPU part of the device residual: the exact attention over the last keys."""
+    out = tmp_path / "k.json"
+    assert main(["bench", "kernels", "--keys", "1K", "--shape", "tiny", "--ef", "32", "--steps", "2", "--threads", "1",
+                 "--residual-on", "device", "--residual-refresh", "16", "--json", str(out),
+                 "--markdown", str(tmp_path / "k.md")]) == 0
+    (rec,) = json.loads(out.read_text())["records"]
+    assert rec["residual_on"] == "device" and rec["residual_refresh"] == 16 and 0 <= rec["residual_ms"] < rec["layer_ms"]
+    assert "exact, last 16 keys" in (tmp_path / "k.md").read_text()
+
+
 def test_bench_kernels_thread_sweep(tmp_path):
     out = tmp_path / "k.json"
     assert main(["bench", "kernels", "--keys", "1K", "--shape", "tiny", "--ef", "32", "--steps", "2",

@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from ..config import DEFAULT_RESIDUAL_REFRESH
+
 #: decode steps used to warm up the compiled kernels before timing
 WARMUP_STEPS = 2
 
@@ -33,6 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--residual-samples", type=int, default=None,
                    help="residual draws per query head timed after the search as decoding does (default: the "
                         "library's; 0 = none)")
+    p.add_argument("--residual-on", default="cpu", choices=["cpu", "device"],
+                   help="the residual part of the CPU call: cpu = the draws (default), device = what the CPU still "
+                        "does when the draws are scored on the GPU: the exact residual over the last "
+                        "--residual-refresh keys (the keys added since the device sample's draw, at most that many)")
+    p.add_argument("--residual-refresh", type=int, default=DEFAULT_RESIDUAL_REFRESH,
+                   help="with --residual-on device: keys in that exact part (default %(default)s, the most between redraws)")
     p.add_argument("--steps", type=int, default=20, help="timed decode steps (median reported)")
     p.add_argument("--layers", type=int, default=1,
                    help="independent layers (own data and index) called in turn at every step, as decoding does: "
@@ -144,7 +152,11 @@ def run(args) -> int:
                     for step in range(n_steps):
                         for idx, values, res_keys, te, true_ids in layers:
                             q = np.ascontiguousarray(te[:, step : step + 1])
-                            res = Residual(res_keys, n, m_res, seed=step) if with_residual else None
+                            res = None
+                            if with_residual and args.residual_on == "device":  # the keys since the device draw
+                                res = Residual(res_keys, n, 0, lo=max(0, n - args.residual_refresh))
+                            elif with_residual:
+                                res = Residual(res_keys, n, m_res, seed=step)
                             t1 = time.perf_counter()
                             _, _, ns, ids = idx.search_attend(q, args.top_k, values, scaling, return_ids=True,
                                                               residual=res, **budget)
@@ -169,7 +181,8 @@ def run(args) -> int:
                     "build_s": float(np.median(build_s)), "knn_s": _median_stat(stats, "knn_s"),
                     "graph_s": _median_stat(stats, "graph_s"), "repair_s": _median_stat(stats, "repair_s"),
                     "memory_bytes": layers[0][0].memory_bytes(),
-                    "residual_samples": m_res,
+                    "residual_samples": m_res, "residual_on": args.residual_on,
+                    "residual_refresh": args.residual_refresh if args.residual_on == "device" else None,
                     "residual_ms": (max(0.0, 1e3 * (float(np.median(times)) - float(np.median(plain))))
                                     if m_res > 0 else 0.0),
                     "layer_ms": 1e3 * float(np.median(times)), "layer_ms_p90": 1e3 * float(np.quantile(times, 0.9)),
@@ -195,7 +208,8 @@ def run(args) -> int:
         parts = "/".join(f"{r[k]:.2f}" if r[k] is not None else "-" for k in ("knn_s", "graph_s", "repair_s"))
         rows.append([r["keys"], "exact" if r[budget_key] is None else f"{budget_key}={r[budget_key]}", r["threads"], r["layers"],
                      f"{r['layer_ms']:.2f} / {r['layer_ms_p90']:.2f}",
-                     f"{r['residual_ms']:.2f} ({r['residual_samples']} draws)" if r["residual_samples"] else "—",
+                     (f"{r['residual_ms']:.2f} (exact, last {r['residual_refresh']} keys)" if r["residual_on"] == "device"
+                      else f"{r['residual_ms']:.2f} ({r['residual_samples']} draws)") if r["residual_samples"] else "—",
                      f"{100 * r['scanned_fraction']:.2f}", f"{r['recall_at_k']:.3f}", f"{r['ns_per_key_thread']:.0f}",
                      f"{r['build_s']:.2f} ({parts})",
                      f"{r['memory_bytes'] / 2**20:.0f}"])
