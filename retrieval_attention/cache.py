@@ -267,9 +267,10 @@ class CPUStore:
         return idx.search_attend(queries, k, values, scaling, return_ids=return_ids, residual=res, **budget)
 
     def residual_population(self, k: int):
-        """What the residual estimate draws from when retrieving top-``k``: ``(keys [Hkv, >= n, D]`` numpy float32
-        or uint16 bfloat16 bits, ``values [Hkv, >= n, Dv]`` torch, ``n``, seed``)``, ids ``0..n-1``; None when there
-        is no residual (``residual_samples`` 0, or no more than ``k`` keys: retrieval returns them all)."""
+        """What the residual estimate draws from when retrieving top-``k``: ``(keys, values, n, seed)`` with keys
+        ``[Hkv, >= n, D]`` numpy float32 or uint16 bfloat16 bits and values ``[Hkv, >= n, Dv]`` torch, ids
+        ``0..n-1``; None when there is no residual (``residual_samples`` 0, or no more than ``k`` keys: retrieval
+        returns them all)."""
         if self.config.residual_samples <= 0 or self.n <= k or self.index is None:
             return None
         return self.key_array(), self.values, self.n, self.residual_seed
