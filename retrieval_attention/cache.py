@@ -245,15 +245,15 @@ class CPUStore:
         kv_head = (torch.arange(Hq) // group).repeat_interleave(L * k)
         return self.values[kv_head, idx].view(Hq, L, k, -1)
 
-    def attend(self, queries: np.ndarray, group: int, scaling: float, k: int, residual: bool = True,
-               residual_from: int | None = None, return_ids: bool = False, **budget):
+    def attend(self, queries: np.ndarray, group: int, scaling: float, k: int, residual_from: int | None = None,
+               return_ids: bool = False, **budget):
         """Top-``k`` retrieval + softmax attention over the retrieved keys.
 
         queries ``[Hq, L, D]`` float32 (C-contiguous); ``group`` query heads per KV head; scores are
         ``scaling * q.key``. Returns ``out [Hq, L, D] float32`` (0 where nothing was retrieved),
         ``lse [Hq, L] float32`` (-inf there) and ``n_scanned [Hq, L] int64``, and with ``return_ids`` the
-        retrieved ids ``[Hq, L, k] int64`` (-1 padding). ``residual``: merge the residual estimate over
-        :meth:`residual_population` in (``config.residual_samples`` draws); ``residual_from``: instead of draws,
+        retrieved ids ``[Hq, L, k] int64`` (-1 padding). The residual estimate over :meth:`residual_population`
+        is merged in (``config.residual_samples`` draws); ``residual_from``: instead of draws,
         the exact residual over ids ``residual_from..n-1`` only (the rest is estimated on the device:
         :mod:`.attention.residual_device`). One ``index.search_attend`` call (fused compiled search + attention
         for ``roar`` with float32 or bfloat16 values; search + numpy attention otherwise).
@@ -262,7 +262,7 @@ class CPUStore:
         if queries.shape[0] != group * idx.n_kv_heads:
             raise ValueError(f"{queries.shape[0]} query heads for {idx.n_kv_heads} KV heads and group {group}")
         values = tensor_as_numpy(self.values)
-        res, _ = _residual_of(self, k, residual, residual_from)
+        res, _ = _residual_of(self, k, residual_from)
         # the residual estimate is merged in the same call (roar: inside the fused compiled kernel)
         return idx.search_attend(queries, k, values, scaling, return_ids=return_ids, residual=res, **budget)
 
@@ -297,10 +297,10 @@ class CPUStore:
         return v + (self.index.memory_bytes() if self.index is not None else 0)
 
 
-def _residual_of(store, k: int, residual: bool, residual_from: int | None):
+def _residual_of(store, k: int, residual_from: int | None):
     """``(Residual, values [Hkv, >= n, Dv] torch)`` of an ``attend`` call (see :meth:`CPUStore.attend`), or
     ``(None, None)`` when there is nothing to estimate."""
-    pop = store.residual_population(k) if residual else None
+    pop = store.residual_population(k)
     if pop is None:
         return None, None
     keys, values, n, seed = pop
@@ -308,7 +308,7 @@ def _residual_of(store, k: int, residual: bool, residual_from: int | None):
     return (res, values) if res.active else (None, None)
 
 
-def _attend_by_search(store, queries: np.ndarray, group: int, scaling: float, k: int, residual: bool = True,
+def _attend_by_search(store, queries: np.ndarray, group: int, scaling: float, k: int,
                       residual_from: int | None = None, return_ids: bool = False, **budget):
     """Generic ``attend``: ``store.search`` + ``store.gather_values`` + :func:`retrieved_attention`
     (shapes and options as :meth:`CPUStore.attend`), plus the residual estimate over a fork's base store."""
@@ -318,7 +318,7 @@ def _attend_by_search(store, queries: np.ndarray, group: int, scaling: float, k:
     ids, scores, n_scanned = store.search(queries, k, **budget)
     out, lse = retrieved_attention(scores, ids, store.gather_values(ids, group), scaling)
     out, lse = np.ascontiguousarray(out.numpy(), np.float32), np.ascontiguousarray(lse.numpy(), np.float32)
-    res, values = _residual_of(store, k, residual, residual_from)
+    res, values = _residual_of(store, k, residual_from)
     if res is not None:  # the base's non-retrieved keys (retrieved tail ids are >= base_n: never drawn)
         kv_of_head = np.arange(queries.shape[0]) // group
         add_residual_into(out, lse, res.keys, tensor_as_numpy(values), queries, kv_of_head, ids, res.n, res.m,
@@ -421,10 +421,10 @@ class ForkedStore:
             out[~in_base] = self.tail.values[kv_head[~in_base], flat[~in_base] - self.base_n].to(dtype)
         return out.view(Hq, L, k, D)
 
-    def attend(self, queries: np.ndarray, group: int, scaling: float, k: int, residual: bool = True,
-               residual_from: int | None = None, return_ids: bool = False, **budget):
+    def attend(self, queries: np.ndarray, group: int, scaling: float, k: int, residual_from: int | None = None,
+               return_ids: bool = False, **budget):
         """As :meth:`CPUStore.attend`, over the base store's keys and this fork's tail (top-``k`` of both)."""
-        kw = dict(residual=residual, residual_from=residual_from, return_ids=return_ids)
+        kw = dict(residual_from=residual_from, return_ids=return_ids)
         if self.m == 0 and self.base_n:  # nothing added yet: the base store's (fused) path
             return self.base.attend(queries, group, scaling, k, **kw, **budget)
         return _attend_by_search(self, queries, group, scaling, k, **kw, **budget)

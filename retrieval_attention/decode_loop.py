@@ -400,7 +400,7 @@ class LeanDecoder:
             phase = (list(self._res_next).index(i) * R) // len(self._res_next) if self.steps == 0 else 0
             self._res_next[i] = self.steps + R + phase
         for b, store in enumerate(cl.stores):
-            pop = store.residual_population(k) if store.index is not None else None
+            pop = store.residual_population(k)
             n = 0 if pop is None else pop[2]
             prev = self._res_n[i][b]
             if not (prev is None or due or (n != prev and (n <= k + m or prev == 0))):
