@@ -52,3 +52,15 @@ def test_bad_index_options_fail_before_the_model_loads(methods, capsys):
     assert run(args) == 2
     err = capsys.readouterr().err
     assert "error: --methods" in err and methods in err
+
+
+@pytest.mark.parametrize("flag,value", [("--residual-refresh", "0"), ("--residual-seed", "-1")])
+def test_bad_residual_options_name_their_flag(flag, value, capsys):
+    import argparse
+
+    from retrieval_attention.bench.agreement import add_arguments, run
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert run(p.parse_args(["--model", "no-such-model", flag, value, "--context", "2048"])) == 2
+    assert f"error: {flag} must be >=" in capsys.readouterr().err

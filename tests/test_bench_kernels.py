@@ -75,5 +75,7 @@ def test_bench_kernels_bad_input(capsys):
     assert "--top-k" in capsys.readouterr().err
     assert main(["bench", "kernels", "--keys", "1K", "--shape", "tiny", "--residual-samples", "-1"]) == 2
     assert "--residual-samples must be >= 0" in capsys.readouterr().err
+    assert main(["bench", "kernels", "--keys", "1K", "--shape", "tiny", "--residual-refresh", "0"]) == 2
+    assert "--residual-refresh must be >= 1" in capsys.readouterr().err
     assert main(["bench", "kernels", "--keys", "1K", "--shape", "tiny", "--layers", "0"]) == 2
     assert "--layers" in capsys.readouterr().err

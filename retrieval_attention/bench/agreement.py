@@ -121,6 +121,10 @@ def run(args) -> int:
         print("error: every --context must exceed --n-eval + --n-sink + --window, and --n-eval must be positive",
               file=sys.stderr)
         return 2
+    for flag, v, least in (("--residual-refresh", args.residual_refresh, 1), ("--residual-seed", args.residual_seed, 0)):
+        if v < least:  # checked here, not blamed on --methods by the configs below
+            print(f"error: {flag} must be >= {least}, got {v}", file=sys.stderr)
+            return 2
     dense = tuple(int(x) for x in args.dense_layers.split(",") if x.strip())
     # every method's config is made (and its index options checked) before the model loads
     try:

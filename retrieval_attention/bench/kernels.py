@@ -100,6 +100,10 @@ def run(args) -> int:
         print(f"error: --residual-samples must be >= 0 (0 = no residual estimate), got {args.residual_samples}",
               file=sys.stderr)
         return 2
+    if args.residual_refresh < 1:
+        print(f"error: --residual-refresh must be >= 1 (keys in the device mode's exact part), got "
+              f"{args.residual_refresh}", file=sys.stderr)
+        return 2
     shape = SHAPES[args.shape]
     Hkv = shape["num_key_value_heads"]
     group = shape["num_attention_heads"] // Hkv
