@@ -184,3 +184,41 @@ def test_bench_decode_refuses_layerwise_prefill_of_unsupported_models(capsys):
                  "--prefill", "layerwise"]) == 2
     err = capsys.readouterr().err
     assert "--prefill layerwise" in err and "gemma3_text" in err and "--prefill forward" in err
+
+
+def test_bench_decode_variants_reuse_the_prefill_and_do_not_accumulate(tmp_path):
+    """--variant: one prefill + build, then one record per variant with its own settings and measurements."""
+    js = tmp_path / "v.json"
+    rc = main(["bench", "decode", "--shape", "tiny", "--context", "2K", "--steps", "3", "--warmup", "1",
+               "--methods", "retrieval", "--index", "roar", "--n-sink", "16", "--window", "64", "--ef", "64",
+               "--variant", "ef=8,top_k=16", "--variant", "residual_samples=0", "--variant", "residual_on=device",
+               "--json", str(js)])
+    assert rc == 0
+    base, narrow, no_res, dev = json.loads(js.read_text())
+    assert [r["variant"] for r in (base, narrow, no_res, dev)] == [None, "ef=8,top_k=16", "residual_samples=0",
+                                                                   "residual_on=device"]
+    for r in (narrow, no_res, dev):  # the same prefill and index build, decoding on from the previous timing
+        assert r["prefill_s"] == base["prefill_s"] and r["index_build_s"] == base["index_build_s"]
+        assert r["decode_ms_per_token"] > 0 and not r["oom"]
+    assert [r["decode_start"] for r in (narrow, no_res, dev)] == [2048 + 4, 2048 + 8, 2048 + 12]
+    assert narrow["search_params"] == {"ef": 8} and narrow["top_k"] == 16
+    assert narrow["scanned_fraction"] < base["scanned_fraction"]  # measured over the variant's own steps
+    # each variant starts from the run's own settings: ef 64 and top_k 100 are back after the narrow one
+    assert no_res["search_params"] == {"ef": 64} and no_res["top_k"] == 100 and no_res["residual_samples"] == 0
+    assert dev["residual_samples"] == DEFAULT_RESIDUAL_SAMPLES
+    assert base["residual_on"] == "cpu" and dev["residual_on"] == "device" and dev["residual_device_bytes"] > 0
+
+
+@pytest.mark.parametrize("bad, msg", [(["--variant", "efx=3"], "unknown key 'efx'"),
+                                      (["--variant", "ef=0"], "ef must be >= 1"),
+                                      (["--variant", "top_k=many"], "top_k must be an integer"),
+                                      (["--variant", "residual_on=gpu"], "residual_on must be one of"),
+                                      (["--variant", "ef"], "is not KEY=VALUE"),
+                                      (["--variant", "ef=8", "--index", "flat"], "has no roar"),
+                                      (["--variant", "ef=8", "--methods", "full"], "add retrieval to --methods")])
+def test_bench_decode_rejects_bad_variants(bad, msg, capsys):
+    args = ["bench", "decode", "--shape", "tiny", "--context", "900", "--methods", "retrieval"]
+    if "--methods" in bad:
+        args = args[:-2]
+    assert main(args + bad) == 2
+    assert msg in capsys.readouterr().err

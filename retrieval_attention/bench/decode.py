@@ -53,6 +53,45 @@ DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float1
           "fp32": "float32", "float32": "float32"}
 
 
+#: decode-time settings a ``--variant`` may change (RetrievalConfig fields; ``ef`` is the roar search budget)
+VARIANT_KEYS = ("residual_on", "ef", "residual_samples", "residual_refresh", "top_k")
+
+
+def parse_variant(spec: str) -> dict:
+    """``"ef=96,residual_on=cpu"`` -> ``{"ef": 96, "residual_on": "cpu"}``; raises ValueError naming the bad part."""
+    out = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, eq, val = part.partition("=")
+        key, val = key.strip(), val.strip()
+        if not eq or not val:
+            raise ValueError(f"{part!r} is not KEY=VALUE")
+        if key not in VARIANT_KEYS:
+            raise ValueError(f"unknown key {key!r}; choose from {', '.join(VARIANT_KEYS)}")
+        if key == "residual_on":
+            if val not in RESIDUAL_ON:
+                raise ValueError(f"residual_on must be one of {', '.join(RESIDUAL_ON)}, got {val!r}")
+            out[key] = val
+            continue
+        least = 0 if key == "residual_samples" else 1
+        try:
+            v = int(val)
+        except ValueError:
+            raise ValueError(f"{key} must be an integer, got {val!r}") from None
+        if v < least:
+            raise ValueError(f"{key} must be >= {least}, got {v}")
+        out[key] = v
+    if not out:
+        raise ValueError(f"{spec!r} sets nothing")
+    return out
+
+
+def variant_label(v: dict) -> str:
+    return ",".join(f"{k}={x}" for k, x in v.items())
+
+
 def parse_size(s: str) -> int:
     """``"24GB"`` -> bytes (GB = 2**30)."""
     s = s.strip().upper().replace("IB", "B")
@@ -119,6 +158,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="retrieval/streaming decode steps: lean (LeanDecoder, default when supported) or hf "
                         "(the transformers forward)")
     p.add_argument("--cuda-graphs", action="store_true", help="lean decode: capture device segments in CUDA graphs")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="after the retrieval run's timed steps, time the decode again with these settings on the same "
+                        "prefilled cache and built index (no second prefill or build), one record per --variant; "
+                        f"keys: {', '.join(VARIANT_KEYS)}; e.g. --variant residual_on=cpu --variant ef=96")
     p.add_argument("--unbudgeted-reference", action="store_true",
                    help="re-run a method that is OOM under --gpu-memory-budget without the budget (the whole GPU), "
                         "as the speed reference of the ratios (recorded with gpu_memory_budget null)")
@@ -240,6 +283,7 @@ def run_one(model, method, index, ctx, args, device):
                               **({} if train is None else {"max_train_queries": train}))
         if method == "retrieval":
             rec["residual_samples"], rec["search_params"] = cfg.residual_samples, dict(cfg.search_params)
+            rec["top_k"] = cfg.top_k
             rec["max_train_queries"] = cfg.train_queries(ctx)  # per query head (the automatic count when not given)
         cache, ctxm = make_cache(model, cfg), enable(model)
     kw = {cache_kwarg(model): cache}
@@ -248,6 +292,8 @@ def run_one(model, method, index, ctx, args, device):
         check_supported(model)
     rec["prefill_mode"], rec["decode_mode"] = prefill_mode, None
     decoder = None
+    variants = []  # the --variant records (same prefill and index, decoded again)
+    timing = rec  # the record being measured (an out-of-memory error marks it)
 
     def sync():
         if cuda:
@@ -292,69 +338,133 @@ def run_one(model, method, index, ctx, args, device):
                     print(f"note: lean decode not available ({lean_unsupported_reason(model, cache)}); "
                           "using the transformers forward", file=sys.stderr)
             rec["decode_mode"] = decode_mode
-            times, search, cpu_attn, waits, hosts = [], [], [], [], []
-            for step in range(args.warmup + args.steps):
-                s0 = cache.stats() if hasattr(cache, "stats") else None
-                sync()
-                t0 = time.perf_counter()
-                if decoder is not None:
-                    tok = decoder.step(tok).argmax(-1, keepdim=True)
-                else:
-                    out = model(input_ids=tok, use_cache=True, **kw)
-                    tok = out.logits[:, -1:].argmax(-1)
-                sync()
-                dt = time.perf_counter() - t0
-                if step >= args.warmup:
-                    times.append(dt)
-                    if s0 is not None:
-                        s1 = cache.stats()
-                        search.append(s1["search_s"] - s0["search_s"])
-                        cpu_attn.append(s1["cpu_attention_s"] - s0["cpu_attention_s"])
-                        waits.append(s1["wait_s"] - s0["wait_s"])
-                        hosts.append(s1["host_s"] - s0["host_s"])
-        if decoder is not None and method == "retrieval":  # where the residual ran, and its device sample
-            rec["residual_on"] = "device" if decoder.residual_on_device else "cpu"
-            rec["residual_device_bytes"] = decoder.residual_bytes()
-        med = statistics.median(times)
-        rec["decode_ms_per_token"] = 1000 * med
-        rec["decode_ms_p90"] = 1000 * sorted(times)[int(0.9 * (len(times) - 1))]
-        if search:
-            rec["breakdown_ms"] = {
-                "cpu_search": 1000 * statistics.median(search),
-                "cpu_attention": 1000 * statistics.median(cpu_attn),
-                "rest_of_step": 1000 * (med - statistics.median(search) - statistics.median(cpu_attn)),
-            }
-            if decoder is not None and any(hosts):  # lean loop: where the host part's time goes
-                rec["breakdown_ms"].update({
-                    "host_wait_device": 1000 * statistics.median(waits),  # host blocked on the device's q copies
-                    "host_other": 1000 * (statistics.median(hosts) - statistics.median(search)),  # evict, copies, Python
-                    "device_and_launch": 1000 * (med - statistics.median(waits) - statistics.median(hosts)),
-                })
-        if hasattr(cache, "stats"):
-            st = cache.stats()
-        else:  # plain transformers cache: all KV on the device (full) or in host memory (offload)
-            from ..generation import _dense_bytes
-
-            n = _dense_bytes(cache)
-            st = {"kv_device_bytes": n, "kv_cpu_bytes": 0} if method == "full" else {"kv_device_bytes": 0, "kv_cpu_bytes": n}
-        rec["kv_device_bytes"] = st.get("kv_device_bytes")
-        if rec["kv_device_bytes"] is not None and rec.get("residual_device_bytes"):
-            rec["kv_device_bytes"] += rec["residual_device_bytes"]  # the residual's sample: KV rows on the device
-        rec["kv_cpu_bytes"] = st.get("kv_cpu_bytes")
-        rec["scanned_fraction"] = st.get("scanned_fraction") if st.get("n_searches") else None
-        if st.get("worker_imbalance") is not None:  # the fused layer calls' most / average worker load
-            rec["worker_imbalance"] = st["worker_imbalance"]
+            tok = _time_decode(rec, method, model, cache, decoder, kw, tok, args, sync)
+            base = config_settings(cache.retrieval_layers[0].config) if method == "retrieval" else None
+            for spec in (getattr(args, "variant", None) or []) if method == "retrieval" else []:
+                rec.setdefault("variant", None)
+                if decoder is not None:  # a fresh decoder reads the new settings (buffers, CUDA graphs)
+                    decoder.close()
+                    decoder = None
+                    gc.collect()
+                    if cuda:
+                        torch.cuda.empty_cache()
+                v = parse_variant(spec)
+                apply_variant(cache, v, base)
+                vrec = {k: x for k, x in rec.items() if k not in DECODE_FIELDS}
+                vrec["variant"] = variant_label(v)
+                variants.append(vrec)
+                timing = vrec
+                # the variant decodes on from where the previous timing left the cache (positions ctx + steps ...)
+                vrec["decode_start"] = ctx + len(variants) * (args.warmup + args.steps)
+                if decode_mode == "lean":
+                    decoder = LeanDecoder(model, cache, cuda_graphs=getattr(args, "cuda_graphs", False))
+                c0 = cache.retrieval_layers[0].config
+                vrec["residual_samples"], vrec["search_params"] = c0.residual_samples, dict(c0.search_params)
+                vrec["top_k"] = c0.top_k
+                tok = _time_decode(vrec, method, model, cache, decoder, kw, tok, args, sync)
     except torch.OutOfMemoryError as e:
-        rec["oom"] = True
-        rec["error"] = str(e).splitlines()[0][:200]
+        timing["oom"] = True
+        timing["error"] = str(e).splitlines()[0][:200]
     finally:
         if decoder is not None:
             decoder.close()
-    rec["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if cuda else 0
-    rec["host_bytes"] = host_rss()
+    for r in [rec] + variants:
+        r["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if cuda else 0
+        r["host_bytes"] = host_rss()
     del cache
     gc.collect()
-    return rec
+    return [rec] + variants
+
+
+#: the record fields one decode timing fills (:func:`_time_decode`); a ``--variant`` record gets its own
+DECODE_FIELDS = ("decode_ms_per_token", "decode_ms_p90", "breakdown_ms", "residual_on", "residual_device_bytes",
+                 "kv_device_bytes", "kv_cpu_bytes", "scanned_fraction", "worker_imbalance", "variant")
+#: the retrieval layers' counters whose difference over a timing gives its keys scanned and worker balance
+_COUNTERS = ("n_searches", "n_scanned", "n_cpu_keys_at_search", "worker_keys_max", "worker_keys_mean")
+
+
+def _counters(cache) -> dict:
+    return {c: sum(getattr(l.stats, c) for l in getattr(cache, "retrieval_layers", [])) for c in _COUNTERS}
+
+
+def apply_variant(cache, v: dict, base: dict) -> None:
+    """Give the RetrievalConfig(s) of ``cache``'s layers (read by the stores at every search call, and by a new
+    LeanDecoder) the settings ``base`` (:func:`config_settings` of the run's own config) changed by a
+    ``--variant``'s ``v`` (:func:`parse_variant`): variants do not accumulate."""
+    for c in {id(l.config): l.config for l in cache.retrieval_layers}.values():
+        for key, val in {**base, **v}.items():
+            if key == "ef":
+                c.search_params = {k: x for k, x in c.search_params.items() if k != "ef"}
+                if val is not None:
+                    c.search_params["ef"] = val
+            else:
+                setattr(c, key, val)
+
+
+def config_settings(config) -> dict:
+    """The :data:`VARIANT_KEYS` settings of a RetrievalConfig (``ef`` None: the index's default)."""
+    return {k: config.search_params.get("ef") if k == "ef" else getattr(config, k) for k in VARIANT_KEYS}
+
+
+def _time_decode(rec, method, model, cache, decoder, kw, tok, args, sync):
+    """Time ``args.warmup + args.steps`` greedy steps from ``tok`` (``decoder`` or the transformers forward) and
+    fill ``rec``'s :data:`DECODE_FIELDS` (median ms/token, p90, the step's breakdown, memory, keys scanned over
+    these steps); returns the last token."""
+    times, search, cpu_attn, waits, hosts = [], [], [], [], []
+    c_start = _counters(cache)
+    for step in range(args.warmup + args.steps):
+        s0 = cache.stats() if hasattr(cache, "stats") else None
+        sync()
+        t0 = time.perf_counter()
+        if decoder is not None:
+            tok = decoder.step(tok).argmax(-1, keepdim=True)
+        else:
+            out = model(input_ids=tok, use_cache=True, **kw)
+            tok = out.logits[:, -1:].argmax(-1)
+        sync()
+        dt = time.perf_counter() - t0
+        if step >= args.warmup:
+            times.append(dt)
+            if s0 is not None:
+                s1 = cache.stats()
+                search.append(s1["search_s"] - s0["search_s"])
+                cpu_attn.append(s1["cpu_attention_s"] - s0["cpu_attention_s"])
+                waits.append(s1["wait_s"] - s0["wait_s"])
+                hosts.append(s1["host_s"] - s0["host_s"])
+    c = {k: x - c_start[k] for k, x in _counters(cache).items()}
+    if decoder is not None and method == "retrieval":  # where the residual ran, and its device sample
+        rec["residual_on"] = "device" if decoder.residual_on_device else "cpu"
+        rec["residual_device_bytes"] = decoder.residual_bytes()
+    med = statistics.median(times)
+    rec["decode_ms_per_token"] = 1000 * med
+    rec["decode_ms_p90"] = 1000 * sorted(times)[int(0.9 * (len(times) - 1))]
+    if search:
+        rec["breakdown_ms"] = {
+            "cpu_search": 1000 * statistics.median(search),
+            "cpu_attention": 1000 * statistics.median(cpu_attn),
+            "rest_of_step": 1000 * (med - statistics.median(search) - statistics.median(cpu_attn)),
+        }
+        if decoder is not None and any(hosts):  # lean loop: where the host part's time goes
+            rec["breakdown_ms"].update({
+                "host_wait_device": 1000 * statistics.median(waits),  # host blocked on the device's q copies
+                "host_other": 1000 * (statistics.median(hosts) - statistics.median(search)),  # evict, copies, Python
+                "device_and_launch": 1000 * (med - statistics.median(waits) - statistics.median(hosts)),
+            })
+    if hasattr(cache, "stats"):
+        st = cache.stats()
+    else:  # plain transformers cache: all KV on the device (full) or in host memory (offload)
+        from ..generation import _dense_bytes
+
+        n = _dense_bytes(cache)
+        st = {"kv_device_bytes": n, "kv_cpu_bytes": 0} if method == "full" else {"kv_device_bytes": 0, "kv_cpu_bytes": n}
+    rec["kv_device_bytes"] = st.get("kv_device_bytes")
+    if rec["kv_device_bytes"] is not None and rec.get("residual_device_bytes"):
+        rec["kv_device_bytes"] += rec["residual_device_bytes"]  # the residual's sample: KV rows on the device
+    rec["kv_cpu_bytes"] = st.get("kv_cpu_bytes")
+    rec["scanned_fraction"] = c["n_scanned"] / max(1, c["n_cpu_keys_at_search"]) if c["n_searches"] else None
+    if c["worker_keys_mean"] > 0:  # the fused layer calls' most / average worker load
+        rec["worker_imbalance"] = c["worker_keys_max"] / c["worker_keys_mean"]
+    return tok
 
 
 def run(args) -> int:
@@ -388,6 +498,20 @@ def run(args) -> int:
         print(f"error: --ef is the beam width of roar; --index {args.index} has no roar (add it, or drop --ef)",
               file=sys.stderr)
         return 2
+    variants = []
+    for spec in args.variant:
+        try:
+            variants.append(parse_variant(spec))
+        except ValueError as e:
+            print(f"error: --variant {spec!r}: {e}", file=sys.stderr)
+            return 2
+    if variants and "retrieval" not in methods:
+        print("error: --variant re-times the retrieval method; add retrieval to --methods (or drop --variant)",
+              file=sys.stderr)
+        return 2
+    if any("ef" in v for v in variants) and "roar" not in index_names:
+        print(f"error: --variant ef=... is the beam width of roar; --index {args.index} has no roar", file=sys.stderr)
+        return 2
     if "offload" in methods and not device.startswith("cuda"):
         print("note: 'offload' needs a CUDA device (KV moves host -> device each step); skipped on CPU", file=sys.stderr)
         methods = [m for m in methods if m != "offload"]
@@ -419,12 +543,19 @@ def run(args) -> int:
                    "oom_reason": "host memory", "host_bytes_needed": need, "host_bytes_available": avail,
                    "error": f"needs ~{need / 2**30:.0f} GiB of host memory, {avail / 2**30:.0f} GiB available",
                    "peak_gpu_bytes": 0, "host_bytes": host_rss(), "prefill_mode": None, "decode_mode": None}
-        else:
-            rec = run_one(model, method, index, ctx, args, device)
+            return report(rec, budget_label)
+        recs = run_one(model, method, index, ctx, args, device)
+        for rec in recs:
+            report(rec, budget_label)
+        return recs[0]
+
+    def report(rec, budget_label):
+        """Label, keep (JSON after every record: a run stopped by a time limit keeps what it measured) and print."""
+        method, index, ctx = rec["method"], rec["index"], rec["context"]
         rec.update(model=label, dtype=str(dtype).replace("torch.", ""), device=device, gpu_memory_budget=budget_label,
                    cuda_graphs=bool(getattr(args, "cuda_graphs", False)) and rec.get("decode_mode") == "lean")
         records.append(rec)
-        if args.json:  # after every record: a run stopped by a time limit keeps what it measured
+        if args.json:
             write_json(args.json, records)
         msg = f"OOM ({rec.get('oom_reason', 'GPU memory')})" if rec["oom"] else (f"{rec['decode_ms_per_token']:.1f} ms/token ({rec['decode_mode']} decode), "
                                         f"prefill {rec['prefill_s']:.1f} s ({rec['prefill_mode']})"
@@ -439,7 +570,8 @@ def run(args) -> int:
                                            + ", ".join(f"{k} {v:.1f}" for k, v in rec.get("index_build_stages_s", {}).items())
                                            + f"), hand-off {rec['prefill_handoff_s']:.1f} s" if rec.get("prefill_handoff_s") is not None
                                            and rec.get("index_build_s") else ""))
-        tag = "" if budget_label == args.gpu_memory_budget else " [no budget]"
+        tag = ("" if budget_label == args.gpu_memory_budget else " [no budget]") + (
+            f" [{rec['variant']}]" if rec.get("variant") else "")
         print(f"{ctx:>8} {method:>9} {index or '':>5}{tag}: {msg}", file=sys.stderr, flush=True)
         return rec
 
@@ -463,6 +595,7 @@ def run(args) -> int:
         mode += " + graphs" if r.get("cuda_graphs") else ""
         rows.append([
             r["context"], r["method"] + (f"/{r['index']}" if r["index"] else "")
+            + (f" {{{r['variant']}}}" if r.get("variant") else "")
             + ("" if r.get("gpu_memory_budget") == args.gpu_memory_budget else " (no budget)") + f" [{mode}]",
             (f"OOM ({r['oom_reason']})" if r.get("oom_reason") else "OOM") if r["oom"] else f"{r['decode_ms_per_token']:.1f}",
             "—" if r["oom"] else f"{r['prefill_s']:.1f}", "—" if r["oom"] else f"{r['index_build_s']:.1f}",
@@ -507,7 +640,8 @@ def ratio_lines(records) -> list[str]:
             if off:
                 parts.append(f"{off[0]['decode_ms_per_token'] / r['decode_ms_per_token']:.1f}x faster than offload")
             if parts:
-                lines.append(f"{ctx}: retrieval/{r['index']} {r['decode_ms_per_token']:.1f} ms/token = " + ", ".join(parts))
+                name = f"retrieval/{r['index']}" + (f" {{{r['variant']}}}" if r.get("variant") else "")
+                lines.append(f"{ctx}: {name} {r['decode_ms_per_token']:.1f} ms/token = " + ", ".join(parts))
     return lines
 
 
@@ -519,12 +653,14 @@ def plot(records, path, label) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     budgets = {r.get("gpu_memory_budget") for r in records}
-    keys = sorted({(r["method"], r["index"], r.get("gpu_memory_budget")) for r in records}, key=str)
-    for m, i, b in keys:
+    keys = sorted({(r["method"], r["index"], r.get("variant"), r.get("gpu_memory_budget")) for r in records}, key=str)
+    for m, i, v, b in keys:
         pts = sorted((r["context"], r["decode_ms_per_token"]) for r in records
-                     if (r["method"], r["index"], r.get("gpu_memory_budget")) == (m, i, b) and not r["oom"])
+                     if (r["method"], r["index"], r.get("variant"), r.get("gpu_memory_budget")) == (m, i, v, b)
+                     and not r["oom"])
         if pts:
-            name = m + (f"/{i}" if i else "") + (" (no budget)" if b is None and len(budgets) > 1 else "")
+            name = (m + (f"/{i}" if i else "") + (f" {{{v}}}" if v else "")
+                    + (" (no budget)" if b is None and len(budgets) > 1 else ""))
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="--" if b is None else "-",
                     label=name)
     ax.set_xscale("log", base=2)
