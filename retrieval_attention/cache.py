@@ -460,10 +460,12 @@ class ForkedStore:
 class RetrievalLayer(DynamicLayer):
     """Cache layer of one retrieval-attention layer (see the module docstring)."""
 
-    def __init__(self, layer_idx: int, config: RetrievalConfig, **kwargs):
+    def __init__(self, layer_idx: int, config: RetrievalConfig, rope_inv_freq: torch.Tensor | None = None, **kwargs):
         super().__init__(**kwargs)
         self.layer_idx = layer_idx
         self.config = config
+        # the layer's RoPE frequencies [D / 2] (align_train_queries); None: training queries stay as prefilled
+        self.rope_inv_freq = rope_inv_freq
         self.retrieve = config.method == "retrieval"
         self.offloaded = False
         self.total = 0  # tokens seen (padded positions), drives positions and masks
@@ -523,7 +525,7 @@ class RetrievalLayer(DynamicLayer):
 
     def reset(self) -> None:
         cb = self.on_offloaded
-        self.__init__(self.layer_idx, self.config)
+        self.__init__(self.layer_idx, self.config, self.rope_inv_freq)
         self.on_offloaded = cb
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -603,8 +605,15 @@ class RetrievalLayer(DynamicLayer):
             lo, hi = int(self.sink_end[b]), win_start
             store = CPUStore(cfg, self.layer_idx)
             if self.retrieve and hi > lo:
-                tq = queries[b] if per_seq else queries[b, :, int(pad[b]) :]
-                tq = _subsample(tq, cfg.train_queries(T - int(pad[b])))  # per_seq: picked by the same rule
+                n_real = T - int(pad[b])
+                m = cfg.train_queries(n_real)
+                if per_seq:  # collected at the positions begin_layerwise picked (the same rule)
+                    tq, where = queries[b], train_positions(n_real, m)
+                else:  # query rows are the padded positions T - L .. T - 1 (L = T unless a later chunk offloads)
+                    rows = queries[b, :, int(pad[b]) :]
+                    pick = train_positions(rows.shape[1], m)
+                    tq, where = rows[:, pick.to(rows.device)], (T - queries.shape[2]) + pick
+                tq = self._aligned(tq, where, n_real)
                 # on CUDA the build overlaps the next layers' prefill; on CPU it would compete for the cores
                 store.build(K[b, :, lo:hi], V[b, :, lo:hi], tq, background=on_cuda)
             self.stores.append(store)
@@ -613,6 +622,17 @@ class RetrievalLayer(DynamicLayer):
         self.stats.handoff_s += time.perf_counter() - t_handoff
         if self.on_offloaded is not None:
             self.on_offloaded(self)
+
+    def _aligned(self, tq: torch.Tensor, positions: torch.Tensor, n_real: int) -> torch.Tensor:
+        """Index-training queries ``tq [Hq, m, D]`` (at real prompt positions ``positions [m]``) rotated to the
+        decode phase (:func:`~retrieval_attention.rope.align_to_decode`) when ``align_train_queries`` is on and
+        the layer knows its RoPE frequencies; else unchanged."""
+        cfg = self.config
+        if not cfg.align_train_queries or self.rope_inv_freq is None or positions.numel() != tq.shape[1]:
+            return tq
+        from .rope import align_to_decode
+
+        return align_to_decode(tq, positions, n_real, self.rope_inv_freq, cfg.align_spread, seed=self.layer_idx)
 
     # ---- layer-by-layer prefill (retrieval_attention.prefill) --------------------------------------
     def begin_layerwise(self, prompt_len: int, pad: torch.Tensor) -> None:
@@ -626,11 +646,7 @@ class RetrievalLayer(DynamicLayer):
         self._lw_pick = []
         for p in self._lw_pad.tolist():
             n = self._lw_len - p
-            m = self.config.train_queries(n)
-            if n <= m:
-                self._lw_pick.append(torch.arange(p, self._lw_len))
-            else:  # the positions _subsample would keep from the whole prompt
-                self._lw_pick.append(p + torch.linspace(0, n - 1, m).round().long())
+            self._lw_pick.append(p + train_positions(n, self.config.train_queries(n)))
         self._lw_queries = [[] for _ in self._lw_pick]
         self._lw_kbuf = self._lw_vbuf = None
         self._lw_heads = None
@@ -757,13 +773,12 @@ def _sum_build_stages(layers) -> dict:
     return tot
 
 
-def _subsample(x: torch.Tensor, m: int) -> torch.Tensor:
-    """Evenly subsample ``x [H, T, D]`` to at most ``m`` rows along T (always keeping the last)."""
-    T = x.shape[1]
-    if T <= m:
-        return x
-    idx = torch.linspace(0, T - 1, m, device=x.device).round().long()
-    return x[:, idx]
+def train_positions(n: int, m: int) -> torch.Tensor:
+    """Which of ``n`` prompt queries train the index: all when ``n <= m``, else ``m`` evenly spaced (always the
+    first and the last); CPU long ``[min(n, m)]``."""
+    if n <= m:
+        return torch.arange(n)
+    return torch.linspace(0, n - 1, m).round().long()
 
 
 class RetrievalCache(DynamicCache):
@@ -773,7 +788,10 @@ class RetrievalCache(DynamicCache):
     ``retrieval_attention`` attention implementation (see :func:`retrieval_attention.integration.enable`).
     """
 
-    def __init__(self, model_config, config: RetrievalConfig):
+    def __init__(self, model_config, config: RetrievalConfig, rope_inv_freq: dict | None = None):
+        """``rope_inv_freq``: layer index -> that layer's RoPE inverse frequencies ``[head_dim / 2]`` (see
+        :func:`retrieval_attention.rope.rope_inv_freq`; ``make_cache(model, config)`` passes them), for
+        ``config.align_train_queries``; layers without them train on the prompt's queries as they are."""
         if config.method == "full":
             raise ValueError("method 'full' uses the plain transformers cache; build a RetrievalCache for retrieval/streaming")
         super().__init__(config=model_config)
@@ -788,7 +806,7 @@ class RetrievalCache(DynamicCache):
             self.layer_class_to_replicate = None
         for i, layer in enumerate(self.layers):
             if type(layer) is DynamicLayer and i not in config.dense_layers:
-                self.layers[i] = RetrievalLayer(i, config)
+                self.layers[i] = RetrievalLayer(i, config, (rope_inv_freq or {}).get(i))
         self._bar = None
 
     def set_progress(self, on: bool) -> None:

@@ -21,6 +21,12 @@ RESIDUAL_ON = ("auto", "device", "cpu")
 #: decode steps between redraws of the device residual's sample (its keys/values held on the model's device)
 DEFAULT_RESIDUAL_REFRESH = 64
 
+#: positions over which the index-training queries' decode-phase targets are spread (``align_spread``). SmolLM2
+#: recall@100 of the roar graph (docs/BENCHMARKS.md, session 14), at 8% scanned (8K) / 2% (32K): unaligned 0.90 /
+#: 0.89; spread 0: 0.94 / collapse (worst head 0.57 at 32K); 16: 0.94 / 0.93; 32: 0.95 / 0.94; 64: 0.95 / 0.95;
+#: 128: 0.94 / 0.94; 256: 0.94 / 0.93
+DEFAULT_ALIGN_SPREAD = 64
+
 
 @dataclass
 class RetrievalConfig:
@@ -53,6 +59,12 @@ class RetrievalConfig:
                     estimate as ``cpu``)
     exact_below     stores with fewer keys at prefill than this use exact top-k (``flat``) instead of ``index``
                     (0 = always ``index``); a store keeps its kind as it grows
+    align_train_queries  rotate each index-training query by RoPE from its prompt position to the decode position
+                    (:func:`retrieval_attention.rope.align_to_decode`): the graph learns the phase decode queries
+                    have. Needs the model's RoPE frequencies (caches made by ``make_cache(model, ...)``); models
+                    without a readable rotary embedding train on the prompt's queries as they are
+    align_spread    the decode-phase targets spread uniformly over this many positions around the first decode
+                    position (0 = all at it; see :data:`DEFAULT_ALIGN_SPREAD`)
     """
 
     method: str = "retrieval"
@@ -71,11 +83,15 @@ class RetrievalConfig:
     residual_on: str = "auto"
     residual_refresh: int = DEFAULT_RESIDUAL_REFRESH
     exact_below: int = DEFAULT_EXACT_BELOW
+    align_train_queries: bool = True
+    align_spread: int = DEFAULT_ALIGN_SPREAD
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        for name in ("residual_samples", "residual_seed", "exact_below"):
+        if not isinstance(self.align_train_queries, bool):
+            raise ValueError(f"align_train_queries must be True or False, got {self.align_train_queries!r}")
+        for name in ("residual_samples", "residual_seed", "exact_below", "align_spread"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")

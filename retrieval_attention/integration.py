@@ -204,4 +204,10 @@ def make_cache(model, config: RetrievalConfig | None):
     check_supported(model.config)
     if config is None or config.method == "full":
         return DynamicCache(config=model.config)
-    return RetrievalCache(model.config, config)
+    rope = None
+    if config.align_train_queries and config.method == "retrieval":
+        from .rope import rope_inv_freq
+
+        n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        rope = {i: rope_inv_freq(model, i) for i in range(n_layers)}
+    return RetrievalCache(model.config, config, rope_inv_freq=rope)

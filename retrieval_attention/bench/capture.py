@@ -225,6 +225,9 @@ def capture_vectors(model, input_ids, n_decode: int = 32, layers=None, progress:
 
     layer_ids = sorted(rec.prefill)
     per_layer = {i: rec.layer_arrays(i) for i in layer_ids}
+    from ..rope import rope_inv_freq
+
+    rope = {str(i): f.tolist() for i in layer_ids if (f := rope_inv_freq(model, i)) is not None}
     a0 = per_layer[layer_ids[0]]
     cfg = model.config
     meta = {
@@ -241,6 +244,8 @@ def capture_vectors(model, input_ids, n_decode: int = 32, layers=None, progress:
         "model_type": getattr(cfg, "model_type", None),
         # "full_attention" / "sliding_attention" per layer where the model mixes them (e.g. Gemma 3)
         "layer_types": list(getattr(cfg, "layer_types", None) or []) or None,
+        # per layer: the RoPE inverse frequencies the model applied (index-training queries are aligned with them)
+        "rope_inv_freq": rope or None,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "device": str(device),
         **timings,

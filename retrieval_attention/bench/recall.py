@@ -143,11 +143,41 @@ def subsample_rows(x, m: int):
     """``x [H, n, d]`` evenly subsampled to at most ``m`` positions along axis 1."""
     import numpy as np
 
-    n = x.shape[1]
+    return np.ascontiguousarray(x[:, subsample_positions(x.shape[1], m)])
+
+
+def subsample_positions(n: int, m: int):
+    """The positions :func:`subsample_rows` keeps of ``n`` (all when ``m <= 0`` or ``n <= m``)."""
+    import numpy as np
+
     if m <= 0 or n <= m:
-        return x
-    idx = np.unique(np.linspace(0, n - 1, m).round().astype(np.int64))
-    return np.ascontiguousarray(x[:, idx])
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, m).round().astype(np.int64))
+
+
+def capture_rope(capture) -> dict:
+    """Layer -> RoPE inverse frequencies of a capture's model: from its metadata, or for captures made before it
+    recorded them, from the configuration of the model it names (no weights loaded); {} when neither works."""
+    import torch
+
+    got = capture.meta.get("rope_inv_freq")
+    if got:
+        return {int(k): torch.tensor(v, dtype=torch.float32) for k, v in got.items()}
+    name = capture.meta.get("model")
+    if not name:
+        return {}
+    try:
+        import transformers as tf
+
+        from ..models import resolve_model_source
+        from ..rope import rope_inv_freq_from_config
+
+        src, gguf = resolve_model_source(name)
+        cfg = tf.AutoConfig.from_pretrained(src, **({"gguf_file": gguf} if gguf else {}))
+        return {i: f for i, f in rope_inv_freq_from_config(cfg).items() if f is not None}
+    except Exception as e:  # noqa: BLE001 - an unreadable model: the training queries stay as captured
+        _log(f"recall: no RoPE frequencies for {name} ({type(e).__name__}: {e}); training queries not aligned")
+        return {}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,8 +298,12 @@ def run_benchmark(
     progress: bool = True,
     extra: dict | None = None,
     search_repeats: int = 1,
+    align_spread: int | None = None,
 ) -> list[dict]:
-    """Evaluate every index spec x budget on every layer of ``capture``; returns one record per spec x budget."""
+    """Evaluate every index spec x budget on every layer of ``capture``; returns one record per spec x budget.
+
+    ``align_spread``: rotate the training queries to the decode position with targets spread over this many
+    positions, as the retrieval cache does (:func:`retrieval_attention.rope.align_to_decode`); None: as captured."""
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -277,8 +311,11 @@ def run_benchmark(
     from ..index.flat import exact_topk
     from ..index.roar import auto_train_queries
 
+    import torch
+
     meta = capture.meta
     attn_error = attn_error and capture.has_values
+    rope = capture_rope(capture) if align_spread is not None else {}
     accs = {(s.label, b): _Acc() for s in specs for b in s.budgets}
     warmed: set[str] = set()
     n_train = n_queries = None
@@ -294,7 +331,13 @@ def run_benchmark(
             raise ValueError("the capture has no decode queries")
         keys = np.ascontiguousarray(lv.keys[:, lo:hi])
         mtq = auto_train_queries(lv.prefill_queries.shape[1]) if max_train_queries is None else max_train_queries
-        train = subsample_rows(lv.prefill_queries, mtq)
+        where = subsample_positions(lv.prefill_queries.shape[1], mtq)
+        train = np.ascontiguousarray(lv.prefill_queries[:, where])
+        if align_spread is not None and L in rope:
+            from ..rope import align_to_decode
+
+            train = align_to_decode(torch.from_numpy(train), torch.from_numpy(where), n, rope[L], align_spread,
+                                    seed=L).numpy()
         queries = lv.decode_queries
         n_idx = keys.shape[1]
         k = min(TOP_K, n_idx)
@@ -596,6 +639,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-train-queries", type=int, default=None,
                    help="prefill queries per query head given to build() (default: RetrievalConfig's, 4,096 up to 8K "
                         "tokens, 16,384 at 128K: roar.auto_train_queries; 0 = all)")
+    p.add_argument("--no-align", action="store_true",
+                   help="train the indexes on the prefill queries as captured, not rotated to the decode position "
+                        "(RetrievalConfig.align_train_queries=False)")
+    p.add_argument("--align-spread", type=int, default=None,
+                   help="positions the decode-phase targets of the training queries spread over (default: "
+                        "RetrievalConfig's, 64)")
     p.add_argument("--search-repeats", type=int, default=None,
                    help="time each batched search this many times and keep the fastest (default 2; 1 with --quick)")
     p.add_argument("--no-attn-error", action="store_true", help="skip the attention-output error column")
@@ -731,6 +780,7 @@ def run(args) -> int:
             if args.quick:
                 layers = evenly_spaced(layers, QUICK_LAYERS)
         mtq = args.max_train_queries if args.max_train_queries is not None else RetrievalConfig.max_train_queries
+        spread = RetrievalConfig.align_spread if args.align_spread is None else args.align_spread
         n = int(meta["context"])
         if n - args.sink - args.window < 1:
             _log(f"error: context {n} leaves no keys to index with --sink {args.sink} + --window {args.window}")
@@ -744,6 +794,7 @@ def run(args) -> int:
                 extra={"model": meta.get("model"), "quick": bool(args.quick), "capture_file": str(path),
                        "capture": {k: meta[k] for k in ("load_s", "prefill_s", "decode_s", "dtype", "device") if k in meta}},
                 search_repeats=args.search_repeats or (1 if args.quick else 2),
+                align_spread=None if args.no_align else spread,
             )
         except ValueError as e:  # bad index parameters / budgets (IndexError_ is a ValueError)
             _log(f"error: {e}")
