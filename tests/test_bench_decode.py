@@ -42,7 +42,9 @@ def test_bench_decode_residual_and_ef_options(tmp_path):
     assert main(args + ["--residual-samples", "0", "--ef", "8", "--max-train-queries", "64"]) == 0
     (narrow,) = json.loads(js.read_text())
     assert narrow["residual_samples"] == 0 and narrow["search_params"] == {"ef": 8}
-    assert narrow["max_train_queries"] == 64
+    assert narrow["max_train_queries"] == 64 and narrow["align_train_queries"] is True
+    assert main(args + ["--ef", "64", "--no-align"]) == 0
+    assert json.loads(js.read_text())[0]["align_train_queries"] is False
     assert main(args + ["--ef", "64"]) == 0
     (wide,) = json.loads(js.read_text())
     assert wide["scanned_fraction"] > narrow["scanned_fraction"]  # the beam width reaches the search

@@ -135,6 +135,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-train-queries", type=int, default=None,
                    help="prefill queries per query head that train the index (default: RetrievalConfig's, "
                         "4,096 up to 8K tokens, 16,384 at 128K: roar.auto_train_queries)")
+    p.add_argument("--no-align", action="store_true",
+                   help="train the index on the prompt's queries as prefilled, not rotated to the decode position "
+                        "(RetrievalConfig.align_train_queries=False)")
     p.add_argument("--steps", type=int, default=64, help="timed decode steps (median reported)")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--device", default=None)
@@ -278,6 +281,7 @@ def run_one(model, method, index, ctx, args, device):
                               n_sink=args.n_sink, window=args.window,
                               dense_layers=dense, search_params={"ef": ef} if ef is not None and name == "roar" else {},
                               exact_below=0,  # time the named index at every context
+                              align_train_queries=not getattr(args, "no_align", False),
                               **({} if residual is None else {"residual_samples": residual}),
                               **({} if residual_on is None else {"residual_on": residual_on}),
                               **({} if train is None else {"max_train_queries": train}))
@@ -285,6 +289,7 @@ def run_one(model, method, index, ctx, args, device):
             rec["residual_samples"], rec["search_params"] = cfg.residual_samples, dict(cfg.search_params)
             rec["top_k"] = cfg.top_k
             rec["max_train_queries"] = cfg.train_queries(ctx)  # per query head (the automatic count when not given)
+            rec["align_train_queries"] = cfg.align_train_queries
         cache, ctxm = make_cache(model, cfg), enable(model)
     kw = {cache_kwarg(model): cache}
     prefill_mode = getattr(args, "prefill", None) or ("layerwise" if unsupported_reason(model) is None else "forward")

@@ -16,10 +16,11 @@ if [ ! -d /tmp/run ]; then
 $B --steps 64 --warmup 4 --methods retrieval --index roar --residual-on device $V --json /tmp/run/out/ab.json > /tmp/run/out/ab.log 2>&1
 python3 -m pytest -q -p no:cacheprovider tests/test_decode_loop.py -k cuda > /tmp/run/out/tests.log 2>&1
 $B --steps 32 --warmup 2 --methods offload,full --unbudgeted-reference --json /tmp/run/out/ref.json > /tmp/run/out/ref.log 2>&1
+$B --steps 64 --warmup 4 --methods retrieval --index roar --no-align --json /tmp/run/out/noalign.json > /tmp/run/out/noalign.log 2>&1
 echo done > /tmp/run/out/DONE
 EOS
   setsid nohup bash /tmp/run/go.sh > /dev/null 2>&1 &
   cd - > /dev/null
 fi
 for i in $(seq 1 $((W / 10))); do [ -f /tmp/run/out/DONE ] && break; sleep 10; done
-cp /tmp/run/out/* $OUT/ 2>/dev/null; cat /tmp/run/out/machine.txt; tail -n 5 /tmp/run/out/tests.log; for f in ab ref; do echo "== $f"; tail -c 2500 /tmp/run/out/$f.log 2>/dev/null | tr '\r' '\n' | grep -v "it/s\|layer/s" | tail -n 25; done; ls /tmp/run/out
+cp /tmp/run/out/* $OUT/ 2>/dev/null; cat /tmp/run/out/machine.txt; tail -n 5 /tmp/run/out/tests.log; for f in ab ref noalign; do echo "== $f"; tail -c 2500 /tmp/run/out/$f.log 2>/dev/null | tr '\r' '\n' | grep -v "it/s\|layer/s" | tail -n 25; done; ls /tmp/run/out
