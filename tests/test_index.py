@@ -10,6 +10,7 @@ from retrieval_attention.index import IndexError_, KVIndex, available_indexes, m
 from retrieval_attention.index import kernels as K
 from retrieval_attention.index import reference as R
 from retrieval_attention.index.flat import exact_topk
+from retrieval_attention.index import roar as RO
 from retrieval_attention.index.roar import SHRINK_STEPS
 
 ALL = available_indexes()
@@ -823,3 +824,65 @@ def test_roar_share_auto_pairs_heads_only_when_their_top_keys_overlap(tmp_path):
     assert KVIndex.load(tmp_path / "p.npz")._pairs_on and not KVIndex.load(tmp_path / "a.npz")._pairs_on
     assert make_index("roar", share="auto", graph_per="query_head", **kw).build(keys, near)._pairs_on is False
     assert make_index("roar", share=None, **kw).share == "none"  # index specs parse "share=none" as None
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-head beam widths (target_recall)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1])
+def test_per_head_widths_equal_separate_searches(seed):
+    """A batched search with a width per head returns, for every head, exactly what a search of that head alone
+    with that width returns (plain search and the fused decode call, separate and shared passes)."""
+    keys, tq, q = _gauss(seed, n=900)
+    rng = np.random.default_rng(seed)
+    for params in ({}, {"share": "pairs"}):
+        idx = _build("roar", keys, tq, **params)
+        widths = rng.choice([24, 60, 100, 140, 200], q.shape[0]).astype(np.int64)
+        if params:
+            widths = np.maximum(widths, 100)  # shared passes need ef >= k
+        ids, sc, ns = idx._search(q, 50, ef_of_head=widths)
+        values = rng.standard_normal((keys.shape[0], keys.shape[1], 8)).astype(np.float32)
+        idx._ef_of_head = widths
+        out, lse, ns_f, ids_f = idx.search_attend(q, 50, values, 0.25, return_ids=True)
+        idx._ef_of_head = None
+        for h in range(q.shape[0]):
+            ids_h, sc_h, ns_h = idx.search(q, 50, ef=int(widths[h]))
+            if params:  # a pass is shared with the pair's other head: the pair's larger width applies
+                continue
+            assert np.array_equal(ids[h], ids_h[h]) and np.array_equal(ns[h], ns_h[h])
+            assert np.allclose(sc[h], sc_h[h])
+        assert np.array_equal(ids_f, ids) and np.array_equal(ns_f, ns)
+
+
+def test_target_recall_calibrates_widths_per_head(tmp_path):
+    """Held-out training queries set each head's width: a higher target never gives a narrower beam, the heads
+    reach the target on fresh queries of the same distribution, an explicit ef still applies to all heads, and
+    the widths survive save/load."""
+    keys, tq, te = R.make_ood_data(n_kv_heads=2, group=2, n_keys=3000, n_train=1200, n_test=40, d=32, seed=7)
+    true, _ = exact_topk(keys, te, 100, 2)
+    widths = {}
+    for target in (0.8, 0.95):
+        idx = _build("roar", keys, tq, target_recall=target, calib_queries=48)
+        w = idx._ef_of_head
+        assert w is not None and w.shape == (4,) and idx.build_stats["calib_s"] > 0
+        assert set(w.tolist()) <= set(RO.CALIB_LADDER) and w.max() <= idx.max_ef == 2 * idx.ef
+        widths[target] = w
+        ids, _, ns = idx.search(te, 100)
+        rec = (ids[..., :, None] == true[..., None, :]).any(-1).mean(-1)  # [Hq, nq]
+        assert rec.mean() >= target - 0.05, (target, rec.mean(1))
+        _, _, ns_all = idx.search(te, 100, ef=64)
+        assert not np.array_equal(ns_all, ns)  # the explicit width replaced the calibrated ones
+        idx.save(tmp_path / f"r{target}.npz")
+        back = KVIndex.load(tmp_path / f"r{target}.npz")
+        assert np.array_equal(back._ef_of_head, w) and np.array_equal(back.search(te, 100)[0], ids)
+    assert (widths[0.95] >= widths[0.8]).all() and (widths[0.95] > widths[0.8]).any()
+    # too few training queries to hold some out: one width for all, as without a target
+    few = _build("roar", keys, tq[:, :40], target_recall=0.9)
+    assert few._ef_of_head is None
+
+
+@pytest.mark.parametrize("bad", [{"target_recall": 0}, {"target_recall": 1.5}, {"target_recall": True},
+                                 {"calib_queries": 0}, {"max_ef": 0}])
+def test_target_recall_bad_params(bad):
+    with pytest.raises(IndexError_):
+        make_index("roar", **bad)

@@ -242,8 +242,8 @@ def resolve_specs(index_arg: str, budget_args: list[str] | None, quick: bool, st
             raise ValueError(f"index spec {raw.strip()!r}: {e}") from e
         bp = tuple(INDEX_REGISTRY[name].budget_params)
         param = bp[0] if bp else None
-        if param is None:
-            budgets = [None]
+        if param is None or (params.get("target_recall") is not None and not per_index.get(raw.strip())):
+            budgets = [None]  # (roar:target_recall=...: its calibrated per-head widths; sweep by listing targets)
         else:
             defaults = (QUICK_INDEX_BUDGETS if quick else INDEX_BUDGETS).get(name, {})
             budgets = (per_index.get(raw.strip(), {}).get(param) or per_index.get(name, {}).get(param)

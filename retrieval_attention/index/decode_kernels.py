@@ -37,7 +37,8 @@ CAND_INIT = 4096
 @njit(parallel=True, nogil=True, cache=True)
 def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_head, kv_of_head, entries, k, L,
                         scaling, visited, cand_s, cand_i, out, out_lse, out_ns, out_ids, out_sc, order,
-                        res_keys, res_n, res_m, res_seed, taken, out_worker, dynamic, partner, res_lo=-1):
+                        res_keys, res_n, res_m, res_seed, taken, out_worker, dynamic, partner, res_lo=-1,
+                        L_of_head=None):
     """Fused top-``k`` search + attention of every (query head, query) pair of a layer.
 
     Inputs as :func:`.kernels.search_batch` (adj, keys, n_graph, n_total, queries [Hq, nq, d] float32,
@@ -69,6 +70,9 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
     lists only the tasks, i.e. the pairs of heads without a partner or whose partner is a higher head, and the
     task of ``(h, i)`` also fills ``(b, i)`` (both report the pass's keys scanned). All -1 and ``order`` over
     every pair: separate searches.
+
+    ``L_of_head [Hq]`` int64 (optional): a beam width per query head (each ``<= L``, which sizes the scratch;
+    a shared pass uses the larger of its two heads').
     """
     Hq, nq, d = queries.shape
     dv = values.shape[2]
@@ -128,13 +132,16 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
             clear_visited(vis, n_graph)
             for c in range(d):
                 qv[c] = queries[h, i, c]
+            Lh = L if L_of_head is None else L_of_head[h]
             if hb < 0:
-                nr, ns, c_s, c_i = search_pair(adj, keys, n_graph, n_total, qv, graph_of_head[h], kv, entries, k, L,
+                nr, ns, c_s, c_i = search_pair(adj, keys, n_graph, n_total, qv, graph_of_head[h], kv, entries, k, Lh,
                                                vis, c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf, beam)
             else:
                 for c in range(d):
                     qb[c] = queries[hb, i, c]
-                nr, nrb, ns = search_two(adj, keys, n_graph, n_total, qv, qb, graph_of_head[h], kv, entries, k, L,
+                if L_of_head is not None:
+                    Lh = max(Lh, L_of_head[hb])
+                nr, nrb, ns = search_two(adj, keys, n_graph, n_total, qv, qb, graph_of_head[h], kv, entries, k, Lh,
                                          vis, beam, bb, r_s, r_i, rb_s, rb_i, nbuf, sbuf, sb)
                 out_worker[hb * nq + i] = t
                 emit_results(rb_s, rb_i, nrb, k, out_ids, out_sc, hb, i)

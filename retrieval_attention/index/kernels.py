@@ -702,7 +702,7 @@ def visited_words(n: int) -> int:
 
 @njit(parallel=True, nogil=True, cache=True)
 def search_batch(adj, keys, n_graph, n_total, queries, graph_of_head, kv_of_head, entries, k, L,
-                 visited, cand_s, cand_i, out_ids, out_sc, out_ns):
+                 visited, cand_s, cand_i, out_ids, out_sc, out_ns, L_of_head=None):
     """Best-first beam search of every (query head, query) pair of a layer in one call.
 
     adj [G, cap, M] int32; keys [Hkv, cap, d] float32 or uint16 holding bfloat16 bits (graph nodes
@@ -718,6 +718,9 @@ def search_batch(adj, keys, n_graph, n_total, queries, graph_of_head, kv_of_head
     While fewer than ``k`` keys have been scored, every scored node becomes a candidate and the search
     does not stop, so ``k`` results come back whenever the graph reaches ``k`` keys (with ``L >= k``
     these extra rules never fire).
+
+    ``L_of_head [Hq]`` int64 (optional): a beam width per query head (each ``<= L``, which sizes the scratch)
+    instead of ``L`` for all.
     """
     Hq, nq, d = queries.shape
     P = Hq * nq
@@ -741,8 +744,9 @@ def search_batch(adj, keys, n_graph, n_total, queries, graph_of_head, kv_of_head
             clear_visited(vis, n_graph)
             for c in range(d):
                 qv[c] = queries[h, i, c]
+            Lh = L if L_of_head is None else L_of_head[h]
             nr, ns, c_s, c_i = search_pair(adj, keys, n_graph, n_total, qv, graph_of_head[h], kv_of_head[h],
-                                           entries, k, L, vis, c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf, beam)
+                                           entries, k, Lh, vis, c_s, c_i, w_s, w_i, r_s, r_i, nbuf, sbuf, beam)
             emit_results(r_s, r_i, nr, k, out_ids, out_sc, h, i)
             out_ns[h, i] = ns
 

@@ -95,6 +95,14 @@ def auto_train_queries(n_keys: int) -> int:
     return max(MIN_TRAIN_QUERIES, math.isqrt(MIN_TRAIN_QUERIES * MIN_TRAIN_QUERIES * int(n_keys) // TRAIN_REF_KEYS))
 
 
+#: beam widths the per-head calibration (``target_recall``) chooses from
+CALIB_LADDER = (16, 24, 32, 40, 48, 56, 64, 80, 100, 128, 160, 200, 256, 320, 400, 512, 640, 800, 1024)
+#: the calibration measures recall@CALIB_K against exact top-CALIB_K (the method's top-k)
+CALIB_K = 100
+#: at least this many held-out queries per query head, else no calibration (uniform ``ef``)
+CALIB_MIN = 8
+
+
 #: "no cap" for the kernels' candidate limit
 _NO_CAP = 2**62
 #: bytes of float32 score matrix per matmul chunk in the kNN steps
@@ -339,6 +347,16 @@ class RoarIndex(KVIndex):
                        random-weight ones, whose heads are independent and gain nothing from sharing. Default
                        ``"none"``: on the 2-core dev VM sharing bought recall at equal ef (+0.9-1.4 points,
                        SmolLM2 8K) but not time per head at equal recall (docs/BENCHMARKS.md, session 10).
+    target_recall      per-head beam widths (None: ``ef`` for every head). The build holds out ``calib_queries``
+                       training queries per query head, measures their recall@100 against their exact top-100
+                       and gives each head the smallest width of :data:`CALIB_LADDER` (up to ``max_ef``,
+                       default ``2 * ef``) whose recall reaches this target (bisection over the ladder, a few
+                       batched searches). Hard heads get wider beams, easy ones narrower: at the same mean keys
+                       scanned, the worst head's recall rises (SmolLM2 8K, aligned queries, 0.93: mean 0.950 at
+                       8.05% scanned, worst head 0.920, against ~0.85 with one ``ef``; docs/BENCHMARKS.md,
+                       session 14). A ``search(ef=...)`` still applies that width to every head
+    calib_queries      held-out training queries per query head for ``target_recall``
+    max_ef             widest beam the calibration may give a head (None: ``2 * ef``)
     projection         ``"kernel"`` (compiled, CPU threads), ``"torch"`` (batched tensor ops on the GPU when
                        there is one, :mod:`.projection_torch`; same graph up to float rounding) or ``"auto"``
                        (torch when CUDA is available, else the kernel). ``fill`` always uses the kernel.
@@ -353,12 +371,14 @@ class RoarIndex(KVIndex):
                  fill: bool = False, n_owners: int = 8, order: str = "count", repair_branching: int = 4,
                  insert_threshold: int = 4096, storage: str = "float32",
                  max_candidates: int | None = 128, projection: str = "auto", insert_lag: int | None = None,
-                 schedule: str = "snake", share: str = "none") -> None:
+                 schedule: str = "snake", share: str = "none", target_recall: float | None = None,
+                 calib_queries: int = 64, max_ef: int | None = None) -> None:
         super().__init__(M=M, n_query_neighbors=n_query_neighbors, alpha=alpha, ef=ef, graph_per=graph_per,
                          max_train_queries=max_train_queries, n_entry=n_entry, fill=fill, n_owners=n_owners, order=order,
                          repair_branching=repair_branching, insert_threshold=insert_threshold, storage=storage,
                          max_candidates=max_candidates, projection=projection, insert_lag=insert_lag,
-                         schedule=schedule, share=share)
+                         schedule=schedule, share=share, target_recall=target_recall, calib_queries=calib_queries,
+                         max_ef=max_ef)
         if schedule not in SCHEDULES:
             raise IndexError_(f"roar: schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.schedule = schedule
@@ -368,6 +388,13 @@ class RoarIndex(KVIndex):
             raise IndexError_(f"roar: alpha must be a finite number >= 1, got {alpha!r}")
         self.alpha = float(alpha)
         self.ef = _pos_int("ef", ef)
+        if target_recall is not None and (isinstance(target_recall, bool) or not isinstance(target_recall, (int, float))
+                                          or not 0.0 < target_recall <= 1.0):
+            raise IndexError_(f"roar: target_recall must be a number in (0, 1] or None, got {target_recall!r}")
+        self.target_recall = None if target_recall is None else float(target_recall)
+        self.calib_queries = _pos_int("calib_queries", calib_queries)
+        self.max_ef = 2 * self.ef if max_ef is None else _pos_int("max_ef", max_ef)
+        self._ef_of_head: np.ndarray | None = None  # [Hq] int64 beam widths from the calibration
         if graph_per not in GRAPH_PER:
             raise IndexError_(f"roar: graph_per must be one of {GRAPH_PER}, got {graph_per!r}")
         self.graph_per = graph_per
@@ -414,6 +441,15 @@ class RoarIndex(KVIndex):
             train_queries = keys
         Hq = train_queries.shape[0]
         group = Hq // Hkv
+        calib = None
+        self._ef_of_head = None
+        if self.target_recall is not None:  # held out of the training set: the calibration's queries
+            c = min(self.calib_queries, train_queries.shape[1] // 8)
+            if c >= CALIB_MIN:
+                step = train_queries.shape[1] / c
+                rows = (np.arange(c) * step + step / 2).astype(np.int64)  # between the evenly subsampled ones
+                calib = np.ascontiguousarray(train_queries[:, rows], np.float32)
+                train_queries = np.delete(train_queries, rows, axis=1)
         if self.graph_per == "query_head":
             G = Hq
             kv_of_graph = np.arange(G, dtype=np.int64) // group
@@ -499,6 +535,11 @@ class RoarIndex(KVIndex):
                             "projection_s": t_proj - t1, "reverse_s": t2 - t_proj,
                             "n_train": float(m), "repair_links": float(links),
                             "covered_frac": float((own[:, :, 0] >= 0).mean())}
+        if calib is not None:
+            t4 = time.perf_counter()
+            self._calibrate(calib)
+            self.build_stats["calib_s"] = time.perf_counter() - t4
+            self.build_stats["ef_of_head_mean"] = float(self._ef_of_head.mean())
         if self.share == "auto":
             overlap = self._pair_overlap(stored, n, train_queries, group)
             self._pairs_on = overlap is not None and overlap >= PAIR_OVERLAP_MIN
@@ -524,6 +565,30 @@ class RoarIndex(KVIndex):
                 if b > a:
                     overlaps.append((ids[a][:, :, None] == ids[b][:, None, :]).any(-1).mean())
         return float(np.mean(overlaps))
+
+    def _calibrate(self, cq: np.ndarray) -> None:
+        """Per-head beam widths for ``target_recall`` from held-out queries ``cq [Hq, c, d]`` float32 (see the
+        class docstring): bisection over :data:`CALIB_LADDER` (up to ``max_ef``), all heads in each batched search."""
+        Hq, c, d = cq.shape
+        k = min(CALIB_K, self.n_graph)
+        group = Hq // self.n_kv_heads
+        exact = np.empty((Hq, c, k), np.int64)
+        for h in range(self.n_kv_heads):
+            heads = slice(h * group, (h + 1) * group)
+            ids, _ = knn_ip(cq[heads].reshape(-1, d), self._f32(self._keys[h, : self.n_graph]), k)
+            exact[heads] = ids.reshape(group, c, k)
+        ladder = np.array([e for e in CALIB_LADDER if e <= self.max_ef] or [self.max_ef], np.int64)
+        lo = np.zeros(Hq, np.int64)
+        hi = np.full(Hq, len(ladder) - 1, np.int64)
+        while (lo < hi).any():
+            mid = (lo + hi) // 2
+            ids, _, _ = self._search(cq, k, ef_of_head=ladder[mid])
+            hit = (ids[..., :, None] == exact[..., None, :]).any(-1).sum(-1)  # [Hq, c]
+            ok = hit.mean(1) / k >= self.target_recall
+            open_ = lo < hi
+            hi = np.where(open_ & ok, mid, hi)
+            lo = np.where(open_ & ~ok, mid + 1, lo)
+        self._ef_of_head = ladder[lo]
 
     def _projection_on(self) -> str:
         """Where the projection step runs: ``"torch"`` or ``"kernel"`` (see the ``projection`` option)."""
@@ -584,14 +649,24 @@ class RoarIndex(KVIndex):
             self._partner_cache = (key, p, bool((p >= 0).any()))
         return self._partner_cache[1:]
 
-    def _search(self, queries, k, ef=None):
-        L = self.ef if ef is None else _pos_int("ef", ef)
+    def _widths(self, Hq: int, ef, ef_of_head=None):
+        """(beam width sizing the scratch, per-head widths [Hq] int64 or None): an explicit ``ef`` for every head,
+        else the calibrated widths (``target_recall``) when they fit these heads, else the default ``ef``."""
+        if ef is not None:
+            return _pos_int("ef", ef), None
+        w = self._ef_of_head if ef_of_head is None else np.ascontiguousarray(ef_of_head, np.int64)
+        if w is None or len(w) != Hq:
+            return self.ef, None
+        return int(w.max()), w
+
+    def _search(self, queries, k, ef=None, ef_of_head=None):
         Hq, nq, _ = queries.shape
+        L, L_of_head = self._widths(Hq, ef, ef_of_head)
         graph_of_head, kv_of_head = self._graph_maps(Hq)
         ids = np.empty((Hq, nq, k), np.int64)
         sc = np.empty((Hq, nq, k), np.float32)
         ns = np.empty((Hq, nq), np.int64)
-        partner, paired = self._partners(graph_of_head, k, L)
+        partner, paired = self._partners(graph_of_head, k, L if L_of_head is None else int(L_of_head.min()))
         if paired:  # shared passes: through the fused call (its attention output is not used)
             values = np.zeros((self.n_kv_heads, self.n_keys, 1), np.float32)
             out = np.empty((Hq, nq, 1), np.float32)
@@ -602,12 +677,12 @@ class RoarIndex(KVIndex):
                 DK.search_attend_batch(self._adj, self._keys, values, self.n_graph, self.n_keys, queries,
                                        graph_of_head, kv_of_head, self._entries, k, L, 1.0, w.visited[:T],
                                        w.cand_s[:T], w.cand_i[:T], out, lse, ns, ids, sc, order, self._keys, 0, 0, 0,
-                                       w.taken[:T], np.empty(Hq * nq, np.int64), False, partner)
+                                       w.taken[:T], np.empty(Hq * nq, np.int64), False, partner, -1, L_of_head)
             return ids, sc, ns
         T = max(1, min(numba.get_num_threads(), Hq * nq))
         with self._lock, DK.scratch(T, self.n_graph) as w:
             K.search_batch(self._adj, self._keys, self.n_graph, self.n_keys, queries, graph_of_head, kv_of_head,
-                           self._entries, k, L, w.visited[:T], w.cand_s[:T], w.cand_i[:T], ids, sc, ns)
+                           self._entries, k, L, w.visited[:T], w.cand_s[:T], w.cand_i[:T], ids, sc, ns, L_of_head)
         return ids, sc, ns
 
     def search_attend(self, queries, k: int, values: np.ndarray, scaling: float, ef=None, return_ids: bool = False,
@@ -623,8 +698,8 @@ class RoarIndex(KVIndex):
             return super().search_attend(queries, k, values, scaling, return_ids=return_ids, residual=residual,
                                          **({} if ef is None else {"ef": ef}), **budget)
         q, k = self._check_search(queries, k, {})
-        L = self.ef if ef is None else _pos_int("ef", ef)
         Hq, nq, _ = q.shape
+        L, L_of_head = self._widths(Hq, ef)
         graph_of_head, kv_of_head = self._graph_maps(Hq)
         out = np.empty((Hq, nq, values.shape[2]), np.float32)
         lse = np.empty((Hq, nq), np.float32)
@@ -632,7 +707,7 @@ class RoarIndex(KVIndex):
         sc = np.empty((Hq, nq, k), np.float32)
         ns = np.empty((Hq, nq), np.int64)
         worker = np.empty(Hq * nq, np.int64)
-        partner, paired = self._partners(graph_of_head, k, L)
+        partner, paired = self._partners(graph_of_head, k, L if L_of_head is None else int(L_of_head.min()))
         # the previous call's keys scanned per pair predict this one's cost: the longest are handed out first
         if paired:
             order = DK.task_order(partner, nq, self._last_scanned)
@@ -653,7 +728,7 @@ class RoarIndex(KVIndex):
                                    self._keys if res is None else res_keys, 0 if res is None else int(res.n),
                                    0 if res is None else int(res.m), 0 if res is None else int(res.seed),
                                    w.taken[:T], worker, self.schedule == "dynamic", partner,
-                                   -1 if res is None or res.lo is None else int(res.lo))
+                                   -1 if res is None or res.lo is None else int(res.lo), L_of_head)
         self._last_scanned = ns.reshape(-1)
         rows = self._last_scanned
         if paired:  # a shared pass's rows were loaded once, by its task's worker
@@ -788,6 +863,7 @@ class RoarIndex(KVIndex):
             "kv_of_graph": self._kv_of_graph,
             "n_graph": np.array([self.n_graph], np.int64),
             "pairs_on": np.array([self._pairs_on], np.bool_),
+            **({} if self._ef_of_head is None else {"ef_of_head": self._ef_of_head}),
         }
 
     def load_state(self, arrays):
@@ -804,5 +880,6 @@ class RoarIndex(KVIndex):
         self.n_graph = int(arrays["n_graph"][0])
         # files from before share="auto": the option decides
         self._pairs_on = bool(arrays["pairs_on"][0]) if "pairs_on" in arrays else self.share == "pairs"
+        self._ef_of_head = np.ascontiguousarray(arrays["ef_of_head"], np.int64) if "ef_of_head" in arrays else None
         if self._keys.shape[1] != self.n_keys or self._adj.shape[1] != self.n_graph:
             raise IndexError_("roar index file is inconsistent (key / graph sizes do not match its metadata)")
