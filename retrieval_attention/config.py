@@ -22,9 +22,9 @@ RESIDUAL_ON = ("auto", "device", "cpu")
 DEFAULT_RESIDUAL_REFRESH = 64
 
 #: positions over which the index-training queries' decode-phase targets are spread (``align_spread``). SmolLM2
-#: recall@100 of the roar graph (docs/BENCHMARKS.md, session 14), at 8% scanned (8K) / 2% (32K): unaligned 0.90 /
-#: 0.89; spread 0: 0.94 / collapse (worst head 0.57 at 32K); 16: 0.94 / 0.93; 32: 0.95 / 0.94; 64: 0.95 / 0.95;
-#: 128: 0.94 / 0.94; 256: 0.94 / 0.93
+#: roar recall@100 (docs/BENCHMARKS.md, session 14; 8K: layers 2, 8, 14, 20, 26 at 8% scanned; 32K: layers 2, 14,
+#: 26 at 2%): not aligned 0.900 / -; spread 0: 0.940 / 0.909 (worst head 0.57: the queries collapse onto few keys);
+#: 16: 0.943; 32: 0.945 / 0.938; 64: 0.947 / 0.945; 128: 0.942 / 0.940; 256: 0.938
 DEFAULT_ALIGN_SPREAD = 64
 
 

@@ -352,9 +352,9 @@ class RoarIndex(KVIndex):
                        and gives each head the smallest width of :data:`CALIB_LADDER` (up to ``max_ef``,
                        default ``2 * ef``) whose recall reaches this target (bisection over the ladder, a few
                        batched searches). Hard heads get wider beams, easy ones narrower: at the same mean keys
-                       scanned, the worst head's recall rises (SmolLM2 8K, aligned queries, 0.93: mean 0.950 at
-                       8.05% scanned, worst head 0.920, against ~0.85 with one ``ef``; docs/BENCHMARKS.md,
-                       session 14). A ``search(ef=...)`` still applies that width to every head
+                       scanned, the worst head's recall rises (SmolLM2 8K, 30 layers, aligned queries, 0.93: mean
+                       0.950 at 8.08% scanned, worst head 0.911, against 0.826-0.878 at 7.5-8.9% with one ``ef``;
+                       with ``graph_per="query_head"``: 0.950 at 7.24%, worst 0.908; docs/BENCHMARKS.md, session 14). A ``search(ef=...)`` still applies that width to every head
     calib_queries      held-out training queries per query head for ``target_recall``
     max_ef             widest beam the calibration may give a head (None: ``2 * ef``)
     projection         ``"kernel"`` (compiled, CPU threads), ``"torch"`` (batched tensor ops on the GPU when
