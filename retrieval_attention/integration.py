@@ -210,4 +210,10 @@ def make_cache(model, config: RetrievalConfig | None):
 
         n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         rope = {i: rope_inv_freq(model, i) for i in range(n_layers)}
+        if all(f is None for f in rope.values()):
+            import warnings
+
+            warnings.warn("align_train_queries: no RoPE frequencies could be read from this model's rotary embedding; "
+                          "the index trains on the prompt's queries as they are (lower recall per key scanned). Pass "
+                          "align_train_queries=False to silence this", RuntimeWarning, stacklevel=2)
     return RetrievalCache(model.config, config, rope_inv_freq=rope)

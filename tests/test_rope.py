@@ -138,6 +138,15 @@ def test_alignment_needs_the_models_frequencies():
     l0 = made.retrieval_layers[0]
     l0.reset()
     assert l0.rope_inv_freq is not None  # a reset keeps them
+    # a model whose rotary embedding cannot be read: a warning that names the fallback and the option
+    rot = model.get_decoder().rotary_emb
+    del model.get_decoder().rotary_emb
+    try:
+        with pytest.warns(RuntimeWarning, match="align_train_queries=False"):
+            blind = make_cache(model, RetrievalConfig(index="flat", dense_layers=()))
+    finally:
+        model.get_decoder().rotary_emb = rot
+    assert all(l.rope_inv_freq is None for l in blind.retrieval_layers)
 
 
 def test_config_validates_alignment_options():
