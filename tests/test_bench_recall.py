@@ -426,3 +426,30 @@ def test_select_layers_for_partial_captures(monkeypatch, tmp_path):
     monkeypatch.setenv("RA_CACHE_DIR", str(tmp_path))
     paths = {capmod.capture_cache_path("m", 8, 1, layers=x) for x in (None, 6, [0, 6], list(range(40)))}
     assert len(paths) == 4
+
+
+def test_captures_record_rope_and_the_benchmark_aligns_training_queries(tiny_llama, tmp_path, prefix_index,
+                                                                         monkeypatch):
+    """A capture records each layer's RoPE frequencies; run_benchmark rotates the training queries it builds with
+    exactly as the retrieval cache does (align_to_decode from their positions to the prompt length), or not."""
+    from retrieval_attention.rope import align_to_decode, rope_inv_freq
+
+    cap = capmod.capture_vectors(tiny_llama, list(range(1, 61)), n_decode=2, progress=False)
+    for i in (0, 1):
+        assert cap["meta"]["rope_inv_freq"][str(i)] == rope_inv_freq(tiny_llama, i).tolist()
+    path = capmod.save_capture(tmp_path / "c.npz", cap)
+    seen = []
+    monkeypatch.setattr(_PrefixIndex, "_build", lambda self, keys, tq: (seen.append(tq.copy()),
+                                                                         setattr(self, "_keys", keys)))
+    with capmod.load_capture(path) as c:
+        rope = rb.capture_rope(c)
+        assert torch.equal(rope[1], rope_inv_freq(tiny_llama, 1))
+        for spread in (None, 16):
+            rb.run_benchmark(c, [_spec("_test_prefix", [None], "limit")], [1], sink=4, window=8, max_train_queries=24,
+                             attn_error=False, progress=False, align_spread=spread)
+        raw, aligned = seen[-3], seen[-1]  # (the warm-up build comes first in each run)
+        where = rb.subsample_positions(60, 24)
+        want = align_to_decode(torch.from_numpy(raw), torch.from_numpy(where), 60, rope[1], 16, seed=1).numpy()
+        np.testing.assert_allclose(aligned, want, atol=1e-5)
+        assert not np.allclose(aligned, raw, atol=1e-2)
+        np.testing.assert_array_equal(raw, c.layer(1).prefill_queries[:, where])
