@@ -132,20 +132,13 @@ def test_layerwise_retrieval_cache_equals_forward(arch):
 
 
 @pytest.mark.parametrize("max_train_queries", [23, None])
-def test_layerwise_collects_the_same_training_queries(monkeypatch, max_train_queries):
+def test_layerwise_collects_the_same_training_queries(monkeypatch, build_queries, max_train_queries):
     """The index is trained on the same evenly subsampled prompt queries as the single-forward prefill, with a
     fixed count and with the automatic one (a rule of the prompt length, here made small: n // 4 = 32)."""
     import retrieval_attention.index.roar as roar_mod
 
     monkeypatch.setattr(roar_mod, "auto_train_queries", lambda n: n // 4)
-    seen = []
-    orig = CPUStore.build
-
-    def spy(self, keys, values, train_queries, background=False):
-        seen.append(train_queries.detach().clone())
-        return orig(self, keys, values, train_queries, background)
-
-    monkeypatch.setattr(CPUStore, "build", spy)
+    seen = build_queries
     model = tiny_model("llama", seed=14)
     ids = _ids(130, seed=3)
     cfg = RetrievalConfig(index="flat", n_sink=8, window=16, top_k=4096, dense_layers=(),

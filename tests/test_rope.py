@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from retrieval_attention.cache import CPUStore, train_positions
+from retrieval_attention.cache import train_positions
 from retrieval_attention.config import RetrievalConfig
 from retrieval_attention.generation import cache_kwarg
 from retrieval_attention.integration import enable, make_cache
@@ -72,23 +72,11 @@ def test_decode_targets_and_errors():
     assert torch.allclose(align_to_decode(q, torch.full((5,), 9), 9, inv, 0), q)
 
 
-def _spy_builds(monkeypatch):
-    seen = []
-    orig = CPUStore.build
-
-    def spy(self, keys, values, train_queries, background=False):
-        seen.append(train_queries.detach().clone())
-        return orig(self, keys, values, train_queries, background)
-
-    monkeypatch.setattr(CPUStore, "build", spy)
-    return seen
-
-
 @pytest.mark.parametrize("layerwise", [False, True])
-def test_cache_trains_on_prompt_queries_rotated_to_the_decode_position(monkeypatch, layerwise):
+def test_cache_trains_on_prompt_queries_rotated_to_the_decode_position(build_queries, layerwise):
     """Left-padded batch: each sequence's index gets its own subsampled prompt queries, each rotated from its real
     position to that sequence's first decode position (spread by the layer's seed); off: the raw queries."""
-    seen = _spy_builds(monkeypatch)
+    seen = build_queries
     model = tiny_model("llama", seed=3)
     T, lens = 140, (140, 95)
     g = torch.Generator().manual_seed(1)

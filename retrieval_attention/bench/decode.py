@@ -344,9 +344,11 @@ def run_one(model, method, index, ctx, args, device):
                           "using the transformers forward", file=sys.stderr)
             rec["decode_mode"] = decode_mode
             tok = _time_decode(rec, method, model, cache, decoder, kw, tok, args, sync)
-            base = config_settings(cache.retrieval_layers[0].config) if method == "retrieval" else None
-            for spec in (getattr(args, "variant", None) or []) if method == "retrieval" else []:
-                rec.setdefault("variant", None)
+            specs = (getattr(args, "variant", None) or []) if method == "retrieval" else []
+            if specs:
+                base = config_settings(cache.retrieval_layers[0].config)
+                rec["variant"] = None
+            for spec in specs:
                 if decoder is not None:  # a fresh decoder reads the new settings (buffers, CUDA graphs)
                     decoder.close()
                     decoder = None

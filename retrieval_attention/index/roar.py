@@ -650,23 +650,25 @@ class RoarIndex(KVIndex):
         return self._partner_cache[1:]
 
     def _widths(self, Hq: int, ef, ef_of_head=None):
-        """(beam width sizing the scratch, per-head widths [Hq] int64 or None): an explicit ``ef`` for every head,
-        else the calibrated widths (``target_recall``) when they fit these heads, else the default ``ef``."""
+        """(widest beam, sizing the scratch; narrowest beam, deciding shared passes; per-head widths [Hq] int64 or
+        None): an explicit ``ef`` for every head, else the calibrated widths (``target_recall``) when they fit these
+        heads, else the default ``ef``."""
         if ef is not None:
-            return _pos_int("ef", ef), None
+            L = _pos_int("ef", ef)
+            return L, L, None
         w = self._ef_of_head if ef_of_head is None else np.ascontiguousarray(ef_of_head, np.int64)
         if w is None or len(w) != Hq:
-            return self.ef, None
-        return int(w.max()), w
+            return self.ef, self.ef, None
+        return int(w.max()), int(w.min()), w
 
     def _search(self, queries, k, ef=None, ef_of_head=None):
         Hq, nq, _ = queries.shape
-        L, L_of_head = self._widths(Hq, ef, ef_of_head)
+        L, L_min, L_of_head = self._widths(Hq, ef, ef_of_head)
         graph_of_head, kv_of_head = self._graph_maps(Hq)
         ids = np.empty((Hq, nq, k), np.int64)
         sc = np.empty((Hq, nq, k), np.float32)
         ns = np.empty((Hq, nq), np.int64)
-        partner, paired = self._partners(graph_of_head, k, L if L_of_head is None else int(L_of_head.min()))
+        partner, paired = self._partners(graph_of_head, k, L_min)
         if paired:  # shared passes: through the fused call (its attention output is not used)
             values = np.zeros((self.n_kv_heads, self.n_keys, 1), np.float32)
             out = np.empty((Hq, nq, 1), np.float32)
@@ -699,7 +701,7 @@ class RoarIndex(KVIndex):
                                          **({} if ef is None else {"ef": ef}), **budget)
         q, k = self._check_search(queries, k, {})
         Hq, nq, _ = q.shape
-        L, L_of_head = self._widths(Hq, ef)
+        L, L_min, L_of_head = self._widths(Hq, ef)
         graph_of_head, kv_of_head = self._graph_maps(Hq)
         out = np.empty((Hq, nq, values.shape[2]), np.float32)
         lse = np.empty((Hq, nq), np.float32)
@@ -707,7 +709,7 @@ class RoarIndex(KVIndex):
         sc = np.empty((Hq, nq, k), np.float32)
         ns = np.empty((Hq, nq), np.int64)
         worker = np.empty(Hq * nq, np.int64)
-        partner, paired = self._partners(graph_of_head, k, L if L_of_head is None else int(L_of_head.min()))
+        partner, paired = self._partners(graph_of_head, k, L_min)
         # the previous call's keys scanned per pair predict this one's cost: the longest are handed out first
         if paired:
             order = DK.task_order(partner, nq, self._last_scanned)
