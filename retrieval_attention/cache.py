@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .config import RetrievalConfig
+from .config import DEFAULT_BUILD_WORKERS, RetrievalConfig
 from .hostmem import huge_tensor
 from .index import KVIndex, make_index
 from .index.base import Residual, spare_rows
@@ -198,7 +198,7 @@ class CPUStore:
             return idx, time.perf_counter() - t0, stages
 
         if background:
-            self._pending = _build_executor().submit(job)
+            self._pending = _build_executor(self.config.build_workers).submit(job)
             return 0.0
         self._index, self.build_s, self.build_stages = job()
         return self.build_s
@@ -326,19 +326,25 @@ def _attend_by_search(store, queries: np.ndarray, group: int, scaling: float, k:
     return (out, lse, n_scanned, ids) if return_ids else (out, lse, n_scanned)
 
 
-_EXECUTOR = None
+_EXECUTORS: dict = {}  # worker count -> ThreadPoolExecutor of background index builds
 #: residual seeds of layers: residual_seed * stride + layer index (distinct for any layer count below it)
 _LAYER_SEED_STRIDE = 1_000_003
 
 
-def _build_executor():
-    """One background worker for index builds (each build is itself multi-threaded)."""
-    global _EXECUTOR
-    if _EXECUTOR is None:
-        from concurrent.futures import ThreadPoolExecutor
+def _build_executor(workers: int = DEFAULT_BUILD_WORKERS):
+    """The workers of background index builds (``RetrievalConfig.build_workers``; one pool per worker count,
+    shared by every cache; each build is itself multi-threaded). One worker where numba's threading layer cannot
+    run parallel kernels from two threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
 
-        _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ra-index-build")
-    return _EXECUTOR
+    from .threads import parallel_kernels_concurrent
+
+    if workers > 1 and not parallel_kernels_concurrent():
+        workers = 1
+    ex = _EXECUTORS.get(workers)
+    if ex is None:
+        ex = _EXECUTORS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ra-index-build")
+    return ex
 
 
 def _exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, scaling: float):

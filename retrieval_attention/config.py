@@ -26,6 +26,8 @@ DEFAULT_RESIDUAL_REFRESH = 64
 #: 26 at 2%): not aligned 0.900 / -; spread 0: 0.940 / 0.909 (worst head 0.57: the queries collapse onto few keys);
 #: 16: 0.943; 32: 0.945 / 0.938; 64: 0.947 / 0.945; 128: 0.942 / 0.940; 256: 0.938
 DEFAULT_ALIGN_SPREAD = 64
+#: background index builds at once (``build_workers``): one layer's CPU stages overlap another's GPU stages
+DEFAULT_BUILD_WORKERS = 2
 
 
 @dataclass
@@ -43,9 +45,9 @@ class RetrievalConfig:
     offload_device  where the retrievable KV lives (``cpu``)
     prefill_chunk   query-chunk size of exact prefill attention (bounds the score matrix)
     dense_layers    layer indices kept exact (full attention) whatever the method
-    max_train_queries  prefill queries per query head used to train the index (evenly subsampled); ``None``: 4,096
-                    up to 8K tokens, then growing as the square root of the prompt length, 16,384 at 128K
-                    (:meth:`train_queries`; recall at 128K needs them)
+    max_train_queries  prefill queries per query head used to train the index (evenly subsampled); ``None``: 2,048
+                    up to 8K tokens, then growing as the square root of the prompt length, 8,192 at 128K
+                    (:meth:`train_queries`)
     residual_samples   keys drawn uniformly per query head and step to estimate the attention mass of the
                     keys retrieval did not return (0 = drop it, the published method; see
                     :mod:`retrieval_attention.attention.residual`)
@@ -65,6 +67,15 @@ class RetrievalConfig:
                     without a readable rotary embedding train on the prompt's queries as they are
     align_spread    the decode-phase targets spread uniformly over this many positions around the first decode
                     position (0 = all at it; see :data:`DEFAULT_ALIGN_SPREAD`)
+    build_workers   index builds that run at once in the background (on CUDA, overlapping the layer-by-layer
+                    prefill; each build is itself multi-threaded). 2 lets one layer's CPU stages (owner lists,
+                    connectivity repair) run while another layer's kNN and projection use the GPU; 1 builds the
+                    layers one after another. Where numba's threading layer cannot run parallel kernels from two
+                    threads (``workqueue``) the builds run one at a time whatever this says
+    decode_compile  the lean decode loop (:class:`retrieval_attention.decode_loop.LeanDecoder`) runs its dense
+                    per-layer ops (input norm, projections, RoPE; the merge of the attention parts; o_proj, MLP)
+                    compiled by ``torch.compile``: fewer, fused kernels between the CPU round trips. The first
+                    decode step compiles (tens of seconds); off by default
     """
 
     method: str = "retrieval"
@@ -85,19 +96,23 @@ class RetrievalConfig:
     exact_below: int = DEFAULT_EXACT_BELOW
     align_train_queries: bool = True
     align_spread: int = DEFAULT_ALIGN_SPREAD
+    build_workers: int = DEFAULT_BUILD_WORKERS
+    decode_compile: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if not isinstance(self.align_train_queries, bool):
-            raise ValueError(f"align_train_queries must be True or False, got {self.align_train_queries!r}")
+        for name in ("align_train_queries", "decode_compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("residual_samples", "residual_seed", "exact_below", "align_spread"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         if self.residual_on not in RESIDUAL_ON:
             raise ValueError(f"residual_on must be one of {', '.join(RESIDUAL_ON)}, got {self.residual_on!r}")
-        for name in ("n_sink", "window", "top_k", "prefill_chunk", "max_train_queries", "residual_refresh"):
+        for name in ("n_sink", "window", "top_k", "prefill_chunk", "max_train_queries", "residual_refresh",
+                     "build_workers"):
             v = getattr(self, name)
             if v is None and name == "max_train_queries":
                 continue

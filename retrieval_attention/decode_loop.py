@@ -41,6 +41,68 @@ from .prefill import unsupported_reason as _model_unsupported_reason
 _DEV, _HOST = "device", "host"  # op kinds: device ops are capturable, host ops run between graphs
 
 
+def merged_attention(od, ld, oc, lc, res=None):
+    """The layer's attention output from its parts, merged exactly by log-sum-exp (fp32): the device part over
+    the static tokens ``od [B, Hq, 1, D]`` / ``ld [B, Hq, 1]``, the CPU part ``oc`` / ``lc`` (same shapes) and,
+    with the residual estimate on the device, ``res`` = the arguments of
+    :func:`~.attention.residual_device.residual_partial` (merged into the CPU part first, as the CPU kernel does).
+    Returns ``[B, Hq, 1, D]`` float32."""
+    if res is not None:
+        oc, lc = merge_partial(oc, lc, *residual_partial(*res))
+    return merge_partial(od, ld, oc, lc)[0]
+
+
+def post_block(layer, x, attn_out):
+    """x += o_proj(attn_out); x += mlp(post_norm(x)) for a decoder ``layer``. x ``[B, 1, hidden]``, attn_out
+    ``[B, 1, Hq * D]`` in the model's dtype."""
+    x = x + layer.self_attn.o_proj(attn_out)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def qkv_block(layer, x, cos, sin, rope, head_dim: int):
+    """q ``[B, Hq, 1, D]``, k / v ``[B, Hkv, 1, D]`` of ``layer`` for hidden states ``x [B, 1, hidden]``: input
+    norm, projections (+ the q/k norms of Qwen3), RoPE (``rope`` = the model's ``apply_rotary_pos_emb``)."""
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    shape = (x.shape[0], 1, -1, head_dim)
+    q = attn.q_proj(h).view(shape)
+    k = attn.k_proj(h).view(shape)
+    v = attn.v_proj(h).view(shape).transpose(1, 2)
+    if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over the head dim before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return (*rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin), v)
+
+
+class _CompiledOps:
+    """:func:`merged_attention`, :func:`post_block` and :func:`qkv_block` compiled with ``torch.compile``
+    (``RetrievalConfig.decode_compile``): their many small elementwise ops fused into few kernels. Compiled
+    once for all layers (same shapes; layers are inlined as inputs); the first call of each compiles. If compiling
+    fails the decoder warns once and uses the plain functions from then on."""
+
+    def __init__(self):
+        opts = dict(dynamic=False, fullgraph=True)
+        self.fns = {f.__name__: (f, torch.compile(f, **opts)) for f in (merged_attention, post_block, qkv_block)}
+        self.failed = False
+
+    def __call__(self, name, *args):
+        plain, compiled = self.fns[name]
+        if self.failed:
+            return plain(*args)
+        try:
+            return compiled(*args)
+        except Exception as e:  # noqa: BLE001 - any compile problem: warn once, run the plain ops
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise  # never fall back silently inside a CUDA graph capture (it captures the failure instead)
+            self.failed = True
+            warnings.warn(f"decode_compile: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                          "decoding with the plain ops", RuntimeWarning, stacklevel=3)
+            return plain(*args)
+
+
+def _plain_ops(name, *args):
+    return {"merged_attention": merged_attention, "post_block": post_block, "qkv_block": qkv_block}[name](*args)
+
+
 def residual_placement(config, device) -> str:
     """Where :class:`LeanDecoder` estimates the residual for ``config`` on a model on ``device``: ``"device"`` or
     ``"cpu"`` (``residual_on="auto"``: the device when it is a GPU)."""
@@ -168,6 +230,8 @@ class LeanDecoder:
                     self._t[f"rlw{i}"] = torch.zeros((B,), dtype=torch.float32, device=self.dev)
                     self._res_n[i] = [None] * B
                     self._res_next[i] = 0
+        self.compiled = bool(getattr(cfg, "decode_compile", False))
+        self._f = _CompiledOps() if self.compiled else _plain_ops
         self._ops = self._build_ops()
         self._graphs = None  # list of ("graph", CUDAGraph) / (_HOST, fn) once captured
         self._want_graphs = False
@@ -255,16 +319,8 @@ class LeanDecoder:
 
     def _qkv(self, i):
         """q ``[B, Hq, 1, D]``, k/v ``[B, Hkv, 1, D]`` of layer ``i`` after RoPE."""
-        layer = self.base.layers[i]
-        attn = layer.self_attn
-        h = layer.input_layernorm(self._t["x"])
-        shape = (self.B, 1, -1, self.D)
-        q = attn.q_proj(h).view(shape)
-        k = attn.k_proj(h).view(shape)
-        v = attn.v_proj(h).view(shape).transpose(1, 2)
-        if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over the head dim before RoPE
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        return (*self._rope(q.transpose(1, 2), k.transpose(1, 2), self._t["cos"], self._t["sin"]), v)
+        return self._f("qkv_block", self.base.layers[i], self._t["x"], self._t["cos"], self._t["sin"], self._rope,
+                       self.D)
 
     def _op_pre(self, i):
         """Projections, RoPE, old slot contents out, new token into the slot (in place)."""
@@ -290,20 +346,18 @@ class LeanDecoder:
         t = self._t
         layer = self.base.layers[i]
         if self.kinds[i] == "retrieve":
-            oc, lc = t[f"oc{i}"], t[f"lc{i}"]
+            res = None
             if self.residual_on_device:  # the retrieved partial and the residual first, as the CPU kernel does
-                res = residual_partial(t[f"qf{i}"], t[f"rk{i}"], t[f"rv{i}"], t[f"rid{i}"], t[f"rlw{i}"],
-                                       t[f"tk{i}"], layer.self_attn.scaling)
-                oc, lc = merge_partial(oc, lc, *res)
-            out, _ = merge_partial(t[f"od{i}"], t[f"ld{i}"], oc, lc)
+                res = (t[f"qf{i}"], t[f"rk{i}"], t[f"rv{i}"], t[f"rid{i}"], t[f"rlw{i}"], t[f"tk{i}"],
+                       layer.self_attn.scaling)
+            out = self._f("merged_attention", t[f"od{i}"], t[f"ld{i}"], t[f"oc{i}"], t[f"lc{i}"], res)
         else:
             out = t[f"od{i}"]
         self._residual_mlp(layer, out.to(t["x"].dtype).transpose(1, 2).reshape(self.B, 1, -1))
 
     def _residual_mlp(self, layer, attn_out):
         """x += o_proj(attn_out); x += mlp(post_norm(x)). attn_out ``[B, 1, Hq * D]``."""
-        x = self._t["x"] + layer.self_attn.o_proj(attn_out)
-        self._t["x"] = x + layer.mlp(layer.post_attention_layernorm(x))
+        self._t["x"] = self._f("post_block", layer, self._t["x"], attn_out)
 
     def _op_dense(self, i):
         """A dense layer: ``update`` (concatenation) + exact SDPA, as the transformers path (eager only)."""

@@ -48,3 +48,19 @@ def configure_threads(n: int | None = None) -> int:
         pass
     _CONFIGURED = n
     return n
+
+
+def parallel_kernels_concurrent() -> bool:
+    """Whether numba's threading layer runs parallel kernels launched from several Python threads at once (``omp``,
+    ``tbb``: yes; ``workqueue``: no, it aborts). The layer is chosen at the first parallel launch: if none has run
+    yet a tiny kernel runs now to make that choice."""
+    import numba
+
+    try:
+        return numba.threading_layer() != "workqueue"
+    except ValueError:  # no parallel kernel has run yet: the layer is not chosen
+        pass
+    from .index.kernels import choose_threading_layer
+
+    choose_threading_layer()
+    return numba.threading_layer() != "workqueue"

@@ -6,7 +6,7 @@ import pytest
 
 from retrieval_attention.bench.decode import parse_contexts, parse_size
 from retrieval_attention.cli import main
-from retrieval_attention.config import DEFAULT_RESIDUAL_SAMPLES
+from retrieval_attention.config import DEFAULT_RESIDUAL_SAMPLES, RetrievalConfig
 
 
 def test_parsers():
@@ -43,8 +43,10 @@ def test_bench_decode_residual_and_ef_options(tmp_path):
     (narrow,) = json.loads(js.read_text())
     assert narrow["residual_samples"] == 0 and narrow["search_params"] == {"ef": 8}
     assert narrow["max_train_queries"] == 64 and narrow["align_train_queries"] is True
-    assert main(args + ["--ef", "64", "--no-align"]) == 0
+    assert narrow["build_workers"] == RetrievalConfig().build_workers
+    assert main(args + ["--ef", "64", "--no-align", "--build-workers", "1"]) == 0
     assert json.loads(js.read_text())[0]["align_train_queries"] is False
+    assert json.loads(js.read_text())[0]["build_workers"] == 1
     assert main(args + ["--ef", "64"]) == 0
     (wide,) = json.loads(js.read_text())
     assert wide["scanned_fraction"] > narrow["scanned_fraction"]  # the beam width reaches the search
@@ -76,6 +78,7 @@ def test_bench_decode_dtype_spellings(capsys):
 @pytest.mark.parametrize("bad, msg", [(["--residual-samples", "-1"], "--residual-samples must be >= 0"),
                                       (["--ef", "0"], "--ef must be >= 1"),
                                       (["--max-train-queries", "0"], "--max-train-queries must be >= 1"),
+                                      (["--build-workers", "0"], "--build-workers must be >= 1"),
                                       (["--ef", "32", "--index", "flat"], "--ef is the beam width of roar"),
                                       (["--index", "roar:M"], "is not of the form key=value")])
 def test_bench_decode_rejects_bad_budgets(bad, msg, capsys):
@@ -209,12 +212,21 @@ def test_bench_decode_variants_reuse_the_prefill_and_do_not_accumulate(tmp_path)
     assert no_res["search_params"] == {"ef": 64} and no_res["top_k"] == 100 and no_res["residual_samples"] == 0
     assert dev["residual_samples"] == DEFAULT_RESIDUAL_SAMPLES
     assert base["residual_on"] == "cpu" and dev["residual_on"] == "device" and dev["residual_device_bytes"] > 0
+    assert base["decode_compile"] is False and dev["decode_compile"] is False
+
+
+def test_parse_variant_decode_compile():
+    from retrieval_attention.bench.decode import parse_variant
+
+    assert parse_variant("decode_compile=on,ef=96") == {"decode_compile": True, "ef": 96}
+    assert parse_variant("decode_compile=0") == {"decode_compile": False}
 
 
 @pytest.mark.parametrize("bad, msg", [(["--variant", "efx=3"], "unknown key 'efx'"),
                                       (["--variant", "ef=0"], "ef must be >= 1"),
                                       (["--variant", "top_k=many"], "top_k must be an integer"),
                                       (["--variant", "residual_on=gpu"], "residual_on must be one of"),
+                                      (["--variant", "decode_compile=maybe"], "decode_compile must be 1 or 0"),
                                       (["--variant", "ef"], "is not KEY=VALUE"),
                                       (["--variant", "ef=8", "--index", "flat"], "has no roar"),
                                       (["--variant", "ef=8", "--methods", "full"], "add retrieval to --methods")])

@@ -32,6 +32,7 @@ def test_bad_index_params_are_refused_on_construction(params, msg):
 
 @pytest.mark.parametrize("kw,msg", [({"residual_on": "gpu"}, "residual_on must be one of auto, device, cpu"),
                                     ({"residual_refresh": 0}, "residual_refresh must be a positive integer"),
+                                    ({"build_workers": 0}, "build_workers must be a positive integer"),
                                     ({"residual_refresh": 2.5}, "residual_refresh")])
 def test_bad_residual_placement_is_refused(kw, msg):
     with pytest.raises(ValueError, match=msg):

@@ -254,3 +254,59 @@ def test_supports_and_errors():
         assert any("cuda_graphs" in str(x.message) for x in w)
     gemma = tiny_model("gemma3")
     assert not LeanDecoder.supports(gemma, make_cache(gemma, RetrievalConfig(index="flat", dense_layers=())))
+
+
+def _compiler_missing() -> bool:
+    """torch.compile on the CPU needs a C++ compiler (inductor's CPU backend)."""
+    import shutil
+
+    return shutil.which("g++") is None and shutil.which("c++") is None
+
+
+@pytest.mark.skipif(_compiler_missing(), reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_lean_compiled_ops_equal_transformers_path(arch):
+    """``decode_compile``: the norm/projection/RoPE block, the merge of the attention parts (with the device
+    residual) and the o_proj/MLP block run compiled, once for all layers, with the transformers path's logits."""
+    import torch._dynamo.utils as dynamo_utils
+
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    model = tiny_model(arch, seed=27)
+    ids = torch.randint(2, VOCAB - 1, (1, 100), generator=torch.Generator().manual_seed(7))
+    cfg = RetrievalConfig(index="flat", n_sink=4, window=16, top_k=8, dense_layers=(), residual_samples=8,
+                          residual_on="device", residual_refresh=1, decode_compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed compile warns: it must not happen here
+        _compare(model, cfg, ids, n_steps=20, layerwise=True)
+    # one graph per compiled function, not one per layer (the tiny model has 2 layers; 3 functions)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 3
+
+
+def test_lean_compiled_ops_fall_back_to_plain_ops(monkeypatch):
+    """When torch.compile fails the decoder warns once and decodes with the plain ops: same logits."""
+    def broken_compile(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("no backend")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = tiny_model("llama", seed=27)
+    ids = torch.randint(2, VOCAB - 1, (1, 100), generator=torch.Generator().manual_seed(7))
+    cfg = RetrievalConfig(index="flat", n_sink=4, window=16, top_k=8, dense_layers=(), decode_compile=True)
+    with pytest.warns(RuntimeWarning, match="decode_compile: torch.compile failed"):
+        _compare(model, cfg, ids, n_steps=6, layerwise=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_lean_on_cuda_compiled_ops(cuda_graphs):
+    """On a GPU the compiled ops (Triton kernels) also replay inside the CUDA graphs: transformers-path logits."""
+    torch._dynamo.reset()
+    model = tiny_model("llama", seed=21).cuda()
+    ids = torch.randint(2, VOCAB - 1, (1, 100), generator=torch.Generator().manual_seed(1)).cuda()
+    cfg = RetrievalConfig(index="flat", n_sink=4, window=16, top_k=8, dense_layers=(), residual_samples=8,
+                          residual_refresh=1, decode_compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _compare(model, cfg, ids, layerwise=True, cuda_graphs=cuda_graphs, atol=1e-3)

@@ -250,14 +250,60 @@ def test_wait_for_builds_waits_for_background_builds(monkeypatch):
     orig = CPUStore.build
     monkeypatch.setattr(CPUStore, "build", lambda self, k, v, tq, background=False: orig(self, k, v, tq, True))
     release = threading.Event()
-    blocker = C._build_executor().submit(release.wait, 10)
+    cfg = RetrievalConfig(index="flat", n_sink=8, window=16, dense_layers=())
+    ex = C._build_executor(cfg.build_workers)
+    blockers = [ex.submit(release.wait, 10) for _ in range(ex._max_workers)]  # every worker held
     model = tiny_model("llama", seed=15)
-    cache = make_cache(model, RetrievalConfig(index="flat", n_sink=8, window=16, dense_layers=()))
+    cache = make_cache(model, cfg)
     with torch.no_grad(), enable(model):
         layerwise_prefill(model, _ids(90, seed=4), cache, chunk=32)
     stores = [s for l in cache.retrieval_layers for s in l.stores]
     assert stores and all(s._pending is not None and not s._pending.done() for s in stores)
     release.set()
     assert cache.wait_for_builds(progress=True) >= 0
-    assert blocker.done() and all(s._pending is None for s in stores)
+    assert all(b.done() for b in blockers) and all(s._pending is None for s in stores)
     assert all(s.index is not None and s.index.n_keys == 90 - 8 - 16 for s in stores)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_build_workers_run_builds_at_once(monkeypatch, workers):
+    """``RetrievalConfig.build_workers``: with 2 the first two layers' background builds run at the same time (both
+    reach a two-party barrier inside ``build``); with 1 never more than one build runs at a time. The indexes are
+    the same either way."""
+    import threading
+
+    from retrieval_attention import cache as C
+    from retrieval_attention.index.flat import FlatIndex
+    from retrieval_attention.threads import parallel_kernels_concurrent
+
+    if workers > 1 and not parallel_kernels_concurrent():
+        pytest.skip("numba's threading layer runs one parallel kernel at a time")
+    orig = CPUStore.build
+    monkeypatch.setattr(CPUStore, "build", lambda self, k, v, tq, background=False: orig(self, k, v, tq, True))
+    barrier, lock = threading.Barrier(2, timeout=30), threading.Lock()
+    running, seen = [0], []
+    flat_build = FlatIndex.build
+
+    def build(self, keys, queries=None):
+        with lock:
+            running[0] += 1
+            seen.append(running[0])
+            first_two = len(seen) <= 2
+        try:
+            if workers == 2 and first_two:
+                barrier.wait()  # breaks (BrokenBarrierError) unless both builds run at once
+            return flat_build(self, keys, queries)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(FlatIndex, "build", build)
+    model = tiny_model("llama", seed=15)
+    cache = make_cache(model, RetrievalConfig(index="flat", n_sink=8, window=16, dense_layers=(),
+                                              build_workers=workers))
+    with torch.no_grad(), enable(model):
+        layerwise_prefill(model, _ids(90, seed=4), cache, chunk=32)
+    cache.wait_for_builds()
+    stores = [s for l in cache.retrieval_layers for s in l.stores]
+    assert len(stores) >= 2 and all(s.index.n_keys == 90 - 8 - 16 for s in stores)
+    assert max(seen) == workers

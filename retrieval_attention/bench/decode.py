@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-from ..config import DEFAULT_RESIDUAL_SAMPLES, RESIDUAL_ON
+from ..config import DEFAULT_BUILD_WORKERS, DEFAULT_RESIDUAL_SAMPLES, RESIDUAL_ON
 
 SHAPES = {
     # real Llama-3-8B sizes
@@ -54,7 +54,9 @@ DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float1
 
 
 #: decode-time settings a ``--variant`` may change (RetrievalConfig fields; ``ef`` is the roar search budget)
-VARIANT_KEYS = ("residual_on", "ef", "residual_samples", "residual_refresh", "top_k")
+VARIANT_KEYS = ("residual_on", "ef", "residual_samples", "residual_refresh", "top_k", "decode_compile")
+#: spellings of a boolean variant value
+_BOOL_VALUES = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
 
 
 def parse_variant(spec: str) -> dict:
@@ -74,6 +76,11 @@ def parse_variant(spec: str) -> dict:
             if val not in RESIDUAL_ON:
                 raise ValueError(f"residual_on must be one of {', '.join(RESIDUAL_ON)}, got {val!r}")
             out[key] = val
+            continue
+        if key == "decode_compile":
+            if val.lower() not in _BOOL_VALUES:
+                raise ValueError(f"decode_compile must be 1 or 0 (true/false, on/off), got {val!r}")
+            out[key] = _BOOL_VALUES[val.lower()]
             continue
         least = 0 if key == "residual_samples" else 1
         try:
@@ -134,10 +141,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ef", type=int, default=None, help="beam width of the roar search (default: the index's)")
     p.add_argument("--max-train-queries", type=int, default=None,
                    help="prefill queries per query head that train the index (default: RetrievalConfig's, "
-                        "4,096 up to 8K tokens, 16,384 at 128K: roar.auto_train_queries)")
+                        "2,048 up to 8K tokens, 8,192 at 128K: roar.auto_train_queries)")
     p.add_argument("--no-align", action="store_true",
                    help="train the index on the prompt's queries as prefilled, not rotated to the decode position "
                         "(RetrievalConfig.align_train_queries=False)")
+    p.add_argument("--build-workers", type=int, default=None,
+                   help="background index builds at once (default: RetrievalConfig's, "
+                        f"{DEFAULT_BUILD_WORKERS})")
     p.add_argument("--steps", type=int, default=64, help="timed decode steps (median reported)")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--device", default=None)
@@ -161,6 +171,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="retrieval/streaming decode steps: lean (LeanDecoder, default when supported) or hf "
                         "(the transformers forward)")
     p.add_argument("--cuda-graphs", action="store_true", help="lean decode: capture device segments in CUDA graphs")
+    p.add_argument("--compile", action="store_true",
+                   help="lean decode: compile the dense per-layer ops with torch.compile "
+                        "(RetrievalConfig.decode_compile; the first step compiles)")
     p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="after the retrieval run's timed steps, time the decode again with these settings on the same "
                         "prefilled cache and built index (no second prefill or build), one record per --variant; "
@@ -282,6 +295,9 @@ def run_one(model, method, index, ctx, args, device):
                               dense_layers=dense, search_params={"ef": ef} if ef is not None and name == "roar" else {},
                               exact_below=0,  # time the named index at every context
                               align_train_queries=not getattr(args, "no_align", False),
+                              decode_compile=bool(getattr(args, "compile", False)),
+                              **({} if getattr(args, "build_workers", None) is None
+                                 else {"build_workers": args.build_workers}),
                               **({} if residual is None else {"residual_samples": residual}),
                               **({} if residual_on is None else {"residual_on": residual_on}),
                               **({} if train is None else {"max_train_queries": train}))
@@ -290,6 +306,8 @@ def run_one(model, method, index, ctx, args, device):
             rec["top_k"] = cfg.top_k
             rec["max_train_queries"] = cfg.train_queries(ctx)  # per query head (the automatic count when not given)
             rec["align_train_queries"] = cfg.align_train_queries
+            rec["build_workers"] = cfg.build_workers
+            rec["decode_compile"] = cfg.decode_compile
         cache, ctxm = make_cache(model, cfg), enable(model)
     kw = {cache_kwarg(model): cache}
     prefill_mode = getattr(args, "prefill", None) or ("layerwise" if unsupported_reason(model) is None else "forward")
@@ -367,7 +385,7 @@ def run_one(model, method, index, ctx, args, device):
                     decoder = LeanDecoder(model, cache, cuda_graphs=getattr(args, "cuda_graphs", False))
                 c0 = cache.retrieval_layers[0].config
                 vrec["residual_samples"], vrec["search_params"] = c0.residual_samples, dict(c0.search_params)
-                vrec["top_k"] = c0.top_k
+                vrec["top_k"], vrec["decode_compile"] = c0.top_k, c0.decode_compile
                 tok = _time_decode(vrec, method, model, cache, decoder, kw, tok, args, sync)
     except torch.OutOfMemoryError as e:
         timing["oom"] = True
@@ -490,7 +508,8 @@ def run(args) -> int:
         print(f"error: unknown method(s) {bad}; choose from {', '.join(METHODS)}", file=sys.stderr)
         return 2
     for flag, v, least in (("--residual-samples", args.residual_samples, 0), ("--ef", args.ef, 1),
-                           ("--max-train-queries", args.max_train_queries, 1)):
+                           ("--max-train-queries", args.max_train_queries, 1),
+                           ("--build-workers", getattr(args, "build_workers", None), 1)):
         if v is not None and v < least:
             print(f"error: {flag} must be >= {least}, got {v}", file=sys.stderr)
             return 2

@@ -1307,3 +1307,15 @@ def attach_trees(adj, parent, pdist, n, branching):
                             over[g] += 1
                 _append_free(adj, g, ch[i], v)
     return over
+
+
+@njit(parallel=True, cache=True)
+def _touch(out):
+    for i in prange(out.shape[0]):
+        out[i] = i
+
+
+def choose_threading_layer() -> None:
+    """Launch one tiny parallel kernel, so numba picks its threading layer (``numba.threading_layer()`` then
+    answers)."""
+    _touch(np.empty(2, np.int64))
