@@ -6,8 +6,10 @@ counting, up to ``max_cand`` distances, occlusion pruning): at 128K keys it is m
 
 1. pool ``[P, R * kq]`` = the kNN lists of each pivot's owner queries; ids sorted per row, duplicates
    counted (run lengths), the pivot itself and padding dropped;
-2. squared L2 distance of every pool entry to its pivot (float32, ``|c|^2 + |p|^2 - 2 c.p`` with one batched
-   matmul over the gathered rows);
+2. squared L2 distance of every pool entry to its pivot (float32, ``|c|^2 + |p|^2 - 2 c.p``). The pivot is in
+   each of its owners' lists, so ``c.p`` is an entry of that list's Gram matrix: one batched matmul over the
+   graph's ``m x kq`` list rows (:func:`_list_grams`) instead of gathering ``R * kq`` rows per pivot (session 9
+   profile: those gathers and dot products were 39% of the projection's device time);
 3. ranking by (count desc, distance asc, id asc): one stable sort of packed int64 keys; the first ``max_cand``
    are the candidates (exactly the candidates of :func:`.kernels._prune_into`, up to float rounding of distances);
 4. occlusion pruning: candidate ``c`` is kept unless an already kept ``r`` has ``alpha^2 d(r, c) < d(pivot, c)``,
@@ -37,6 +39,8 @@ from ..hostmem import huge_full
 
 #: bytes of the gathered rows per chunk of steps 1-3 (chunk x R*kq x d float32; 2,048 pivots at R*kq 512, d 128)
 POOL_BYTES = 512 << 20
+#: transient bytes per pool entry in steps 1-3 (about ten int64 / float32 arrays of the pool's shape)
+_POOL_ENTRY_BYTES = 80
 #: pivots per chunk of step 4 (its occlusion tests: chunk x max_cand^2 booleans, 0.5 GiB at max_cand 128)
 PRUNE_CHUNK = 32768
 #: pivots per Gram matrix of step 4 (chunk x max_cand x (d + 2 max_cand) float32)
@@ -70,11 +74,12 @@ def project_torch(knn_ids: np.ndarray, own: np.ndarray, keys: np.ndarray, kv_of_
         if piv_all.numel() == 0:
             continue
         clock.start()
+        gram = _list_grams(kh, knn_t[g], shrink)
         cands, dists = [], []
-        step = max(1, POOL_BYTES // shrink // (4 * R * kq * kh.shape[1]))
+        step = max(1, POOL_BYTES // shrink // (_POOL_ENTRY_BYTES * R * kq))
         for c0 in range(0, piv_all.numel(), step):
             piv = piv_all[c0:c0 + step]
-            c, d = _candidates(knn_t[g], own_g[piv], piv, kh, sq, n, by_count, max_cand)
+            c, d = _candidates(knn_t[g], gram, own_g[piv], piv, sq, n, by_count, max_cand)
             cands.append(c)
             dists.append(d)
         C = max(x.shape[1] for x in cands)
@@ -137,15 +142,35 @@ class _Clock:
             self.t = t
 
 
-def _candidates(knn_g, own_p, piv, kh, sq, n, by_count, max_cand):
-    """Steps 1-3 for pivots ``piv [P]`` with owners ``own_p [P, R]`` (keys ``kh [n, d]`` float32 and their squared
-    norms ``sq [n]``): -> candidate ids ``[P, C]`` (-1 padded,
-    best first) and their float32 squared distances to the pivot ``[P, C]`` (+inf at padding)."""
+def _list_grams(kh, knn_g, shrink=1):
+    """Gram matrix of each training query's kNN list: ``knn_g [m, kq]`` int64 ids (-1 padding) over keys
+    ``kh [n, d]`` float32 -> ``[m, kq, kq]`` float32 inner products ``k_a . k_b`` of list entries ``a``, ``b``
+    (padding: row 0's key, never read). A pivot's pool is its owners' lists and the pivot is in each of them, so
+    every pool entry's inner product with its pivot is one entry of these (``m kq`` gathered rows per graph, not
+    ``pivots x n_owners x kq``)."""
+    m, kq = knn_g.shape
+    out = torch.empty((m, kq, kq), dtype=torch.float32, device=kh.device)
+    step = max(1, POOL_BYTES // shrink // (4 * kq * kh.shape[1]))
+    for r0 in range(0, m, step):
+        x = _rows(kh, knn_g[r0:r0 + step])  # [r, kq, d]
+        torch.bmm(x, x.transpose(1, 2), out=out[r0:r0 + step])
+    return out
+
+
+def _candidates(knn_g, gram, own_p, piv, sq, n, by_count, max_cand):
+    """Steps 1-3 for pivots ``piv [P]`` with owners ``own_p [P, R]`` (the graph's kNN lists ``knn_g [m, kq]``, their
+    Gram matrices ``gram [m, kq, kq]`` from :func:`_list_grams` and the keys' squared norms ``sq [n]``): ->
+    candidate ids ``[P, C]`` (-1 padded, best first) and their float32 squared distances to the pivot ``[P, C]``
+    (+inf at padding)."""
     P, R = own_p.shape
-    pool = knn_g[own_p.clamp_min(0)]  # [P, R, kq]
-    pool = pool.masked_fill((own_p < 0).unsqueeze(-1), -1).reshape(P, -1)
+    own = own_p.clamp_min(0)
+    lists = knn_g[own]  # [P, R, kq]
+    # the pivot's slot in each owner's list (it is in every one), then that row of the list's Gram matrix
+    slot = (lists == piv.view(P, 1, 1)).to(torch.uint8).argmax(-1)  # [P, R]
+    dots = gram[own, slot]  # [P, R, kq]: k_pivot . k_entry
+    pool = lists.masked_fill((own_p < 0).unsqueeze(-1), -1).reshape(P, -1)
     pool = pool.masked_fill(pool == piv.unsqueeze(1), -1)
-    s = torch.where(pool < 0, n, pool).sort(dim=1).values  # ids ascending, padding (n) last
+    s, by_id = torch.where(pool < 0, n, pool).sort(dim=1, stable=True)  # ids ascending, padding (n) last
     valid = s < n
     start = torch.ones_like(valid)
     start[:, 1:] = s[:, 1:] != s[:, :-1]
@@ -154,7 +179,7 @@ def _candidates(knn_g, own_p, piv, kh, sq, n, by_count, max_cand):
     counts = torch.zeros_like(s).scatter_add_(1, run, valid.long())
     cnt = counts.gather(1, run) if by_count else valid.long()
     sv = torch.where(valid, s, 0)
-    dot = torch.bmm(_rows(kh, sv), kh[piv].unsqueeze(2)).squeeze(2)  # [P, L]: the only gathered rows
+    dot = dots.reshape(P, -1).gather(1, by_id)  # [P, L], in the sorted order
     dist = (sq[sv] + sq[piv].unsqueeze(1) - 2.0 * dot).clamp_min_(0.0)  # float32
     # rank: count desc, distance asc, id asc, as one stable sort of int64 keys (count above the distance's float32
     # bits, which order like the values for distances >= 0; entries are id-ascending already, and the sort keeps
