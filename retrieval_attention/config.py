@@ -45,8 +45,8 @@ class RetrievalConfig:
     offload_device  where the retrievable KV lives (``cpu``)
     prefill_chunk   query-chunk size of exact prefill attention (bounds the score matrix)
     dense_layers    layer indices kept exact (full attention) whatever the method
-    max_train_queries  prefill queries per query head used to train the index (evenly subsampled); ``None``: 2,048
-                    up to 8K tokens, then growing as the square root of the prompt length, 8,192 at 128K
+    max_train_queries  prefill queries per query head used to train the index (evenly subsampled); ``None``: 4,096
+                    up to 32K tokens, then growing as the square root of the prompt length, 8,192 at 128K
                     (:meth:`train_queries`)
     residual_samples   keys drawn uniformly per query head and step to estimate the attention mass of the
                     keys retrieval did not return (0 = drop it, the published method; see

@@ -19,8 +19,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="index for retrieval: roar, flat, ivf, hnsw, with options as name:key=value[:...] "
                         "(e.g. roar:graph_per=query_head, one graph per query head)")
     p.add_argument("--max-train-queries", type=int, default=None,
-                   help="prefill queries per query head that train the index (default: automatic, 2,048 up to "
-                        "8K tokens, 8,192 at 128K)")
+                   help="prefill queries per query head that train the index (default: automatic, 4,096 up to "
+                        "32K tokens, 8,192 at 128K)")
     p.add_argument("--top-k", type=int, default=100, help="keys retrieved per query head per step")
     p.add_argument("--residual-samples", type=int, default=DEFAULT_RESIDUAL_SAMPLES,
                    help="keys drawn per head and step to estimate the attention of the keys not retrieved "

@@ -141,7 +141,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ef", type=int, default=None, help="beam width of the roar search (default: the index's)")
     p.add_argument("--max-train-queries", type=int, default=None,
                    help="prefill queries per query head that train the index (default: RetrievalConfig's, "
-                        "2,048 up to 8K tokens, 8,192 at 128K: roar.auto_train_queries)")
+                        "4,096 up to 32K tokens, 8,192 at 128K: roar.auto_train_queries)")
     p.add_argument("--no-align", action="store_true",
                    help="train the index on the prompt's queries as prefilled, not rotated to the decode position "
                         "(RetrievalConfig.align_train_queries=False)")

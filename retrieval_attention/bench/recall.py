@@ -637,7 +637,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=int, default=128, help="initial tokens kept on the device, not indexed (128)")
     p.add_argument("--window", type=int, default=512, help="recent tokens kept on the device, not indexed (512)")
     p.add_argument("--max-train-queries", type=int, default=None,
-                   help="prefill queries per query head given to build() (default: RetrievalConfig's, 2,048 up to 8K "
+                   help="prefill queries per query head given to build() (default: RetrievalConfig's, 4,096 up to 32K "
                         "tokens, 8,192 at 128K: roar.auto_train_queries; 0 = all)")
     p.add_argument("--no-align", action="store_true",
                    help="train the indexes on the prefill queries as captured, not rotated to the decode position "

@@ -80,16 +80,17 @@ STORAGE = ("float32", "bfloat16")
 SCHEDULES = ("snake", "dynamic")
 
 #: training queries per graph when ``max_train_queries`` is not given: ``MIN_TRAIN_QUERIES`` at
-#: ``TRAIN_REF_KEYS`` keys or fewer, growing with the square root of the key count above (4,096 at 32K keys,
-#: 8,192 at 128K, 16,384 at 512K). Since the training queries are rotated to the decode phase
-#: (``RetrievalConfig.align_train_queries``) fewer of them give the same graph quality. SmolLM2, recall@100 at
-#: equal keys scanned (docs/BENCHMARKS.md session 15): at 32K (6 layers) 0.942 @ 1.87% / 0.965 @ 2.19% with
-#: 8,192 per graph, 0.947 @ 1.83% / 0.967 @ 2.13% with 4,096, 0.948 @ 1.76% / 0.966 @ 2.05% with 2,048 (build
-#: 3.30 / 1.93 / 1.24 s per layer on 2 cores); at 8K 0.947 / 0.950 / 0.955 at 8% with 4,096 / 2,048 / 1,024.
-#: Without that rotation recall needed twice as many (session 8: at 128K 0.924 at 1.9% with 4,096 per graph,
-#: 0.958 at 2.0% with 8,192, 0.970 at 2.1% with 16,384)
-MIN_TRAIN_QUERIES = 2048
-TRAIN_REF_KEYS = 8192
+#: ``TRAIN_REF_KEYS`` keys or fewer, growing with the square root of the key count above (8,192 at 128K keys,
+#: 16,384 at 512K). Since the training queries are rotated to the decode phase
+#: (``RetrievalConfig.align_train_queries``) fewer of them give the same graph: SmolLM2 recall@100 at equal keys
+#: scanned (docs/BENCHMARKS.md session 15), at 32K (6 layers) 0.942 @ 1.87% / 0.965 @ 2.19% with 8,192 per graph
+#: (the rule before), 0.947 @ 1.83% / 0.967 @ 2.13% with 4,096, 0.948 @ 1.76% / 0.966 @ 2.05% with 2,048 (build
+#: 3.30 / 1.93 / 1.24 s per layer on 2 cores); at 8K 0.947 / 0.950 / 0.955 at 8% with 4,096 / 2,048 / 1,024, but
+#: 2,048 gave a slightly higher KL against full attention end to end (0.0018-0.0020 vs 0.0017), so the minimum
+#: stays 4,096. Without that rotation recall needed twice as many (session 8, at 128K: 0.924 at 1.9% with 4,096
+#: per graph, 0.958 at 2.0% with 8,192, 0.970 at 2.1% with 16,384)
+MIN_TRAIN_QUERIES = 4096
+TRAIN_REF_KEYS = 32768
 
 
 def auto_train_queries(n_keys: int) -> int:
@@ -318,7 +319,7 @@ class RoarIndex(KVIndex):
     graph_per          ``"query_head"`` (one graph per query head, trained on its queries) or
                        ``"kv_head"`` (one per KV head, trained on its group's queries; G x less memory)
     max_train_queries  training queries per graph (evenly subsampled); ``None``: :func:`auto_train_queries` of the
-                       number of keys (2,048 up to 8K keys, then growing as its square root: 8,192 at 128K)
+                       number of keys (4,096 up to 32K keys, then growing as its square root: 8,192 at 128K)
     n_entry            entry points per graph (:func:`entry_points`; 4 fixed a recall-0 head at 32K, was
                        neutral elsewhere at equal keys scanned; 8 lost recall on one head)
     fill               top pruned lists up to ``M`` with the occluded candidates
