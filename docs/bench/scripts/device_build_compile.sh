@@ -14,9 +14,9 @@ if [ ! -d /tmp/run ]; then
   (lscpu | grep -i "model name"; nvidia-smi --query-gpu=name --format=csv,noheader; python3 -c "import torch, transformers, numba, triton; print(torch.__version__, transformers.__version__, numba.__version__, triton.__version__)"; which gcc cc) > /tmp/run/out/machine.txt 2>&1
   B="python3 -m retrieval_attention.cli bench decode --shape llama3-8b --gpu-memory-budget 24GB --cuda-graphs --context 128K"
   cat > /tmp/run/go.sh <<EOS
-$B --steps 64 --warmup 4 --methods retrieval --index roar --variant decode_compile=1 --variant decode_compile=1,ef=96 --variant decode_compile=0 --json /tmp/run/out/new.json > /tmp/run/out/new.log 2>&1
-$B --steps 64 --warmup 4 --methods retrieval --index roar --max-train-queries 16384 --build-workers 1 --json /tmp/run/out/old_build.json > /tmp/run/out/old_build.log 2>&1
+$B --steps 64 --warmup 4 --methods retrieval --index roar --variant decode_compile=1 --variant decode_compile=0 --json /tmp/run/out/new.json > /tmp/run/out/new.log 2>&1
 python3 -m pytest -q -p no:cacheprovider tests/test_decode_loop.py tests/test_prefill.py -k "cuda or compiled or build_workers or wait_for_builds" > /tmp/run/out/tests.log 2>&1
+$B --steps 64 --warmup 4 --methods retrieval --index roar --max-train-queries 16384 --build-workers 1 --json /tmp/run/out/old_build.json > /tmp/run/out/old_build.log 2>&1
 $B --steps 32 --warmup 2 --methods offload,full --unbudgeted-reference --json /tmp/run/out/ref.json > /tmp/run/out/ref.log 2>&1
 $B --steps 64 --warmup 4 --methods retrieval --index roar --build-workers 1 --json /tmp/run/out/one_worker.json > /tmp/run/out/one_worker.log 2>&1
 echo done > /tmp/run/out/DONE
