@@ -21,7 +21,8 @@ and forking continue correctly.
 
 ``cuda_graphs=True`` (CUDA only, optional) captures the device work between host round trips in CUDA graphs
 after one eager warm-up step; host<->device copies and events stay outside the graphs. If capture fails the
-loop warns and stays eager.
+loop warns and stays eager. ``RetrievalConfig.decode_compile`` runs the dense ops (:func:`qkv_block`,
+:func:`merged_attention`, :func:`post_block`) compiled by ``torch.compile`` (also inside the graphs).
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ def qkv_block(layer, x, cos, sin, rope, head_dim: int):
     return (*rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin), v)
 
 
+#: the dense per-layer ops of a decode step, by name (plain, or compiled by :class:`_CompiledOps`)
+_OPS = {f.__name__: f for f in (merged_attention, post_block, qkv_block)}
+
+
 class _CompiledOps:
     """:func:`merged_attention`, :func:`post_block` and :func:`qkv_block` compiled with ``torch.compile``
     (``RetrievalConfig.decode_compile``): their many small elementwise ops fused into few kernels. Compiled
@@ -81,7 +86,7 @@ class _CompiledOps:
 
     def __init__(self):
         opts = dict(dynamic=False, fullgraph=True)
-        self.fns = {f.__name__: (f, torch.compile(f, **opts)) for f in (merged_attention, post_block, qkv_block)}
+        self.fns = {name: (f, torch.compile(f, **opts)) for name, f in _OPS.items()}
         self.failed = False
 
     def __call__(self, name, *args):
@@ -100,7 +105,7 @@ class _CompiledOps:
 
 
 def _plain_ops(name, *args):
-    return {"merged_attention": merged_attention, "post_block": post_block, "qkv_block": qkv_block}[name](*args)
+    return _OPS[name](*args)
 
 
 def residual_placement(config, device) -> str:
@@ -230,7 +235,7 @@ class LeanDecoder:
                     self._t[f"rlw{i}"] = torch.zeros((B,), dtype=torch.float32, device=self.dev)
                     self._res_n[i] = [None] * B
                     self._res_next[i] = 0
-        self.compiled = bool(getattr(cfg, "decode_compile", False))
+        self.compiled = cfg.decode_compile
         self._f = _CompiledOps() if self.compiled else _plain_ops
         self._ops = self._build_ops()
         self._graphs = None  # list of ("graph", CUDAGraph) / (_HOST, fn) once captured
