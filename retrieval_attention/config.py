@@ -26,8 +26,9 @@ DEFAULT_RESIDUAL_REFRESH = 64
 #: 26 at 2%): not aligned 0.900 / -; spread 0: 0.940 / 0.909 (worst head 0.57: the queries collapse onto few keys);
 #: 16: 0.943; 32: 0.945 / 0.938; 64: 0.947 / 0.945; 128: 0.942 / 0.940; 256: 0.938
 DEFAULT_ALIGN_SPREAD = 64
-#: background index builds at once (``build_workers``): one layer's CPU stages overlap another's GPU stages
-DEFAULT_BUILD_WORKERS = 2
+#: background index builds at once (``build_workers``). 1 until two are measured on a GPU host: they overlap one
+#: layer's CPU stages with another's GPU stages, but two builds' GPU buffers at once may not fit a small budget
+DEFAULT_BUILD_WORKERS = 1
 
 
 @dataclass
@@ -69,9 +70,10 @@ class RetrievalConfig:
                     position (0 = all at it; see :data:`DEFAULT_ALIGN_SPREAD`)
     build_workers   index builds that run at once in the background (on CUDA, overlapping the layer-by-layer
                     prefill; each build is itself multi-threaded). 2 lets one layer's CPU stages (owner lists,
-                    connectivity repair) run while another layer's kNN and projection use the GPU; 1 builds the
-                    layers one after another. Where numba's threading layer cannot run parallel kernels from two
-                    threads (``workqueue``) the builds run one at a time whatever this says
+                    connectivity repair) run while another layer's kNN and projection use the GPU, at the cost of
+                    two builds' GPU buffers at once; the default 1 builds the layers one after another (see
+                    :data:`DEFAULT_BUILD_WORKERS`). Where numba's threading layer cannot run parallel kernels from
+                    two threads (``workqueue``) the builds run one at a time whatever this says
     decode_compile  the lean decode loop (:class:`retrieval_attention.decode_loop.LeanDecoder`) runs its dense
                     per-layer ops (input norm, projections, RoPE; the merge of the attention parts; o_proj, MLP)
                     compiled by ``torch.compile``: fewer, fused kernels between the CPU round trips. The first
