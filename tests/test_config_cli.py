@@ -118,6 +118,29 @@ def test_explicit_thread_count_survives_later_default_calls():
         threads._CONFIGURED = None
 
 
+def test_parallel_kernels_concurrent_answers_from_the_chosen_layer(monkeypatch):
+    """``threads.parallel_kernels_concurrent``: False only for numba's ``workqueue`` layer; before any parallel
+    kernel has run (no layer chosen yet) it launches one so that the layer is chosen."""
+    import numba
+
+    from retrieval_attention import threads
+
+    assert threads.parallel_kernels_concurrent() == (numba.threading_layer() != "workqueue")
+    for layer, want in (("workqueue", False), ("omp", True), ("tbb", True)):
+        monkeypatch.setattr(numba, "threading_layer", lambda layer=layer: layer)
+        assert threads.parallel_kernels_concurrent() is want
+    calls = []
+
+    def not_chosen():
+        if not calls:
+            raise ValueError("Threading layer is not initialized.")
+        return "workqueue"
+
+    monkeypatch.setattr(numba, "threading_layer", not_chosen)
+    monkeypatch.setattr("retrieval_attention.index.kernels.choose_threading_layer", lambda: calls.append(1))
+    assert threads.parallel_kernels_concurrent() is False and calls == [1]
+
+
 def test_cli_index_options_and_training_queries():
     from retrieval_attention.generation_cli import config_from_args
 
