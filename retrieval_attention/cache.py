@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .config import DEFAULT_BUILD_WORKERS, RetrievalConfig
+from .config import RetrievalConfig
 from .hostmem import huge_tensor
 from .index import KVIndex, make_index
 from .index.base import Residual, spare_rows
@@ -331,7 +331,7 @@ _EXECUTORS: dict = {}  # worker count -> ThreadPoolExecutor of background index 
 _LAYER_SEED_STRIDE = 1_000_003
 
 
-def _build_executor(workers: int = DEFAULT_BUILD_WORKERS):
+def _build_executor(workers: int):
     """The workers of background index builds (``RetrievalConfig.build_workers``; one pool per worker count,
     shared by every cache; each build is itself multi-threaded). One worker where numba's threading layer cannot
     run parallel kernels from two threads at once."""
