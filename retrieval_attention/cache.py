@@ -781,10 +781,11 @@ def _sum_build_stages(layers) -> dict:
 
 def train_positions(n: int, m: int) -> torch.Tensor:
     """Which of ``n`` prompt queries train the index: all when ``n <= m``, else ``m`` evenly spaced (always the
-    first and the last); CPU long ``[min(n, m)]``."""
+    first and the last); CPU long ``[min(n, m)]``. The grid is computed in float64 (float32 rounds positions near
+    ``n = 2**17`` to the wrong side of ``.5``), so ``bench recall`` trains on exactly these positions."""
     if n <= m:
         return torch.arange(n)
-    return torch.linspace(0, n - 1, m).round().long()
+    return torch.linspace(0, n - 1, m, dtype=torch.float64).round().long()
 
 
 class RetrievalCache(DynamicCache):

@@ -453,3 +453,19 @@ def test_captures_record_rope_and_the_benchmark_aligns_training_queries(tiny_lla
         np.testing.assert_allclose(aligned, want, atol=1e-5)
         assert not np.allclose(aligned, raw, atol=1e-2)
         np.testing.assert_array_equal(raw, c.layer(1).prefill_queries[:, where])
+
+
+@pytest.mark.parametrize("n,m", [(60, 24), (8192, 4096), (131072, 8192), (131071, 8192), (524288, 16384),
+                                 (100003, 4097)])
+def test_recall_benchmark_subsamples_the_caches_training_positions(n, m):
+    """bench recall trains on the positions the cache trains on (float32 grids had picked other positions near
+    n = 2**17); they are strictly increasing, first and last included, ``round(i (n-1) / (m-1))`` exactly."""
+    from fractions import Fraction
+
+    from retrieval_attention.cache import train_positions
+
+    got = rb.subsample_positions(n, m)
+    np.testing.assert_array_equal(got, train_positions(n, m).numpy())
+    assert len(got) == m and got[0] == 0 and got[-1] == n - 1 and (np.diff(got) > 0).all()
+    np.testing.assert_array_equal(got, [round(Fraction(i * (n - 1), m - 1)) for i in range(m)])
+    np.testing.assert_array_equal(rb.subsample_positions(n, 0), np.arange(n))

@@ -147,12 +147,15 @@ def subsample_rows(x, m: int):
 
 
 def subsample_positions(n: int, m: int):
-    """The positions :func:`subsample_rows` keeps of ``n`` (all when ``m <= 0`` or ``n <= m``)."""
+    """The positions :func:`subsample_rows` keeps of ``n`` (all when ``m <= 0`` or ``n <= m``): the cache's own
+    :func:`~retrieval_attention.cache.train_positions`, as int64 numpy."""
     import numpy as np
+
+    from ..cache import train_positions
 
     if m <= 0 or n <= m:
         return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, m).round().astype(np.int64))
+    return train_positions(n, m).numpy()
 
 
 def capture_rope(capture) -> dict:
