@@ -198,7 +198,7 @@ class CPUStore:
             return idx, time.perf_counter() - t0, stages
 
         if background:
-            self._pending = _build_executor(self.config.build_workers).submit(job)
+            self._pending = _build_executor(self.config.resolved_build_workers()).submit(job)
             return 0.0
         self._index, self.build_s, self.build_stages = job()
         return self.build_s
@@ -332,7 +332,7 @@ _LAYER_SEED_STRIDE = 1_000_003
 
 
 def _build_executor(workers: int):
-    """The workers of background index builds (``RetrievalConfig.build_workers``; one pool per worker count,
+    """The workers of background index builds (``RetrievalConfig.resolved_build_workers()``; one pool per worker count,
     shared by every cache; each build is itself multi-threaded). One worker where numba's threading layer cannot
     run parallel kernels from two threads at once."""
     from concurrent.futures import ThreadPoolExecutor

@@ -26,9 +26,12 @@ DEFAULT_RESIDUAL_REFRESH = 64
 #: 26 at 2%): not aligned 0.900 / -; spread 0: 0.940 / 0.909 (worst head 0.57: the queries collapse onto few keys);
 #: 16: 0.943; 32: 0.945 / 0.938; 64: 0.947 / 0.945; 128: 0.942 / 0.940; 256: 0.938
 DEFAULT_ALIGN_SPREAD = 64
-#: background index builds at once (``build_workers``). 1 until two are measured on a GPU host: they overlap one
-#: layer's CPU stages with another's GPU stages, but two builds' GPU buffers at once may not fit a small budget
+#: background index builds at once (``build_workers``) without CUDA: the builds share the CPU cores, one at a time
 DEFAULT_BUILD_WORKERS = 1
+#: ... and with CUDA: one layer's CPU stages (owner lists, connectivity repair) overlap another's GPU stages. Llama-3-8B
+#: shape at 128K, 24 GB budget, H100 host (docs/BENCHMARKS.md, session 16): the wait for the index after the prefill
+#: 62.7 s with one worker, 45.1 / 49.8 s with two; peak GPU memory 20.0 against 21.1 GiB; decode unchanged
+CUDA_BUILD_WORKERS = 2
 
 
 @dataclass
@@ -71,13 +74,16 @@ class RetrievalConfig:
     build_workers   index builds that run at once in the background (on CUDA, overlapping the layer-by-layer
                     prefill; each build is itself multi-threaded). 2 lets one layer's CPU stages (owner lists,
                     connectivity repair) run while another layer's kNN and projection use the GPU, at the cost of
-                    two builds' GPU buffers at once; the default 1 builds the layers one after another (see
-                    :data:`DEFAULT_BUILD_WORKERS`). Where numba's threading layer cannot run parallel kernels from
+                    two builds' GPU buffers at once (+1.1 GiB at 128K of the 8B shape). ``None`` (default): 2 when
+                    CUDA is available (:data:`CUDA_BUILD_WORKERS`), else 1 (:data:`DEFAULT_BUILD_WORKERS`; see
+                    :meth:`resolved_build_workers`). Where numba's threading layer cannot run parallel kernels from
                     two threads (``workqueue``) the builds run one at a time whatever this says
     decode_compile  the lean decode loop (:class:`retrieval_attention.decode_loop.LeanDecoder`) runs its dense
                     per-layer ops (input norm, projections, RoPE; the merge of the attention parts; o_proj, MLP)
-                    compiled by ``torch.compile``: fewer, fused kernels between the CPU round trips. The first
-                    decode step compiles (tens of seconds); off by default
+                    compiled by ``torch.compile``: fewer, fused kernels between the CPU round trips (8B shape at
+                    128K on an H100 host: 61.5 against 67.8 / 70.1 ms/token). The first decode step compiles.
+                    ``None`` (default): on when the loop runs on a CUDA device, off on the CPU (where it measured
+                    no gain); True / False force it
     """
 
     method: str = "retrieval"
@@ -98,15 +104,16 @@ class RetrievalConfig:
     exact_below: int = DEFAULT_EXACT_BELOW
     align_train_queries: bool = True
     align_spread: int = DEFAULT_ALIGN_SPREAD
-    build_workers: int = DEFAULT_BUILD_WORKERS
-    decode_compile: bool = False
+    build_workers: int | None = None
+    decode_compile: bool | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        for name in ("align_train_queries", "decode_compile"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.align_train_queries, bool):
+            raise ValueError(f"align_train_queries must be True or False, got {self.align_train_queries!r}")
+        if self.decode_compile is not None and not isinstance(self.decode_compile, bool):
+            raise ValueError(f"decode_compile must be True, False or None (on with CUDA), got {self.decode_compile!r}")
         for name in ("residual_samples", "residual_seed", "exact_below", "align_spread"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -116,7 +123,7 @@ class RetrievalConfig:
         for name in ("n_sink", "window", "top_k", "prefill_chunk", "max_train_queries", "residual_refresh",
                      "build_workers"):
             v = getattr(self, name)
-            if v is None and name == "max_train_queries":
+            if v is None and name in ("max_train_queries", "build_workers"):
                 continue
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -148,6 +155,22 @@ class RetrievalConfig:
         from .index.roar import auto_train_queries
 
         return auto_train_queries(n_tokens)
+
+    def resolved_build_workers(self) -> int:
+        """Background index builds at once: ``build_workers``, or when that is ``None`` :data:`CUDA_BUILD_WORKERS` if
+        CUDA is available (the builds' kNN and projection run there) and :data:`DEFAULT_BUILD_WORKERS` otherwise."""
+        if self.build_workers is not None:
+            return self.build_workers
+        import torch
+
+        return CUDA_BUILD_WORKERS if torch.cuda.is_available() else DEFAULT_BUILD_WORKERS
+
+    def resolved_decode_compile(self, device) -> bool:
+        """Whether the lean decode loop on ``device`` (a ``torch.device`` or its name) compiles its dense ops:
+        ``decode_compile``, or when that is ``None`` whether the device is CUDA."""
+        if self.decode_compile is not None:
+            return self.decode_compile
+        return getattr(device, "type", str(device).split(":")[0]) == "cuda"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -21,7 +21,7 @@ and forking continue correctly.
 
 ``cuda_graphs=True`` (CUDA only, optional) captures the device work between host round trips in CUDA graphs
 after one eager warm-up step; host<->device copies and events stay outside the graphs. If capture fails the
-loop warns and stays eager. ``RetrievalConfig.decode_compile`` runs the dense ops (:func:`qkv_block`,
+loop warns and stays eager. ``RetrievalConfig.decode_compile`` (on with CUDA by default) runs the dense ops (:func:`qkv_block`,
 :func:`merged_attention`, :func:`post_block`) compiled by ``torch.compile`` (also inside the graphs).
 """
 
@@ -235,7 +235,7 @@ class LeanDecoder:
                     self._t[f"rlw{i}"] = torch.zeros((B,), dtype=torch.float32, device=self.dev)
                     self._res_n[i] = [None] * B
                     self._res_next[i] = 0
-        self.compiled = cfg.decode_compile
+        self.compiled = cfg.resolved_decode_compile(self.dev)
         self._f = _CompiledOps() if self.compiled else _plain_ops
         self._ops = self._build_ops()
         self._graphs = None  # list of ("graph", CUDAGraph) / (_HOST, fn) once captured

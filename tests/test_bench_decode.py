@@ -43,10 +43,11 @@ def test_bench_decode_residual_and_ef_options(tmp_path):
     (narrow,) = json.loads(js.read_text())
     assert narrow["residual_samples"] == 0 and narrow["search_params"] == {"ef": 8}
     assert narrow["max_train_queries"] == 64 and narrow["align_train_queries"] is True
-    assert narrow["build_workers"] == RetrievalConfig().build_workers
+    assert narrow["build_workers"] == RetrievalConfig().resolved_build_workers() == 1  # no CUDA here
+    assert narrow["decode_compile"] is False  # auto: off on the CPU
     assert main(args + ["--ef", "64", "--no-align", "--build-workers", "2"]) == 0
     assert json.loads(js.read_text())[0]["align_train_queries"] is False
-    assert json.loads(js.read_text())[0]["build_workers"] == 2 != RetrievalConfig().build_workers
+    assert json.loads(js.read_text())[0]["build_workers"] == 2
     assert main(args + ["--ef", "64"]) == 0
     (wide,) = json.loads(js.read_text())
     assert wide["scanned_fraction"] > narrow["scanned_fraction"]  # the beam width reaches the search

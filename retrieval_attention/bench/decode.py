@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-from ..config import DEFAULT_BUILD_WORKERS, DEFAULT_RESIDUAL_SAMPLES, RESIDUAL_ON
+from ..config import CUDA_BUILD_WORKERS, DEFAULT_BUILD_WORKERS, DEFAULT_RESIDUAL_SAMPLES, RESIDUAL_ON
 
 SHAPES = {
     # real Llama-3-8B sizes
@@ -147,7 +147,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(RetrievalConfig.align_train_queries=False)")
     p.add_argument("--build-workers", type=int, default=None,
                    help="background index builds at once (default: RetrievalConfig's, "
-                        f"{DEFAULT_BUILD_WORKERS})")
+                        f"{CUDA_BUILD_WORKERS} with CUDA, else {DEFAULT_BUILD_WORKERS})")
     p.add_argument("--steps", type=int, default=64, help="timed decode steps (median reported)")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--device", default=None)
@@ -171,9 +171,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="retrieval/streaming decode steps: lean (LeanDecoder, default when supported) or hf "
                         "(the transformers forward)")
     p.add_argument("--cuda-graphs", action="store_true", help="lean decode: capture device segments in CUDA graphs")
-    p.add_argument("--compile", action="store_true",
+    p.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
                    help="lean decode: compile the dense per-layer ops with torch.compile "
-                        "(RetrievalConfig.decode_compile; the first step compiles)")
+                        "(RetrievalConfig.decode_compile; the first step compiles). Default: on with CUDA, off on "
+                        "the CPU")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const=False,
+                   help="lean decode: run the dense per-layer ops uncompiled (also with CUDA)")
     p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="after the retrieval run's timed steps, time the decode again with these settings on the same "
                         "prefilled cache and built index (no second prefill or build), one record per --variant; "
@@ -295,7 +298,7 @@ def run_one(model, method, index, ctx, args, device):
                               dense_layers=dense, search_params={"ef": ef} if ef is not None and name == "roar" else {},
                               exact_below=0,  # time the named index at every context
                               align_train_queries=not getattr(args, "no_align", False),
-                              decode_compile=bool(getattr(args, "compile", False)),
+                              decode_compile=getattr(args, "compile", None),
                               **({} if getattr(args, "build_workers", None) is None
                                  else {"build_workers": args.build_workers}),
                               **({} if residual is None else {"residual_samples": residual}),
@@ -306,8 +309,8 @@ def run_one(model, method, index, ctx, args, device):
             rec["top_k"] = cfg.top_k
             rec["max_train_queries"] = cfg.train_queries(ctx)  # per query head (the automatic count when not given)
             rec["align_train_queries"] = cfg.align_train_queries
-            rec["build_workers"] = cfg.build_workers
-            rec["decode_compile"] = cfg.decode_compile
+            rec["build_workers"] = cfg.resolved_build_workers()
+            rec["decode_compile"] = cfg.resolved_decode_compile(device)
         cache, ctxm = make_cache(model, cfg), enable(model)
     kw = {cache_kwarg(model): cache}
     prefill_mode = getattr(args, "prefill", None) or ("layerwise" if unsupported_reason(model) is None else "forward")
@@ -385,7 +388,7 @@ def run_one(model, method, index, ctx, args, device):
                     decoder = LeanDecoder(model, cache, cuda_graphs=getattr(args, "cuda_graphs", False))
                 c0 = cache.retrieval_layers[0].config
                 vrec["residual_samples"], vrec["search_params"] = c0.residual_samples, dict(c0.search_params)
-                vrec["top_k"], vrec["decode_compile"] = c0.top_k, c0.decode_compile
+                vrec["top_k"], vrec["decode_compile"] = c0.top_k, c0.resolved_decode_compile(device)
                 tok = _time_decode(vrec, method, model, cache, decoder, kw, tok, args, sync)
     except torch.OutOfMemoryError as e:
         timing["oom"] = True
