@@ -45,6 +45,9 @@ class LayerStats:
     #: fused layer calls: keys scanned by the most loaded worker / by the average worker, summed over calls
     worker_keys_max: float = 0.0
     worker_keys_mean: float = 0.0
+    #: fused layer calls (roar): seconds summed over calls, per part of the call (``RoarIndex.last_call_timing``:
+    #: wall_s, kernel_s, start_s, busy_max_s, busy_mean_s, join_s, idle_s)
+    call_s: dict = field(default_factory=dict)
 
 
 def host_copy(t: torch.Tensor, rows: int | None = None) -> torch.Tensor:

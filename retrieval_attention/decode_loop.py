@@ -439,6 +439,8 @@ class LeanDecoder:
             if loads is not None:
                 st.worker_keys_max += loads[0]
                 st.worker_keys_mean += loads[1]
+            for part, sec in (getattr(store.index, "last_call_timing", None) or {}).items():
+                st.call_s[part] = st.call_s.get(part, 0.0) + sec
         if self.cuda:
             self._t[f"olc{i}"].copy_(self._olc_host, non_blocking=True)
         st.host_s += time.perf_counter() - t_ready

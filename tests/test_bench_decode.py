@@ -45,6 +45,13 @@ def test_bench_decode_residual_and_ef_options(tmp_path):
     assert narrow["max_train_queries"] == 64 and narrow["align_train_queries"] is True
     assert narrow["build_workers"] == RetrievalConfig().resolved_build_workers() == 1  # no CUDA here
     assert narrow["decode_compile"] is False  # auto: off on the CPU
+    from retrieval_attention.index.kernels import CYCLE_COUNTER
+
+    if CYCLE_COUNTER:  # where the fused search calls' time went, per token
+        sc = narrow["search_call_ms"]
+        assert set(sc) == {"wall", "kernel", "python", "start", "busy_max", "busy_mean", "join", "idle"}
+        assert sc["wall"] >= sc["kernel"] * 0.99 > 0 and sc["kernel"] * 1.01 >= sc["busy_max"] >= sc["busy_mean"] > 0
+        assert abs(sc["python"] - (sc["wall"] - sc["kernel"])) < 1e-9
     assert main(args + ["--ef", "64", "--no-align", "--build-workers", "2"]) == 0
     assert json.loads(js.read_text())[0]["align_train_queries"] is False
     assert json.loads(js.read_text())[0]["build_workers"] == 2

@@ -327,6 +327,62 @@ def test_search_attend_matches_search_plus_attention(name, params, vdtype):
     assert out.dtype == np.float32 and lse.dtype == np.float32 and ns.dtype == np.int64
 
 
+@pytest.mark.skipif(not K.CYCLE_COUNTER, reason="the cycle counter is read on x86-64 only")
+def test_fused_call_timing_is_consistent():
+    """``RoarIndex.last_call_timing``: the kernel's parts nest (the busiest worker's task time within the call,
+    the call within the method), the timed kernel gives the untimed one's results, and the counter's rate
+    matches the wall clock."""
+    import time
+
+    rate = K.cycles_per_second()
+    c0, t0 = K.cycle_counter(), time.perf_counter()
+    time.sleep(0.05)
+    assert abs((K.cycle_counter() - c0) / rate - (time.perf_counter() - t0)) < 0.01
+    keys, tq, q, values = _data(11)
+    ix = make_index("roar").build(keys, tq)
+    out, lse, ns = ix.search_attend(q, 20, values, 0.25, ef=40)
+    t = ix.last_call_timing
+    assert set(t) == {"wall_s", "kernel_s", "start_s", "busy_max_s", "busy_mean_s", "join_s", "idle_s"}
+    out, lse, ns = ix.search_attend(q, 20, values, 0.25, ef=40)  # compiled now: time a plain call
+    t = ix.last_call_timing
+
+    def tol(x):  # the counter's rate is measured over 20 ms: allow 1% of drift
+        return 1.01 * x + 1e-5
+
+    assert 0 < t["busy_mean_s"] <= t["busy_max_s"] + 1e-12
+    assert t["start_s"] + t["busy_max_s"] + t["join_s"] <= tol(t["kernel_s"])
+    assert t["kernel_s"] <= tol(t["wall_s"])
+    assert all(v >= 0 for v in t.values())
+    # the per-worker readings themselves: entered before leaving, busy within its own span
+    T = max(1, min(numba.get_num_threads(), 6 * 6))
+    cycles = np.zeros((T, 3), np.int64)
+    w = DK.SearchScratch(T, ix.n_keys, DK.CAND_INIT)
+    args = _fused_args(ix, q, values, w, T)
+    before = K.cycle_counter()
+    DK.search_attend_batch(*args, cycles)
+    after = K.cycle_counter()
+    used = cycles[:, 1] > 0
+    assert used.any() and (cycles[used, 0] >= before).all() and (cycles[used, 1] <= after).all()
+    assert (cycles[used, 2] <= cycles[used, 1] - cycles[used, 0]).all() and (cycles[used, 2] > 0).any()
+    timed_out = args[15].copy()
+    DK.search_attend_batch(*_fused_args(ix, q, values, w, T))
+    np.testing.assert_array_equal(args[15], timed_out)
+    np.testing.assert_allclose(timed_out, out, rtol=1e-6, atol=1e-6)
+
+
+def _fused_args(ix, q, values, w, T, k=20, ef=40):
+    """Positional arguments of :func:`DK.search_attend_batch` for index ``ix`` up to ``L_of_head`` (no residual,
+    separate searches, snake schedule), fresh output arrays (``out`` is argument 15)."""
+    Hq, nq, d = q.shape
+    gmap, kvmap = ix._graph_maps(Hq)
+    P = Hq * nq
+    return (ix._adj, ix._keys, values, ix.n_graph, ix.n_keys, np.ascontiguousarray(q), gmap, kvmap, ix._entries, k,
+            ef, 0.25, w.visited[:T], w.cand_s[:T], w.cand_i[:T], np.empty((Hq, nq, values.shape[2]), np.float32),
+            np.empty((Hq, nq), np.float32), np.empty((Hq, nq), np.int64), np.empty((Hq, nq, k), np.int64),
+            np.empty((Hq, nq, k), np.float32), np.arange(P, dtype=np.int64), ix._keys, 0, 0, 0, w.taken[:T],
+            np.empty(P, np.int64), False, np.full(Hq, -1, np.int64), -1, None)
+
+
 def test_search_attend_rejects_bad_values():
     keys, tq, q, values = _data(9)
     ix = make_index("roar").build(keys, tq)

@@ -405,14 +405,25 @@ def run_one(model, method, index, ctx, args, device):
 
 
 #: the record fields one decode timing fills (:func:`_time_decode`); a ``--variant`` record gets its own
-DECODE_FIELDS = ("decode_ms_per_token", "decode_ms_p90", "breakdown_ms", "residual_on", "residual_device_bytes",
-                 "kv_device_bytes", "kv_cpu_bytes", "scanned_fraction", "worker_imbalance", "variant")
+DECODE_FIELDS = ("decode_ms_per_token", "decode_ms_p90", "breakdown_ms", "search_call_ms", "residual_on",
+                 "residual_device_bytes", "kv_device_bytes", "kv_cpu_bytes", "scanned_fraction", "worker_imbalance",
+                 "variant")
 #: the retrieval layers' counters whose difference over a timing gives its keys scanned and worker balance
 _COUNTERS = ("n_searches", "n_scanned", "n_cpu_keys_at_search", "worker_keys_max", "worker_keys_mean")
 
 
 def _counters(cache) -> dict:
-    return {c: sum(getattr(l.stats, c) for l in getattr(cache, "retrieval_layers", [])) for c in _COUNTERS}
+    layers = getattr(cache, "retrieval_layers", [])
+    out = {c: sum(getattr(l.stats, c) for l in layers) for c in _COUNTERS}
+    for l in layers:  # the fused calls' time per part (roar), summed over layers
+        for part, sec in l.stats.call_s.items():
+            out["call_" + part] = out.get("call_" + part, 0.0) + sec
+    return out
+
+
+#: ``search_call_ms`` parts: where the lean loop's fused search calls spend a token's CPU search time
+#: (:func:`retrieval_attention.index.decode_kernels.call_timing`); ``python`` = the method around the kernel
+SEARCH_CALL_PARTS = ("python", "start", "busy_max", "busy_mean", "join", "idle")
 
 
 def apply_variant(cache, v: dict, base: dict) -> None:
@@ -440,7 +451,10 @@ def _time_decode(rec, method, model, cache, decoder, kw, tok, args, sync):
     these steps); returns the last token."""
     times, search, cpu_attn, waits, hosts = [], [], [], [], []
     c_start = _counters(cache)
+    c_timed = c_start
     for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            c_timed = _counters(cache)  # the search calls' parts: timed steps only (warm-up steps may compile)
         s0 = cache.stats() if hasattr(cache, "stats") else None
         sync()
         t0 = time.perf_counter()
@@ -459,7 +473,15 @@ def _time_decode(rec, method, model, cache, decoder, kw, tok, args, sync):
                 cpu_attn.append(s1["cpu_attention_s"] - s0["cpu_attention_s"])
                 waits.append(s1["wait_s"] - s0["wait_s"])
                 hosts.append(s1["host_s"] - s0["host_s"])
-    c = {k: x - c_start[k] for k, x in _counters(cache).items()}
+    c_end = _counters(cache)
+    c = {k: x - c_start.get(k, 0.0) for k, x in c_end.items()}
+    ct = {k: x - c_timed.get(k, 0.0) for k, x in c_end.items()}
+    if ct.get("call_kernel_s") and args.steps:  # per token, the mean over the timed steps
+        parts = {"python": ct["call_wall_s"] - ct["call_kernel_s"]}
+        parts.update({p: ct.get(f"call_{p}_s", 0.0) for p in SEARCH_CALL_PARTS if p != "python"})
+        rec["search_call_ms"] = {"wall": 1000 * ct["call_wall_s"] / args.steps,
+                                 "kernel": 1000 * ct["call_kernel_s"] / args.steps,
+                                 **{p: 1000 * v / args.steps for p, v in parts.items()}}
     if decoder is not None and method == "retrieval":  # where the residual ran, and its device sample
         rec["residual_on"] = "device" if decoder.residual_on_device else "cpu"
         rec["residual_device_bytes"] = decoder.residual_bytes()
@@ -595,6 +617,8 @@ def run(args) -> int:
                                         + ("".join(f", {k} {v:.1f} ms" for k, v in rec["breakdown_ms"].items()
                                                    if k in ("host_wait_device", "host_other", "device_and_launch"))
                                            if rec.get("breakdown_ms") else "")
+                                        + (" (search calls: " + ", ".join(f"{k} {v:.1f}" for k, v in rec["search_call_ms"].items())
+                                           + " ms)" if rec.get("search_call_ms") else "")
                                         + (f", index build {rec['index_build_s']:.1f} s (waited {rec['index_wait_s']:.1f} s; "
                                            + ", ".join(f"{k} {v:.1f}" for k, v in rec.get("index_build_stages_s", {}).items())
                                            + f"), hand-off {rec['prefill_handoff_s']:.1f} s" if rec.get("prefill_handoff_s") is not None

@@ -26,8 +26,9 @@ import numpy as np
 from numba import njit, prange
 
 from .bf16 import as_float32
-from .kernels import (_dot, _test_and_set, atomic_fetch_add, clear_visited, elem, emit_results, prefetch_rows_ahead,
-                      search_pair, search_two, visited_words)
+from .kernels import (CYCLE_COUNTER, _dot, _test_and_set, atomic_fetch_add, clear_visited, cycle_counter,
+                      cycles_per_second, elem, emit_results, prefetch_rows_ahead, search_pair, search_two,
+                      visited_words)
 from ..attention.residual_kernels import _finish, _row, draw_ids
 
 #: initial capacity of a worker's candidate heap (entries); a search that needs more grows a private copy
@@ -38,7 +39,7 @@ CAND_INIT = 4096
 def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_head, kv_of_head, entries, k, L,
                         scaling, visited, cand_s, cand_i, out, out_lse, out_ns, out_ids, out_sc, order,
                         res_keys, res_n, res_m, res_seed, taken, out_worker, dynamic, partner, res_lo=-1,
-                        L_of_head=None):
+                        L_of_head=None, out_cycles=None):
     """Fused top-``k`` search + attention of every (query head, query) pair of a layer.
 
     Inputs as :func:`.kernels.search_batch` (adj, keys, n_graph, n_total, queries [Hq, nq, d] float32,
@@ -73,6 +74,10 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
 
     ``L_of_head [Hq]`` int64 (optional): a beam width per query head (each ``<= L``, which sizes the scratch;
     a shared pass uses the larger of its two heads').
+
+    ``out_cycles [T, 3]`` int64 (optional, only where :data:`.kernels.CYCLE_COUNTER`): per worker the
+    :func:`.kernels.cycle_counter` readings when it entered and left the parallel loop, and the cycles it spent
+    in its tasks (search, attention, residual), for :func:`call_timing`.
     """
     Hq, nq, d = queries.shape
     dv = values.shape[2]
@@ -85,6 +90,9 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
         if partner[h] >= 0:
             pairs += 1
     for t in prange(T):
+        if out_cycles is not None:
+            out_cycles[t, 0] = cycle_counter()
+            busy = 0
         c_s = cand_s[t]
         c_i = cand_i[t]
         w_s = np.empty(L + 1, np.float64)
@@ -123,6 +131,8 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
                 r += 1
             if j >= order.shape[0]:
                 break
+            if out_cycles is not None:
+                c_task = cycle_counter()
             p = order[j]
             out_worker[p] = t
             h = p // nq
@@ -156,6 +166,11 @@ def search_attend_batch(adj, keys, values, n_graph, n_total, queries, graph_of_h
             if r_cnt > 0:
                 _residual_one(res_keys, values, qv, kv, h, i, r_i, nr, res_n, r_exact, r_cnt, scaling, res_seed,
                               taken[t], r_ids, r_sc, r_keep, r_row, acc, out, out_lse, r_lo)
+            if out_cycles is not None:
+                busy += cycle_counter() - c_task
+        if out_cycles is not None:
+            out_cycles[t, 1] = cycle_counter()
+            out_cycles[t, 2] = busy
 
 
 @njit(nogil=True, cache=True)
@@ -199,6 +214,28 @@ def _residual_one(keys, values, qv, kv, h, i, r_i, nr, n, exact, cnt, scaling, s
         j = r_i[r]
         taken[j >> 6] = np.uint64(0)
     _finish(out, out_lse, h, i, mx, z, acc, 1.0 if exact else n / cnt, True)
+
+
+def call_timing(before: int, after: int, cycles: np.ndarray) -> dict:
+    """Where a fused call's time went, from :func:`.kernels.cycle_counter` readings ``before`` and ``after`` the
+    call (taken by the caller) and the workers' ``cycles [T, 3]`` (see :func:`search_attend_batch`), in seconds:
+
+    ``kernel_s``   the call, from before to after;
+    ``start_s``    until the last worker entered the parallel loop (thread launch / wake-up);
+    ``busy_max_s`` / ``busy_mean_s``  the busiest / the average worker's time in its tasks;
+    ``join_s``     from the last worker leaving the loop to the call's return;
+    ``idle_s``     ``kernel_s - start_s - busy_max_s - join_s``: the rest (per-worker setup, the busiest worker's
+                   wait before it started, scheduling)."""
+    rate = cycles_per_second()
+    if rate <= 0 or cycles.shape[0] == 0:
+        return {}
+    sec = 1.0 / rate
+    busy = cycles[:, 2].astype(np.float64) * sec
+    out = {"kernel_s": (after - before) * sec, "start_s": max(0.0, (int(cycles[:, 0].max()) - before) * sec),
+           "busy_max_s": float(busy.max()), "busy_mean_s": float(busy.mean()),
+           "join_s": max(0.0, (after - int(cycles[:, 1].max())) * sec)}
+    out["idle_s"] = max(0.0, out["kernel_s"] - out["start_s"] - out["busy_max_s"] - out["join_s"])
+    return out
 
 
 def balanced_order(cost: np.ndarray | None, P: int) -> np.ndarray:

@@ -694,6 +694,7 @@ class RoarIndex(KVIndex):
         """Fused search + attention (:func:`.decode_kernels.search_attend_batch`); shapes as
         :meth:`KVIndex.search_attend`. float32 and bfloat16-bits values (and residual keys) take the compiled
         path, with the residual estimate inside the same call; others (float16) the generic one."""
+        w0 = time.perf_counter()
         values = self._check_values(values)
         res = residual if residual is not None and residual.active else None
         res_keys = None if res is None else np.asarray(res.keys)
@@ -725,14 +726,17 @@ class RoarIndex(KVIndex):
                                   f"and values a row for every drawn id; got keys {tuple(res_keys.shape)}, "
                                   f"values {tuple(values.shape)}")
         n_vis = max(self.n_graph, self.n_keys, res.n if res is not None else 0)
+        cycles = np.zeros((T, 3), np.int64) if DK.CYCLE_COUNTER else None
         with self._lock, DK.scratch(T, n_vis) as w:
+            c0 = DK.cycle_counter() if cycles is not None else 0
             DK.search_attend_batch(self._adj, self._keys, values, self.n_graph, self.n_keys, q, graph_of_head,
                                    kv_of_head, self._entries, k, L, float(scaling), w.visited[:T],
                                    w.cand_s[:T], w.cand_i[:T], out, lse, ns, ids, sc, order,
                                    self._keys if res is None else res_keys, 0 if res is None else int(res.n),
                                    0 if res is None else int(res.m), 0 if res is None else int(res.seed),
                                    w.taken[:T], worker, self.schedule == "dynamic", partner,
-                                   -1 if res is None or res.lo is None else int(res.lo), L_of_head)
+                                   -1 if res is None or res.lo is None else int(res.lo), L_of_head, cycles)
+            c1 = DK.cycle_counter() if cycles is not None else 0
         self._last_scanned = ns.reshape(-1)
         rows = self._last_scanned
         if paired:  # a shared pass's rows were loaded once, by its task's worker
@@ -741,6 +745,11 @@ class RoarIndex(KVIndex):
         loads = DK.worker_loads(rows, worker, T)
         #: (most, mean) keys scanned by one worker in the last fused call: its load balance
         self.last_call_loads = (float(loads.max()), float(loads.mean()))
+        timing = DK.call_timing(c0, c1, cycles) if cycles is not None else {}
+        timing["wall_s"] = time.perf_counter() - w0
+        #: where the last fused call's time went (seconds; :func:`.decode_kernels.call_timing`, plus ``wall_s``: the
+        #: whole method, Python included); only ``wall_s`` where the cycle counter is not read
+        self.last_call_timing = timing
         return (out, lse, ns, ids) if return_ids else (out, lse, ns)
 
     # ---- insertion --------------------------------------------------------------------------------
