@@ -230,10 +230,10 @@ def call_timing(before: int, after: int, cycles: np.ndarray) -> dict:
     if rate <= 0 or cycles.shape[0] == 0:
         return {}
     sec = 1.0 / rate
-    busy = cycles[:, 2].astype(np.float64) * sec
-    out = {"kernel_s": (after - before) * sec, "start_s": max(0.0, (int(cycles[:, 0].max()) - before) * sec),
-           "busy_max_s": float(busy.max()), "busy_mean_s": float(busy.mean()),
-           "join_s": max(0.0, (after - int(cycles[:, 1].max())) * sec)}
+    enter, leave, busy = zip(*cycles.tolist())  # plain ints: a few workers, once per layer call (numpy costs more)
+    out = {"kernel_s": (after - before) * sec, "start_s": max(0.0, (max(enter) - before) * sec),
+           "busy_max_s": max(busy) * sec, "busy_mean_s": sum(busy) / len(busy) * sec,
+           "join_s": max(0.0, (after - max(leave)) * sec)}
     out["idle_s"] = max(0.0, out["kernel_s"] - out["start_s"] - out["busy_max_s"] - out["join_s"])
     return out
 

@@ -742,9 +742,9 @@ class RoarIndex(KVIndex):
         if paired:  # a shared pass's rows were loaded once, by its task's worker
             follower = (partner >= 0) & (partner < np.arange(Hq))
             rows = np.where(np.repeat(follower, nq), 0, rows)
-        loads = DK.worker_loads(rows, worker, T)
+        loads = DK.worker_loads(rows, worker, T).tolist()
         #: (most, mean) keys scanned by one worker in the last fused call: its load balance
-        self.last_call_loads = (float(loads.max()), float(loads.mean()))
+        self.last_call_loads = (max(loads), sum(loads) / len(loads))
         timing = DK.call_timing(c0, c1, cycles) if cycles is not None else {}
         timing["wall_s"] = time.perf_counter() - w0
         #: where the last fused call's time went (seconds; :func:`.decode_kernels.call_timing`, plus ``wall_s``: the
