@@ -20,6 +20,17 @@ def test_bench_kernels_records(tmp_path, capsys):
         assert r["residual_samples"] == DEFAULT_RESIDUAL_SAMPLES and 0 <= r["residual_ms"] < r["layer_ms"]
     assert recs[1]["scanned_fraction"] > recs[0]["scanned_fraction"]  # a wider beam scans more
     assert "| keys / KV head |" in (tmp_path / "k.md").read_text()
+    from retrieval_attention.index.kernels import CYCLE_COUNTER
+
+    for r in recs:  # the fused call's parts (x86-64): the busiest worker's task time within the call
+        if not CYCLE_COUNTER:
+            assert r["call_parts_ms"] is None
+            continue
+        p = r["call_parts_ms"]
+        assert set(p) == {"python", "start", "busy_max", "busy_mean", "join", "idle"}
+        assert all(v >= 0 for v in p.values()) and 0 < p["busy_mean"] <= p["busy_max"] + 1e-9
+        # each part <= its call's time, so their medians <= the median call (a sum of medians need not be)
+        assert max(p["start"], p["busy_max"], p["join"], p["python"]) <= 1.01 * r["layer_ms"]
 
     assert main(["bench", "kernels", "--keys", "1K", "--shape", "tiny", "--index", "flat", "--ef", "1",
                  "--steps", "2", "--threads", "1", "--json", str(out), "--storage", "float32",

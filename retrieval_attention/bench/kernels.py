@@ -170,7 +170,7 @@ def run(args) -> int:
                             loads = getattr(idx, "last_call_loads", None)
                             bal = loads[0] / loads[1] if loads is not None and loads[1] > 0 else None
                             rec = float(recall_at_k(ids, true_ids[:, step : step + 1]).mean())
-                            out.append((dt, float(ns.mean()) / n, rec, bal))
+                            out.append((dt, float(ns.mean()) / n, rec, bal, dict(getattr(idx, "last_call_timing", {}))))
                     return out
 
                 calls = decode_pass(m_res > 0)
@@ -200,10 +200,20 @@ def run(args) -> int:
                 rec["ns_per_key_thread"] = (rec["layer_ms"] - rec["residual_ms"]) * 1e6 * T / max(scanned_keys, 1.0)
                 # keys scanned by the call's most loaded worker / the average worker (median over calls)
                 rec["worker_imbalance"] = float(np.median(balance)) if balance else None
+                # where a call's time goes (roar's fused call, x86-64: decode_kernels.call_timing), ms, medians
+                parts = [c[4] for c in calls if c[4].get("kernel_s") is not None]
+                rec["call_parts_ms"] = ({p: 1e3 * float(np.median([c[p + "_s"] - (c["kernel_s"] if p == "wall" else 0.0)
+                                                                  for c in parts]))
+                                         for p in ("wall", "start", "busy_max", "busy_mean", "join", "idle")}
+                                        if parts else None)
+                if parts:  # "wall" above: the Python around the kernel (the method's time minus the kernel's)
+                    rec["call_parts_ms"]["python"] = rec["call_parts_ms"].pop("wall")
                 records.append(rec)
                 print(f"  {budget_key}={ef}, {T} threads, {args.layers} layer(s): {rec['layer_ms']:.2f} ms per layer call, "
                       f"scanned {100 * rec['scanned_fraction']:.2f}%, recall@{args.top_k} {rec['recall_at_k']:.3f}, "
-                      f"imbalance {rec['worker_imbalance'] or float('nan'):.2f}", file=sys.stderr, flush=True)
+                      f"imbalance {rec['worker_imbalance'] or float('nan'):.2f}"
+                      + (" (call ms: " + ", ".join(f"{k} {v:.3f}" for k, v in rec["call_parts_ms"].items()) + ")"
+                         if rec["call_parts_ms"] else ""), file=sys.stderr, flush=True)
         del layers
     headers = ["keys / KV head", "budget", "threads", "layers", "layer call ms (median / p90)", "of it residual ms", "scanned %", f"recall@{args.top_k}",
                "ns per key x thread", "build s (kNN / graph / repair)", "index MiB"]
