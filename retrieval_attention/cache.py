@@ -46,7 +46,7 @@ class LayerStats:
     worker_keys_max: float = 0.0
     worker_keys_mean: float = 0.0
     #: fused layer calls (roar): seconds summed over calls, per part of the call (``RoarIndex.last_call_timing``:
-    #: wall_s, kernel_s, start_s, busy_max_s, busy_mean_s, join_s, idle_s)
+    #: wall_s, kernel_s, python_s, start_s, busy_max_s, busy_mean_s, join_s, idle_s)
     call_s: dict = field(default_factory=dict)
 
 

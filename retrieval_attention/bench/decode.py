@@ -422,8 +422,9 @@ def _counters(cache) -> dict:
 
 
 #: ``search_call_ms`` parts: where the lean loop's fused search calls spend a token's CPU search time
-#: (:func:`retrieval_attention.index.decode_kernels.call_timing`); ``python`` = the method around the kernel
-SEARCH_CALL_PARTS = ("python", "start", "busy_max", "busy_mean", "join", "idle")
+#: (``RoarIndex.last_call_timing``: the whole method, the kernel, the Python around it, then
+#: :func:`retrieval_attention.index.decode_kernels.call_timing`'s parts of the kernel)
+SEARCH_CALL_PARTS = ("wall", "kernel", "python", "start", "busy_max", "busy_mean", "join", "idle")
 
 
 def apply_variant(cache, v: dict, base: dict) -> None:
@@ -477,11 +478,7 @@ def _time_decode(rec, method, model, cache, decoder, kw, tok, args, sync):
     c = {k: x - c_start.get(k, 0.0) for k, x in c_end.items()}
     ct = {k: x - c_timed.get(k, 0.0) for k, x in c_end.items()}
     if ct.get("call_kernel_s") and args.steps:  # per token, the mean over the timed steps
-        parts = {"python": ct["call_wall_s"] - ct["call_kernel_s"]}
-        parts.update({p: ct.get(f"call_{p}_s", 0.0) for p in SEARCH_CALL_PARTS if p != "python"})
-        rec["search_call_ms"] = {"wall": 1000 * ct["call_wall_s"] / args.steps,
-                                 "kernel": 1000 * ct["call_kernel_s"] / args.steps,
-                                 **{p: 1000 * v / args.steps for p, v in parts.items()}}
+        rec["search_call_ms"] = {p: 1000 * ct.get(f"call_{p}_s", 0.0) / args.steps for p in SEARCH_CALL_PARTS}
     if decoder is not None and method == "retrieval":  # where the residual ran, and its device sample
         rec["residual_on"] = "device" if decoder.residual_on_device else "cpu"
         rec["residual_device_bytes"] = decoder.residual_bytes()

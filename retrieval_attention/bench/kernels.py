@@ -54,6 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", default=None, help="write the table here")
 
 
+#: ``call_parts_ms``: the fused call's Python share and its kernel's parts (``RoarIndex.last_call_timing``)
+CALL_PARTS = ("python", "start", "busy_max", "busy_mean", "join", "idle")
+
+
 def _median_stat(stats: list[dict], key: str) -> float | None:
     vals = [s[key] for s in stats if s.get(key) is not None]
     return float(np.median(vals)) if vals else None
@@ -201,13 +205,9 @@ def run(args) -> int:
                 # keys scanned by the call's most loaded worker / the average worker (median over calls)
                 rec["worker_imbalance"] = float(np.median(balance)) if balance else None
                 # where a call's time goes (roar's fused call, x86-64: decode_kernels.call_timing), ms, medians
-                parts = [c[4] for c in calls if c[4].get("kernel_s") is not None]
-                rec["call_parts_ms"] = ({p: 1e3 * float(np.median([c[p + "_s"] - (c["kernel_s"] if p == "wall" else 0.0)
-                                                                  for c in parts]))
-                                         for p in ("wall", "start", "busy_max", "busy_mean", "join", "idle")}
+                parts = [c[4] for c in calls if "kernel_s" in c[4]]
+                rec["call_parts_ms"] = ({p: 1e3 * float(np.median([c[p + "_s"] for c in parts])) for p in CALL_PARTS}
                                         if parts else None)
-                if parts:  # "wall" above: the Python around the kernel (the method's time minus the kernel's)
-                    rec["call_parts_ms"]["python"] = rec["call_parts_ms"].pop("wall")
                 records.append(rec)
                 print(f"  {budget_key}={ef}, {T} threads, {args.layers} layer(s): {rec['layer_ms']:.2f} ms per layer call, "
                       f"scanned {100 * rec['scanned_fraction']:.2f}%, recall@{args.top_k} {rec['recall_at_k']:.3f}, "

@@ -20,7 +20,9 @@ Determinism / tie-breaking (mirrored exactly by :mod:`.reference`):
 
 from __future__ import annotations
 
+import functools
 import platform
+import time
 
 import numpy as np
 from llvmlite import ir
@@ -129,23 +131,17 @@ def cycle_counter():
     return _read_cycle_counter()
 
 
-_CYCLES_PER_SECOND: list[float] = []
-
-
+@functools.cache
 def cycles_per_second() -> float:
     """Rate of :func:`cycle_counter`, measured once per process against ``time.perf_counter`` over 20 ms (the
     x86-64 time-stamp counter runs at a constant rate); 0.0 where the counter is not read
     (:data:`CYCLE_COUNTER` False)."""
     if not CYCLE_COUNTER:
         return 0.0
-    if not _CYCLES_PER_SECOND:
-        import time
-
-        c0, t0 = cycle_counter(), time.perf_counter()
-        time.sleep(0.02)
-        c1, t1 = cycle_counter(), time.perf_counter()
-        _CYCLES_PER_SECOND.append((c1 - c0) / (t1 - t0))
-    return _CYCLES_PER_SECOND[0]
+    c0, t0 = cycle_counter(), time.perf_counter()
+    time.sleep(0.02)
+    c1, t1 = cycle_counter(), time.perf_counter()
+    return (c1 - c0) / (t1 - t0)
 
 
 @intrinsic

@@ -747,8 +747,11 @@ class RoarIndex(KVIndex):
         self.last_call_loads = (max(loads), sum(loads) / len(loads))
         timing = DK.call_timing(c0, c1, cycles) if cycles is not None else {}
         timing["wall_s"] = time.perf_counter() - w0
+        if "kernel_s" in timing:
+            timing["python_s"] = timing["wall_s"] - timing["kernel_s"]
         #: where the last fused call's time went (seconds; :func:`.decode_kernels.call_timing`, plus ``wall_s``: the
-        #: whole method, Python included); only ``wall_s`` where the cycle counter is not read
+        #: whole method, and ``python_s``: its time outside the kernel); only ``wall_s`` where the cycle counter is
+        #: not read
         self.last_call_timing = timing
         return (out, lse, ns, ids) if return_ids else (out, lse, ns)
 
