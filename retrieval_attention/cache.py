@@ -329,24 +329,24 @@ def _attend_by_search(store, queries: np.ndarray, group: int, scaling: float, k:
     return (out, lse, n_scanned, ids) if return_ids else (out, lse, n_scanned)
 
 
-_EXECUTORS: dict = {}  # worker count -> ThreadPoolExecutor of background index builds
+_BUILD_WORKERS: dict = {}  # worker count -> TransientWorkers of background index builds
 #: residual seeds of layers: residual_seed * stride + layer index (distinct for any layer count below it)
 _LAYER_SEED_STRIDE = 1_000_003
 
 
 def _build_executor(workers: int):
     """The workers of background index builds (``RetrievalConfig.resolved_build_workers()``; one pool per worker count,
-    shared by every cache; each build is itself multi-threaded). One worker where numba's threading layer cannot
-    run parallel kernels from two threads at once."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .threads import parallel_kernels_concurrent
+    shared by every cache; each build is itself multi-threaded). Their threads exit once no build is queued
+    (:class:`~retrieval_attention.threads.TransientWorkers`: an idle thread's OpenMP team would slow the decode
+    loop's parallel calls). One worker where numba's threading layer cannot run parallel kernels from two threads
+    at once."""
+    from .threads import TransientWorkers, parallel_kernels_concurrent
 
     if workers > 1 and not parallel_kernels_concurrent():
         workers = 1
-    ex = _EXECUTORS.get(workers)
+    ex = _BUILD_WORKERS.get(workers)
     if ex is None:
-        ex = _EXECUTORS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ra-index-build")
+        ex = _BUILD_WORKERS[workers] = TransientWorkers(workers, "ra-index-build")
     return ex
 
 

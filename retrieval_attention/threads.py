@@ -64,3 +64,85 @@ def parallel_kernels_concurrent() -> bool:
 
     choose_threading_layer()
     return numba.threading_layer() != "workqueue"
+
+
+class TransientWorkers:
+    """Run jobs on at most ``max_workers`` background threads that exit as soon as no job is queued.
+
+    Background work (index builds, graph insertions) runs numba's parallel kernels, and under the ``omp``
+    threading layer a thread that launched one keeps an OpenMP team for as long as it lives. libgomp counts
+    the threads of every team: when they outnumber the cores it stops spin-waiting between parallel regions
+    (its throttled spin count), so the decode loop's workers fall asleep between layer calls and every call
+    pays their wake-up (``docs/bench/scripts/idle_team_wakeup.py``: +56 us before the first worker starts per
+    call on the dev VM with one idle pool thread, back to normal once that thread exits). The idle threads of a
+    ``ThreadPoolExecutor`` never exit; these do, which frees their teams.
+
+    ``submit(fn, *args, **kwargs)`` returns a :class:`concurrent.futures.Future`. Jobs run in submission order.
+    At interpreter exit the running jobs finish and the queued ones are cancelled."""
+
+    def __init__(self, max_workers: int, name: str):
+        import collections
+        import threading
+
+        if int(max_workers) < 1:
+            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+        self.max_workers = int(max_workers)
+        self.name = name
+        self._queue: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._alive = 0  # threads started and not yet returned
+        self._started = 0
+
+    @property
+    def alive(self) -> int:
+        """Worker threads running now (0 when idle: none lingers)."""
+        return self._alive
+
+    def submit(self, fn, /, *args, **kwargs):
+        import threading
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+        with self._lock:
+            if _SHUTTING_DOWN:
+                raise RuntimeError(f"{self.name}: cannot start background work while the interpreter exits")
+            self._queue.append((fut, fn, args, kwargs))
+            if self._alive < self.max_workers:
+                self._alive += 1
+                self._started += 1
+                threading.Thread(target=self._work, name=f"{self.name}-{self._started}").start()
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue or _SHUTTING_DOWN:
+                    for fut, *_ in self._queue:  # only at exit: nobody will use their results
+                        fut.cancel()
+                    self._queue.clear()
+                    self._alive -= 1
+                    return
+                fut, fn, args, kwargs = self._queue.popleft()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # handed to whoever waits on the future
+                fut.set_exception(e)
+            del fut, fn, args, kwargs  # drop references (e.g. large arrays) before waiting for the next job
+
+
+_SHUTTING_DOWN = False
+
+
+def _on_exit() -> None:
+    global _SHUTTING_DOWN
+    _SHUTTING_DOWN = True
+
+
+try:  # runs before non-daemon threads are joined (as concurrent.futures does), so queued jobs are dropped
+    import threading as _threading
+
+    _threading._register_atexit(_on_exit)
+except (AttributeError, RuntimeError):  # pragma: no cover - other interpreters / already exiting
+    pass

@@ -125,26 +125,26 @@ def _pos_int(name, v, minimum=1):
     return int(v)
 
 
-_INSERT_EXECUTOR = None
+_INSERT_WORKER = None
 
 
 def _submit_insertion(fn, *args):
     """Run a bulk insertion in the background worker (one for every roar index; each insertion is itself
-    parallel) and return its Future. numba's ``workqueue`` threading layer cannot run parallel kernels from two
-    threads at once: there the insertion runs now, in the caller (the Future is returned done)."""
-    from concurrent.futures import Future, ThreadPoolExecutor
+    parallel; the thread exits when no insertion is queued, see :class:`~retrieval_attention.threads.TransientWorkers`)
+    and return its Future. numba's ``workqueue`` threading layer cannot run parallel kernels from two threads at
+    once: there the insertion runs now, in the caller (the Future is returned done)."""
+    from concurrent.futures import Future
 
-    global _INSERT_EXECUTOR
-    from ..threads import parallel_kernels_concurrent
+    global _INSERT_WORKER
+    from ..threads import TransientWorkers, parallel_kernels_concurrent
 
-    concurrent = parallel_kernels_concurrent()
-    if not concurrent:
+    if not parallel_kernels_concurrent():
         done: Future = Future()
         done.set_result(fn(*args))
         return done
-    if _INSERT_EXECUTOR is None:
-        _INSERT_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ra-roar-insert")
-    return _INSERT_EXECUTOR.submit(fn, *args)
+    if _INSERT_WORKER is None:
+        _INSERT_WORKER = TransientWorkers(1, "ra-roar-insert")
+    return _INSERT_WORKER.submit(fn, *args)
 
 
 def _torch_fallback(stage: str, err: Exception,
