@@ -720,3 +720,55 @@ def test_copy_rows_checked_equals_numpy(dtype):
         got = dst.copy()
         assert not copy(got, n, np.ascontiguousarray(tensor_as_numpy(bad_t)))
         np.testing.assert_array_equal(got, dst)
+
+
+def _task_order_ref(partner, nq, cost):
+    """The plain version of ``task_order``: every lead pair's summed cost with its mate's, sorted high to low."""
+    tasks = [h * nq + i for h in range(len(partner)) if partner[h] < 0 or partner[h] > h for i in range(nq)]
+    if cost is None:
+        return tasks
+    def total(t):
+        h, i = divmod(t, nq)
+        return cost[t] + (cost[partner[h] * nq + i] if partner[h] >= 0 else 0)
+    return sorted(tasks, key=lambda t: -total(t))  # sorted() is stable
+
+
+def test_compiled_task_order_matches_the_plain_one():
+    """``task_plan`` + ``order_tasks`` (compiled, cached plan) give the plain ordering on random partners and costs,
+    ties (integer costs) kept in task order; ``filled_by_other`` marks exactly the partners' follower pairs."""
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        Hq, nq = int(rng.integers(1, 40)), int(rng.integers(1, 4))
+        goh = np.sort(rng.integers(0, max(1, Hq // 3), Hq))
+        partner = DK.pair_partners(goh) if rng.random() < 0.8 else np.full(Hq, -1, np.int64)
+        cost = rng.integers(0, 5, Hq * nq).astype(np.int64)  # few values: many ties
+        np.testing.assert_array_equal(DK.task_order(partner, nq, cost), _task_order_ref(partner, nq, cost))
+        np.testing.assert_array_equal(DK.task_order(partner, nq, None), _task_order_ref(partner, nq, None))
+        _, _, filled = DK.task_plan(partner, nq)
+        want = [partner[h] >= 0 and partner[h] < h for h in range(Hq) for _ in range(nq)]
+        np.testing.assert_array_equal(filled, want)
+        if (partner < 0).all():  # without pairs the tasks are the pairs: the balanced order
+            np.testing.assert_array_equal(DK.task_order(partner, nq, cost), DK.balanced_order(cost, Hq * nq))
+
+
+def test_worker_load_extremes_match_worker_loads():
+    rng = np.random.default_rng(12)
+    for P, T in ((32, 16), (32, 14), (7, 3), (3, 5)):
+        c = rng.integers(0, 1000, P).astype(np.int64)
+        skip = rng.random(P) < 0.3
+        w = rng.integers(0, T, P).astype(np.int64)
+        loads = DK.worker_loads(np.where(skip, 0, c), w, T)
+        mx, mean = DK.worker_load_extremes(c, skip, w, T)
+        assert mx == loads.max() and np.isclose(mean, loads.mean())
+
+
+def test_all_finite_matches_numpy():
+    rng = np.random.default_rng(13)
+    for shape in ((3, 1, 8), (32, 2, 128), (0, 1, 4)):
+        x = rng.standard_normal(shape).astype(np.float32)
+        assert DK.all_finite(x) == bool(np.isfinite(x).all())
+        if x.size:
+            for bad in (np.nan, np.inf, -np.inf):
+                y = x.copy()
+                y.flat[int(rng.integers(0, y.size))] = bad
+                assert not DK.all_finite(y)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from retrieval_attention.index import IndexError_, KVIndex, available_indexes, make_index
 from retrieval_attention.index import kernels as K
@@ -159,6 +160,20 @@ def test_bad_inputs_raise(name, tmp_path):
     for bp in ix.budget_params:
         with pytest.raises(IndexError_, match=bp):
             ix.search(q, 5, **{bp: 0})
+    # the fused search + attention (roar: a compiled path with its own quick checks) refuses the same inputs
+    values = np.ones((keys.shape[0], keys.shape[1], 4), np.float32)
+    for bad_q, k, what in ((qi, 5, "inf"), (q[..., :8], 5, "head_dim"), (q[:5], 5, "multiple"), (q, 0, "k must"),
+                           (q, 2.5, "k must"), (q.astype(np.int32), 5, "floating")):
+        with pytest.raises(IndexError_, match=what):
+            ix.search_attend(bad_q, k, values, 0.5)
+    with pytest.raises(IndexError_, match="values"):
+        ix.search_attend(q, 5, values[:, :3], 0.5)
+    with pytest.raises(IndexError_, match="values"):
+        ix.search_attend(q, 5, values.astype(np.int32), 0.5)
+    want = ix.search_attend(q, 5, values, 0.5)  # a non-contiguous or float64 query equals its float32 copy
+    for same_q in (np.asfortranarray(q), q.astype(np.float64), torch.from_numpy(q)):
+        for a, b in zip(ix.search_attend(same_q, np.int64(5), values, 0.5), want):
+            np.testing.assert_array_equal(a, b)
     p = tmp_path / "junk.npz"
     p.write_bytes(b"not an index")
     with pytest.raises(IndexError_, match="cannot read"):

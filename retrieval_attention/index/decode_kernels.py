@@ -261,20 +261,53 @@ def pair_partners(graph_of_head: np.ndarray) -> np.ndarray:
     return partner
 
 
+@njit(nogil=True, cache=True)
+def all_finite(x):
+    """Whether every element of a float array is finite (one compiled pass, no temporary: the per-call check of
+    a layer's queries)."""
+    for v in x.ravel():
+        if not np.isfinite(v):
+            return False
+    return True
+
+
+def task_plan(partner: np.ndarray, nq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tasks of a layer call with shared passes (fixed for a layer's heads: callers cache it):
+    ``tasks [n]`` int64, the pairs ``h * nq + i`` of heads without a partner or paired with a higher head;
+    ``mates [n]`` int64, the pair a task also fills (-1: none); ``filled_by_other [Hq * nq]`` bool, the pairs a
+    task of their partner fills (their rows are loaded by that task's worker)."""
+    partner = np.asarray(partner, np.int64)
+    head = np.arange(len(partner))
+    lead = np.nonzero((partner < 0) | (partner > head))[0]
+    tasks = (lead[:, None] * nq + np.arange(nq)[None, :]).reshape(-1).astype(np.int64)
+    mates = np.where(partner[tasks // nq] >= 0, partner[tasks // nq] * nq + tasks % nq, -1).astype(np.int64)
+    filled_by_other = np.repeat((partner >= 0) & (partner < head), nq)
+    return tasks, mates, filled_by_other
+
+
+@njit(nogil=True, cache=True)
+def order_tasks(tasks, mates, cost):
+    """``tasks [n]`` int64 sorted by expected cost, high to low (stable): a task's cost is ``cost [P]`` (e.g.
+    the previous call's keys scanned per pair) of its pair plus of its mate's (``mates [n]``, -1: none)."""
+    n = tasks.shape[0]
+    neg = np.empty(n, np.float64)
+    for j in range(n):
+        c = np.float64(cost[tasks[j]])
+        if mates[j] >= 0:
+            c += cost[mates[j]]
+        neg[j] = -c
+    return tasks[np.argsort(neg, kind="mergesort")]
+
+
 def task_order(partner: np.ndarray, nq: int, cost: np.ndarray | None) -> np.ndarray:
     """The tasks of a layer call with shared passes, costliest first (as :func:`balanced_order`): the pairs
     ``h * nq + i`` of heads without a partner or paired with a higher head; a task's cost is its pairs' summed
-    ``cost [Hq * nq]`` (previous call's keys scanned) -> ``order`` int64."""
-    partner = np.asarray(partner, np.int64)
-    lead = np.nonzero((partner < 0) | (partner > np.arange(len(partner))))[0]
-    tasks = (lead[:, None] * nq + np.arange(nq)[None, :]).reshape(-1)
+    ``cost [Hq * nq]`` (previous call's keys scanned) -> ``order`` int64. (:func:`task_plan` +
+    :func:`order_tasks`, for callers that cache the plan.)"""
+    tasks, mates, _ = task_plan(partner, nq)
     if cost is None or len(cost) != len(partner) * nq:
-        return tasks.astype(np.int64)
-    c = np.asarray(cost, np.float64)
-    tc = c[tasks].copy()
-    paired = partner[tasks // nq] >= 0
-    tc[paired] += c[partner[tasks[paired] // nq] * nq + tasks[paired] % nq]
-    return tasks[np.argsort(-tc, kind="stable")].astype(np.int64)
+        return tasks
+    return order_tasks(tasks, mates, np.ascontiguousarray(cost))
 
 
 def worker_loads(cost: np.ndarray, worker: np.ndarray, T: int) -> np.ndarray:
@@ -283,6 +316,17 @@ def worker_loads(cost: np.ndarray, worker: np.ndarray, T: int) -> np.ndarray:
     long as its most loaded worker: ``max / mean`` of this is the call's imbalance (1 = perfect)."""
     return np.bincount(np.asarray(worker, np.int64).reshape(-1), weights=np.asarray(cost, np.float64).reshape(-1),
                        minlength=T)[:T]
+
+
+@njit(nogil=True, cache=True)
+def worker_load_extremes(cost, skip, worker, T):
+    """``(max, mean)`` over workers of :func:`worker_loads` with the pairs where ``skip [P]`` (bool) is set
+    counted as 0 (a shared pass's second head: its rows were loaded by its task), in one compiled pass."""
+    loads = np.zeros(T, np.float64)
+    for j in range(cost.shape[0]):
+        if not skip[j]:
+            loads[worker[j]] += cost[j]
+    return loads.max(), loads.sum() / T
 
 
 @njit(fastmath={"reassoc", "contract", "nsz", "arcp"}, nogil=True, cache=True)
@@ -382,11 +426,10 @@ _POOL: list[SearchScratch] = []
 _POOL_LOCK = threading.Lock()
 
 
-@contextmanager
-def scratch(T: int, n_vis: int, n_cand: int = CAND_INIT):
-    """Borrow scratch for ``T`` workers over ``n_vis`` graph nodes from the process-wide pool (one entry
-    per concurrent search; an entry too small is replaced by one grown to cover both sizes). Yields a
-    :class:`SearchScratch`; slice ``[:T]`` before passing it to a kernel."""
+def borrow_scratch(T: int, n_vis: int, n_cand: int = CAND_INIT) -> SearchScratch:
+    """Take scratch for ``T`` workers over ``n_vis`` graph nodes from the process-wide pool (one entry per
+    concurrent search; an entry too small is replaced by one grown to cover both sizes); hand it back with
+    :func:`return_scratch`. Slice ``[:T]`` before passing it to a kernel. (:func:`scratch` pairs the two.)"""
     with _POOL_LOCK:
         s = _POOL.pop() if _POOL else None
     if s is None or not s.fits(T, n_vis, n_cand):
@@ -394,11 +437,22 @@ def scratch(T: int, n_vis: int, n_cand: int = CAND_INIT):
             T, n_vis = max(T, s.visited.shape[0]), max(n_vis, s.n_vis)
             n_cand = max(n_cand, s.cand_s.shape[1])
         s = SearchScratch(T, max(1, n_vis), max(1, n_cand))
+    return s
+
+
+def return_scratch(s: SearchScratch) -> None:
+    with _POOL_LOCK:
+        _POOL.append(s)
+
+
+@contextmanager
+def scratch(T: int, n_vis: int, n_cand: int = CAND_INIT):
+    """:func:`borrow_scratch` for the ``with`` block; yields a :class:`SearchScratch`."""
+    s = borrow_scratch(T, n_vis, n_cand)
     try:
         yield s
     finally:
-        with _POOL_LOCK:
-            _POOL.append(s)
+        return_scratch(s)
 
 
 def pool_nbytes() -> int:

@@ -125,6 +125,9 @@ def _pos_int(name, v, minimum=1):
     return int(v)
 
 
+#: value dtypes the compiled fused call takes (float32; uint16 = bfloat16 bits); others take the generic path
+_FUSED_VALUE_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16))
+
 _INSERT_WORKER = None
 
 
@@ -408,6 +411,8 @@ class RoarIndex(KVIndex):
         self.share = share
         self._pairs_on = share == "pairs"  # "auto": decided by the build (:meth:`_pair_overlap`)
         self._partner_cache = None  # ((shared?, graph_of_head), partner [Hq], any pair) of the last call
+        self._plan_cache: dict = {}  # nq -> the fused call's task plan for those partners (:meth:`_plan`)
+        self._maps_cache: dict = {}  # (Hq, graphs, KV heads) -> :meth:`_graph_maps`
         self.max_train_queries = None if max_train_queries is None else _pos_int("max_train_queries", max_train_queries)
         self.n_entry = _pos_int("n_entry", n_entry)
         self.fill = bool(fill)
@@ -630,6 +635,15 @@ class RoarIndex(KVIndex):
 
     # ---- search -----------------------------------------------------------------------------------
     def _graph_maps(self, Hq: int):
+        """``(graph_of_head [Hq], kv_of_head [Hq])`` int64, cached per head count and graph count (callers must not
+        write to them; they stay writeable arrays because numba compiles read-only arrays as another type)."""
+        key = (Hq, self._adj.shape[0], self.n_kv_heads)
+        got = self._maps_cache.get(key)
+        if got is None:
+            got = self._maps_cache[key] = self._graph_maps_uncached(Hq)
+        return got
+
+    def _graph_maps_uncached(self, Hq: int):
         G = self._adj.shape[0]
         kv_of_head = np.arange(Hq, dtype=np.int64) // (Hq // self.n_kv_heads)
         if G == Hq:
@@ -649,7 +663,22 @@ class RoarIndex(KVIndex):
         if self._partner_cache is None or self._partner_cache[0] != key:  # per layer call: keep it cheap
             p = DK.pair_partners(graph_of_head) if key[0] else np.full(len(graph_of_head), -1, np.int64)
             self._partner_cache = (key, p, bool((p >= 0).any()))
+            self._plan_cache = {}
         return self._partner_cache[1:]
+
+    def _plan(self, partner: np.ndarray, paired: bool, nq: int) -> tuple:
+        """``(tasks [n], mates [n], filled_by_other [Hq * nq])`` of the fused call for the current partners
+        (:func:`.decode_kernels.task_plan`; without shared passes every pair is a task of its own), cached per
+        ``nq``: it is the same at every decode step."""
+        plan = self._plan_cache.get(nq)
+        if plan is None:
+            if paired:
+                plan = DK.task_plan(partner, nq)
+            else:
+                P = len(partner) * nq
+                plan = (np.arange(P, dtype=np.int64), np.full(P, -1, np.int64), np.zeros(P, np.bool_))
+            self._plan_cache[nq] = plan
+        return plan
 
     def _widths(self, Hq: int, ef, ef_of_head=None):
         """(widest beam, sizing the scratch; narrowest beam, deciding shared passes; per-head widths [Hq] int64 or
@@ -695,14 +724,22 @@ class RoarIndex(KVIndex):
         :meth:`KVIndex.search_attend`. float32 and bfloat16-bits values (and residual keys) take the compiled
         path, with the residual estimate inside the same call; others (float16) the generic one."""
         w0 = time.perf_counter()
-        values = self._check_values(values)
+        if not (type(values) is np.ndarray and values.dtype in _FUSED_VALUE_DTYPES and values.ndim == 3
+                and values.shape[0] == self.n_kv_heads and values.shape[1] >= self.n_keys):
+            values = self._check_values(values)  # the full check (and its error) off the decode loop's path
         res = residual if residual is not None and residual.active else None
         res_keys = None if res is None else np.asarray(res.keys)
         if values.dtype not in (np.float32, np.uint16) or budget or (
                 res_keys is not None and res_keys.dtype not in (np.float32, np.uint16)):
             return super().search_attend(queries, k, values, scaling, return_ids=return_ids, residual=residual,
                                          **({} if ef is None else {"ef": ef}), **budget)
-        q, k = self._check_search(queries, k, {})
+        if (type(queries) is np.ndarray and queries.dtype == np.float32 and queries.ndim == 3
+                and queries.shape[2] == self.head_dim and queries.shape[0] % self.n_kv_heads == 0
+                and queries.flags.c_contiguous and type(k) is int and k > 0 and self.n_keys > 0
+                and DK.all_finite(queries)):
+            q = queries  # what _check_search would return, checked in fewer steps (once per layer and token)
+        else:
+            q, k = self._check_search(queries, k, {})
         Hq, nq, _ = q.shape
         L, L_min, L_of_head = self._widths(Hq, ef)
         graph_of_head, kv_of_head = self._graph_maps(Hq)
@@ -714,10 +751,9 @@ class RoarIndex(KVIndex):
         worker = np.empty(Hq * nq, np.int64)
         partner, paired = self._partners(graph_of_head, k, L_min)
         # the previous call's keys scanned per pair predict this one's cost: the longest are handed out first
-        if paired:
-            order = DK.task_order(partner, nq, self._last_scanned)
-        else:
-            order = DK.balanced_order(self._last_scanned, Hq * nq)
+        tasks, mates, filled_by_other = self._plan(partner, paired, nq)
+        last = self._last_scanned
+        order = tasks if last is None or len(last) != Hq * nq else DK.order_tasks(tasks, mates, last)
         T = max(1, min(numba.get_num_threads(), len(order)))
         if res is not None:
             if res_keys.ndim != 3 or res_keys.shape[0] != self.n_kv_heads or res_keys.shape[2] != self.head_dim or \
@@ -727,7 +763,9 @@ class RoarIndex(KVIndex):
                                   f"values {tuple(values.shape)}")
         n_vis = max(self.n_graph, self.n_keys, res.n if res is not None else 0)
         cycles = np.zeros((T, 3), np.int64) if DK.CYCLE_COUNTER else None
-        with self._lock, DK.scratch(T, n_vis) as w:
+        w = DK.borrow_scratch(T, n_vis)
+        self._lock.acquire()
+        try:
             c0 = DK.cycle_counter() if cycles is not None else 0
             DK.search_attend_batch(self._adj, self._keys, values, self.n_graph, self.n_keys, q, graph_of_head,
                                    kv_of_head, self._entries, k, L, float(scaling), w.visited[:T],
@@ -737,14 +775,13 @@ class RoarIndex(KVIndex):
                                    w.taken[:T], worker, self.schedule == "dynamic", partner,
                                    -1 if res is None or res.lo is None else int(res.lo), L_of_head, cycles)
             c1 = DK.cycle_counter() if cycles is not None else 0
+        finally:
+            self._lock.release()
+            DK.return_scratch(w)
         self._last_scanned = ns.reshape(-1)
-        rows = self._last_scanned
-        if paired:  # a shared pass's rows were loaded once, by its task's worker
-            follower = (partner >= 0) & (partner < np.arange(Hq))
-            rows = np.where(np.repeat(follower, nq), 0, rows)
-        loads = DK.worker_loads(rows, worker, T).tolist()
+        # a shared pass's rows were loaded once, by its task's worker
         #: (most, mean) keys scanned by one worker in the last fused call: its load balance
-        self.last_call_loads = (max(loads), sum(loads) / len(loads))
+        self.last_call_loads = DK.worker_load_extremes(self._last_scanned, filled_by_other, worker, T)
         timing = DK.call_timing(c0, c1, cycles) if cycles is not None else {}
         timing["wall_s"] = time.perf_counter() - w0
         if "kernel_s" in timing:

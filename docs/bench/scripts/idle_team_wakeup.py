@@ -4,7 +4,8 @@ every OpenMP team; with more than the cores it spin-waits only briefly between p
 sleep between calls and each call waits for their wake-up. Llama-3-8B attention shape (8 KV heads, 32 query
 heads, d 128), 32,768 synthetic bfloat16 keys, device-residual mode, all cores; a 0.5 ms busy gap between calls
 (the device part of a decode step). Per row, medians of 250 calls: the first worker's start after the call
-(dispatch), the last worker's lag behind the first (wake-up), the whole kernel.
+(dispatch), the last worker's lag behind the first (wake-up), the whole kernel, and the method's Python around
+the kernel (``last_call_timing["python_s"]``).
 Usage: ``python docs/bench/scripts/idle_team_wakeup.py``."""
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +51,7 @@ call.i = 0
 
 
 def measure(label, gap_s=0.0005, reps=300, skip=50):
-    first, lag, kernel = [], [], []
+    first, lag, kernel, python = [], [], [], []
     for _ in range(reps):
         t = time.perf_counter()
         while time.perf_counter() - t < gap_s:
@@ -60,12 +61,13 @@ def measure(label, gap_s=0.0005, reps=300, skip=50):
         first.append((enter.min() - seen["before"]) / rate)
         lag.append((enter.max() - enter.min()) / rate)
         kernel.append(idx.last_call_timing["kernel_s"])
+        python.append(idx.last_call_timing["python_s"])
     med = lambda x: np.median(x[skip:]) * 1e6  # noqa: E731
-    print(f"| {label} | {med(first):.1f} | {med(lag):.1f} | {med(kernel):.0f} |", flush=True)
+    print(f"| {label} | {med(first):.1f} | {med(lag):.1f} | {med(kernel):.0f} | {med(python):.1f} |", flush=True)
 
 
 print(f"{numba.get_num_threads()} threads\n\n| background thread | first worker starts, us | last worker's lag, us | "
-      "kernel, us |\n|:--|--:|--:|--:|")
+      "kernel, us | Python, us |\n|:--|--:|--:|--:|--:|")
 measure("none")
 ex = ThreadPoolExecutor(1)
 ex.submit(call).result()
