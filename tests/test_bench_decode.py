@@ -29,6 +29,8 @@ def test_bench_decode_tiny_writes_json_and_plot(tmp_path):
                     "peak_gpu_bytes", "host_bytes", "oom"):
             assert key in r
         assert r["decode_ms_per_token"] > 0 and not r["oom"]
+        steps = r["decode_ms_steps"]  # every timed step, whose median is the headline number
+        assert len(steps) == 3 and abs(sorted(steps)[1] - r["decode_ms_per_token"]) <= 0.01
     ret = recs[1]
     assert ret["kv_cpu_bytes"] > 0 and 0 < ret["kv_device_bytes"] < recs[0]["kv_device_bytes"]
     assert ret["residual_samples"] == DEFAULT_RESIDUAL_SAMPLES and ret["search_params"] == {}

@@ -405,9 +405,9 @@ def run_one(model, method, index, ctx, args, device):
 
 
 #: the record fields one decode timing fills (:func:`_time_decode`); a ``--variant`` record gets its own
-DECODE_FIELDS = ("decode_ms_per_token", "decode_ms_p90", "breakdown_ms", "search_call_ms", "residual_on",
-                 "residual_device_bytes", "kv_device_bytes", "kv_cpu_bytes", "scanned_fraction", "worker_imbalance",
-                 "variant")
+DECODE_FIELDS = ("decode_ms_per_token", "decode_ms_p90", "decode_ms_steps", "breakdown_ms", "search_call_ms",
+                 "residual_on", "residual_device_bytes", "kv_device_bytes", "kv_cpu_bytes", "scanned_fraction",
+                 "worker_imbalance", "variant")
 #: the retrieval layers' counters whose difference over a timing gives its keys scanned and worker balance
 _COUNTERS = ("n_searches", "n_scanned", "n_cpu_keys_at_search", "worker_keys_max", "worker_keys_mean")
 
@@ -485,6 +485,7 @@ def _time_decode(rec, method, model, cache, decoder, kw, tok, args, sync):
     med = statistics.median(times)
     rec["decode_ms_per_token"] = 1000 * med
     rec["decode_ms_p90"] = 1000 * sorted(times)[int(0.9 * (len(times) - 1))]
+    rec["decode_ms_steps"] = [round(1000 * t, 2) for t in times]  # each timed step, in order (stalls show here)
     if search:
         rec["breakdown_ms"] = {
             "cpu_search": 1000 * statistics.median(search),
