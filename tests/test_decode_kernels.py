@@ -353,6 +353,8 @@ def test_fused_call_timing_is_consistent():
     assert t["start_s"] + t["busy_max_s"] + t["join_s"] <= tol(t["kernel_s"])
     assert t["kernel_s"] <= tol(t["wall_s"]) and t["python_s"] == t["wall_s"] - t["kernel_s"]
     assert all(v >= 0 for v in t.values())
+    ix.search_attend(q, 20, values.astype(np.float16), 0.25, ef=40)  # the generic path: no stale parts left
+    assert ix.last_call_timing == {} and ix.last_call_loads is None
     # the per-worker readings themselves: entered before leaving, busy within its own span
     T = max(1, min(numba.get_num_threads(), 6 * 6))
     cycles = np.zeros((T, 3), np.int64)

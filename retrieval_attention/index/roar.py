@@ -731,6 +731,7 @@ class RoarIndex(KVIndex):
         res_keys = None if res is None else np.asarray(res.keys)
         if values.dtype not in (np.float32, np.uint16) or budget or (
                 res_keys is not None and res_keys.dtype not in (np.float32, np.uint16)):
+            self.last_call_loads, self.last_call_timing = None, {}  # the generic path measures neither
             return super().search_attend(queries, k, values, scaling, return_ids=return_ids, residual=residual,
                                          **({} if ef is None else {"ef": ef}), **budget)
         if (type(queries) is np.ndarray and queries.dtype == np.float32 and queries.ndim == 3
