@@ -78,14 +78,28 @@ def qkv_block(layer, x, cos, sin, rope, head_dim: int):
 _OPS = {f.__name__: f for f in (merged_attention, post_block, qkv_block)}
 
 
+def inductor_in_process(gm, example_inputs):
+    """``torch.compile`` backend: inductor, with its compile jobs run in this process (``compile_threads=1`` for
+    this compilation only). The stock backend starts a pool of compile subprocesses at the first compile, even
+    when every kernel then comes from inductor's on-disk cache; on the GPU host those processes, importing torch,
+    held a core for seconds while the first decode steps ran, and the fused CPU search calls, which need every
+    core, stalled: 500+ ms per token for the first steps (docs/BENCHMARKS.md, session 17). Without the pool a
+    cold compile is serial, once per machine (the cache keeps it)."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
+
+    with inductor_config.patch(compile_threads=1):
+        return compile_fx(gm, example_inputs)
+
+
 class _CompiledOps:
     """:func:`merged_attention`, :func:`post_block` and :func:`qkv_block` compiled with ``torch.compile``
-    (``RetrievalConfig.decode_compile``): their many small elementwise ops fused into few kernels. Compiled
-    once for all layers (same shapes; layers are inlined as inputs); the first call of each compiles. If compiling
+    (``RetrievalConfig.decode_compile``, backend :func:`inductor_in_process`): their many small elementwise ops
+    fused into few kernels. Compiled once for all layers (same shapes; layers are inlined as inputs); the first call of each compiles. If compiling
     fails the decoder warns once and uses the plain functions from then on."""
 
     def __init__(self):
-        opts = dict(dynamic=False, fullgraph=True)
+        opts = dict(dynamic=False, fullgraph=True, backend=inductor_in_process)
         self.fns = {name: (f, torch.compile(f, **opts)) for name, f in _OPS.items()}
         self.failed = False
 

@@ -283,6 +283,33 @@ def test_lean_compiled_ops_equal_transformers_path(arch):
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 3
 
 
+@pytest.mark.skipif(_compiler_missing(), reason="torch.compile on the CPU needs a C++ compiler")
+def test_lean_compiled_ops_compile_in_process(monkeypatch):
+    """The compiled ops go through ``inductor_in_process``: inductor runs with ``compile_threads=1`` (no pool of
+    compile subprocesses competing with the CPU search for cores), and the setting is restored afterwards."""
+    import torch._inductor.compile_fx as cfx
+    from torch._inductor import config as inductor_config
+
+    seen = []
+    real = cfx.compile_fx
+
+    def recording(gm, example_inputs, *a, **k):
+        seen.append(inductor_config.compile_threads)
+        return real(gm, example_inputs, *a, **k)
+
+    monkeypatch.setattr(cfx, "compile_fx", recording)
+    before = inductor_config.compile_threads
+    torch._dynamo.reset()
+    model = tiny_model("llama", seed=28)
+    ids = torch.randint(2, VOCAB - 1, (1, 60), generator=torch.Generator().manual_seed(8))
+    cfg = RetrievalConfig(index="flat", n_sink=4, window=16, top_k=8, dense_layers=(), decode_compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _compare(model, cfg, ids, n_steps=4, layerwise=True)
+    assert seen == [1, 1, 1]  # the three ops, each compiled once, in process
+    assert inductor_config.compile_threads == before
+
+
 def test_lean_compiled_ops_fall_back_to_plain_ops(monkeypatch):
     """When torch.compile fails the decoder warns once and decodes with the plain ops: same logits."""
     def broken_compile(fn, **kw):
