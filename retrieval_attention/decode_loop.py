@@ -95,8 +95,8 @@ def inductor_in_process(gm, example_inputs):
 class _CompiledOps:
     """:func:`merged_attention`, :func:`post_block` and :func:`qkv_block` compiled with ``torch.compile``
     (``RetrievalConfig.decode_compile``, backend :func:`inductor_in_process`): their many small elementwise ops
-    fused into few kernels. Compiled once for all layers (same shapes; layers are inlined as inputs); the first call of each compiles. If compiling
-    fails the decoder warns once and uses the plain functions from then on."""
+    fused into few kernels. Compiled once for all layers (same shapes; layers are inlined as inputs); the first
+    call of each compiles. If compiling fails the decoder warns once and uses the plain functions from then on."""
 
     def __init__(self):
         opts = dict(dynamic=False, fullgraph=True, backend=inductor_in_process)
