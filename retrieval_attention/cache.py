@@ -88,6 +88,7 @@ class CPUStore:
         self._index_spec: tuple[str, dict] | None = None  # (name, params) of the index built / being built
         self._key_dtype: torch.dtype | None = None
         self.values: torch.Tensor | None = None
+        self._numpy_views: dict = {}  # attribute name -> (tensor, numpy view of it): see :meth:`_numpy_view`
         self.n = 0
         self.build_s = 0.0
         #: seconds per build stage (host conversion + the index's own build_stats: knn, graph, repair)
@@ -158,11 +159,22 @@ class CPUStore:
             self.values = host_copy(self.values[:, : self.n], cap)
             if own_keys:
                 self._keys = host_copy(self._keys[:, : self.n], cap)
-        for dst, src in ((self._keys, k), (self.values, v)) if own_keys else ((self.values, v),):
+        for name, src in (("_keys", k), ("values", v)) if own_keys else (("values", v),):
+            dst = getattr(self, name)
             if dst.dtype == src.dtype:  # numpy views: the per-token path, cheaper than a torch slice assignment
-                tensor_as_numpy(dst)[:, self.n : self.n + m] = tensor_as_numpy(src)
+                self._numpy_view(name)[:, self.n : self.n + m] = tensor_as_numpy(src)
             else:
                 dst[:, self.n : self.n + m] = src
+
+    def _numpy_view(self, name: str) -> np.ndarray:
+        """:func:`tensor_as_numpy` of the host tensor in attribute ``name`` (``"values"`` / ``"_keys"``), kept
+        until that attribute holds another tensor: every layer of every decode step reads it, and right after
+        a search kernel has run a fresh torch -> numpy view cost ~35 us (dev VM) against < 1 us for the lookup."""
+        t = getattr(self, name)
+        got = self._numpy_views.get(name)
+        if got is None or got[0] is not t:
+            got = self._numpy_views[name] = (t, tensor_as_numpy(t))
+        return got[1]
 
     def build(self, keys: torch.Tensor, values: torch.Tensor, train_queries: torch.Tensor | None,
               background: bool = False) -> float:
@@ -264,7 +276,7 @@ class CPUStore:
         idx = self.index
         if queries.shape[0] != group * idx.n_kv_heads:
             raise ValueError(f"{queries.shape[0]} query heads for {idx.n_kv_heads} KV heads and group {group}")
-        values = tensor_as_numpy(self.values)
+        values = self._numpy_view("values")
         res, _ = _residual_of(self, k, residual_from)
         # the residual estimate is merged in the same call (roar: inside the fused compiled kernel)
         return idx.search_attend(queries, k, values, scaling, return_ids=return_ids, residual=res, **budget)
@@ -282,6 +294,8 @@ class CPUStore:
         """Host keys ``[Hkv, >= n, D]`` as numpy for the compiled kernels: float32, or uint16 bfloat16 bits (the
         index's own copy when it keeps one; no copy)."""
         idx = self.index
+        if self._keys is None and hasattr(idx, "key_buffer"):
+            return idx.key_buffer()  # the index's whole array (rows past n unused): no new view per call
         if self._keys is None and hasattr(idx, "stored_keys"):
             return idx.stored_keys()
         return tensor_as_numpy(self.keys)

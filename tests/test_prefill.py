@@ -307,3 +307,46 @@ def test_build_workers_run_builds_at_once(monkeypatch, workers):
     stores = [s for l in cache.retrieval_layers for s in l.stores]
     assert len(stores) >= 2 and all(s.index.n_keys == 90 - 8 - 16 for s in stores)
     assert max(seen) == workers
+
+
+@pytest.mark.parametrize("index", ["roar", "flat"])
+def test_store_numpy_views_follow_growth(index):
+    """``CPUStore`` keeps its numpy views of the host arrays (and roar's whole key buffer) between calls: after the
+    store grows past its capacity token by token they are views of the new arrays, and retrieval + attention equal
+    the results with fresh views (and, for roar, with ``stored_keys`` instead of the key buffer)."""
+    import numpy as np
+
+    from retrieval_attention.index.bf16 import tensor_as_numpy
+
+    g = torch.Generator().manual_seed(41)
+    Hkv, group, d, n0, extra = 2, 2, 16, 300, 1500
+    keys = torch.randn(Hkv, n0 + extra, d, generator=g).bfloat16()
+    vals = torch.randn(Hkv, n0 + extra, d, generator=g).bfloat16()
+    tq = torch.randn(Hkv * group, 64, d, generator=g)
+    q = torch.randn(Hkv * group, 1, d, generator=g).numpy()
+    cfg = RetrievalConfig(index=index, exact_below=0, residual_samples=16)
+    st = CPUStore(cfg)
+    st.build(keys[:, :n0], vals[:, :n0], tq)
+    st.attend(q, group, 0.25, 8)  # views taken
+    cap0 = st.values.shape[1]
+    for j in range(n0, n0 + extra):  # token by token, as decoding appends: past the first capacity
+        st.add(keys[:, j: j + 1], vals[:, j: j + 1], Hkv * group)
+    assert st.values.shape[1] > cap0 and st.n == n0 + extra
+    view = st._numpy_view("values")
+    assert np.shares_memory(view, tensor_as_numpy(st.values)) and view.shape == tuple(st.values.shape)
+    np.testing.assert_array_equal(view[:, : st.n], tensor_as_numpy(vals))
+    ka = st.key_array()
+    assert ka.shape[1] >= st.n
+    np.testing.assert_array_equal(ka[:, : st.n], tensor_as_numpy(keys))
+    for residual_from in (None, st.n - 4):
+        got = st.attend(q, group, 0.25, 8, residual_from=residual_from, return_ids=True)
+        st._numpy_views.clear()
+        for a, b in zip(got, st.attend(q, group, 0.25, 8, residual_from=residual_from, return_ids=True)):
+            np.testing.assert_array_equal(a, b)  # fresh views: the same arrays, the same results
+        if index == "roar":  # the exact-size view of the keys, as before the buffer: the same retrieval; the
+            st.key_array = lambda: st.index.stored_keys()  # kernel compiled for a strided array may round differently
+            want = st.attend(q, group, 0.25, 8, residual_from=residual_from, return_ids=True)
+            del st.key_array
+            np.testing.assert_array_equal(got[3], want[3])
+            np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-6)

@@ -904,6 +904,12 @@ class RoarIndex(KVIndex):
         bits with ``storage="bfloat16"`` (a view, no copy; do not modify)."""
         return self._keys[:, : self.n_keys]
 
+    def key_buffer(self) -> np.ndarray:
+        """The index's key array itself, ``[n_kv_heads, >= n_keys, head_dim]`` (rows from ``n_keys`` on are
+        spare capacity), as :meth:`stored_keys` without creating a view; replaced when the index grows, so
+        take it anew for each use. Do not modify."""
+        return self._keys
+
     # ---- accounting / persistence -------------------------------------------------------------------
     def memory_bytes(self) -> int:
         b = self._keys.nbytes + self._adj.nbytes + self._entries.nbytes
