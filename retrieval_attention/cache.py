@@ -109,6 +109,7 @@ class CPUStore:
     @keys.setter
     def keys(self, value: torch.Tensor | None) -> None:
         self._keys = value
+        self._numpy_views.pop("_keys", None)  # a kept view must not hold on to the array being dropped
 
     def _keys_in_index(self, dtype: torch.dtype | None) -> bool:
         """Whether the index (built, being built or loaded) keeps its own exact copy of keys of ``dtype``."""
