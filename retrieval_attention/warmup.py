@@ -41,7 +41,8 @@ def compile_kernels(config: RetrievalConfig, dtype: torch.dtype, n_kv_heads: int
     store.build(keys, values, train)
     store.add(keys[:, :1].clone(), values[:, :1].clone(), n_kv_heads * group)  # a token leaving the window
     queries = torch.randn(n_kv_heads * group, 1, head_dim, generator=g).numpy()
-    store.attend(queries, group, head_dim ** -0.5, config.top_k, **store.search_budget(config))
+    for _ in range(2):  # the second call hands out its tasks by the first's costs (another small kernel)
+        store.attend(queries, group, head_dim ** -0.5, config.top_k, **store.search_budget(config))
     dt = time.perf_counter() - t0
     if verbose:
         print(f" {dt:.1f} s", file=sys.stderr, flush=True)
