@@ -768,9 +768,9 @@ def test_all_finite_matches_numpy():
     rng = np.random.default_rng(13)
     for shape in ((3, 1, 8), (32, 2, 128), (0, 1, 4)):
         x = rng.standard_normal(shape).astype(np.float32)
-        assert DK.all_finite(x) == bool(np.isfinite(x).all())
+        assert K.all_finite(x) == bool(np.isfinite(x).all())
         if x.size:
             for bad in (np.nan, np.inf, -np.inf):
                 y = x.copy()
                 y.flat[int(rng.integers(0, y.size))] = bad
-                assert not DK.all_finite(y)
+                assert not K.all_finite(y)

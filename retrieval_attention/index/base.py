@@ -30,6 +30,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .kernels import all_finite
+
 INDEX_REGISTRY: dict[str, type["KVIndex"]] = {}
 
 
@@ -61,18 +63,24 @@ def make_index(name: str, **params) -> "KVIndex":
     return INDEX_REGISTRY[name](**params)
 
 
+_FLOAT32 = np.dtype(np.float32)
+
+
 def as_f32_3d(x, what: str, head_dim: int | None = None) -> np.ndarray:
-    """Validate and convert a ``[heads, n, head_dim]`` array (numpy or torch) to C-contiguous float32."""
-    if hasattr(x, "detach"):  # torch tensor
-        x = x.detach().to("cpu").float().numpy()
-    x = np.asarray(x)
+    """Validate and convert a ``[heads, n, head_dim]`` array (numpy or torch) to C-contiguous float32 (a
+    C-contiguous float32 numpy array, e.g. a decode step's queries, is checked and returned as it is)."""
+    if type(x) is not np.ndarray:
+        if hasattr(x, "detach"):  # torch tensor
+            x = x.detach().to("cpu").float().numpy()
+        x = np.asarray(x)
     if x.ndim != 3:
         raise IndexError_(f"{what} must have shape [heads, n, head_dim], got shape {tuple(x.shape)}")
-    if not (np.issubdtype(x.dtype, np.floating)):
+    if x.dtype.kind != "f":
         raise IndexError_(f"{what} must be a floating-point array, got dtype {x.dtype}")
     if head_dim is not None and x.shape[2] != head_dim:
         raise IndexError_(f"{what} has head_dim {x.shape[2]}, but the index was built with head_dim {head_dim}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.dtype != _FLOAT32 or not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x, dtype=np.float32)
     if not _all_finite(x):
         bad = int((~np.isfinite(x)).any(axis=-1).sum())
         raise IndexError_(f"{what} contains NaN or inf in {bad} vector(s); check the model's dtype/overflow")
@@ -99,7 +107,7 @@ def _all_finite(x: np.ndarray) -> bool:
         import torch
 
         return bool(torch.from_numpy(x).isfinite().all())
-    return bool(np.isfinite(x).all())
+    return bool(all_finite(x))  # compiled: no temporary array (a per-layer check while decoding)
 
 
 @dataclass(frozen=True)
@@ -173,7 +181,7 @@ class KVIndex(ABC):
             raise IndexError_(f"queries have {q.shape[0]} heads, not a multiple of the {self.n_kv_heads} KV heads")
         if not isinstance(k, (int, np.integer)) or k <= 0:
             raise IndexError_(f"k must be a positive integer, got {k!r}")
-        unknown = set(budget) - set(self.budget_params)
+        unknown = set(budget) - set(self.budget_params) if budget else None
         if unknown:
             raise IndexError_(
                 f"{self.name} does not take budget parameter(s) {sorted(unknown)}; it takes {list(self.budget_params)}"
@@ -212,7 +220,7 @@ class KVIndex(ABC):
             raise IndexError_(
                 f"values must have shape [{self.n_kv_heads}, >= {self.n_keys}, Dv], got {tuple(values.shape)}"
             )
-        if not (np.issubdtype(values.dtype, np.floating) or values.dtype == np.uint16):
+        if not (values.dtype.kind == "f" or values.dtype == np.uint16):
             raise IndexError_(f"values must be float or uint16 (bfloat16 bits), got dtype {values.dtype}")
         return values
 

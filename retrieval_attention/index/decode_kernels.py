@@ -261,16 +261,6 @@ def pair_partners(graph_of_head: np.ndarray) -> np.ndarray:
     return partner
 
 
-@njit(nogil=True, cache=True)
-def all_finite(x):
-    """Whether every element of a float array is finite (one compiled pass, no temporary: the per-call check of
-    a layer's queries)."""
-    for v in x.ravel():
-        if not np.isfinite(v):
-            return False
-    return True
-
-
 def task_plan(partner: np.ndarray, nq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The tasks of a layer call with shared passes (fixed for a layer's heads: callers cache it):
     ``tasks [n]`` int64, the pairs ``h * nq + i`` of heads without a partner or paired with a higher head;

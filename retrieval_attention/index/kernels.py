@@ -144,6 +144,16 @@ def cycles_per_second() -> float:
     return (c1 - c0) / (t1 - t0)
 
 
+@njit(nogil=True, cache=True)
+def all_finite(x):
+    """Whether every element of a float array is finite: one compiled pass, no temporary (the check of every
+    array an index takes, e.g. a layer's queries at each decode step)."""
+    for v in x.ravel():
+        if not np.isfinite(v):
+            return False
+    return True
+
+
 @intrinsic
 def atomic_fetch_add(typingctx, arr, i, v):
     """Atomically ``old = arr[i]; arr[i] += v``; returns ``old`` (1-D int64 ``arr``): a work counter shared by

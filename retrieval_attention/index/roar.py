@@ -666,18 +666,13 @@ class RoarIndex(KVIndex):
             self._plan_cache = {}
         return self._partner_cache[1:]
 
-    def _plan(self, partner: np.ndarray, paired: bool, nq: int) -> tuple:
+    def _plan(self, partner: np.ndarray, nq: int) -> tuple:
         """``(tasks [n], mates [n], filled_by_other [Hq * nq])`` of the fused call for the current partners
         (:func:`.decode_kernels.task_plan`; without shared passes every pair is a task of its own), cached per
         ``nq``: it is the same at every decode step."""
         plan = self._plan_cache.get(nq)
         if plan is None:
-            if paired:
-                plan = DK.task_plan(partner, nq)
-            else:
-                P = len(partner) * nq
-                plan = (np.arange(P, dtype=np.int64), np.full(P, -1, np.int64), np.zeros(P, np.bool_))
-            self._plan_cache[nq] = plan
+            plan = self._plan_cache[nq] = DK.task_plan(partner, nq)
         return plan
 
     def _widths(self, Hq: int, ef, ef_of_head=None):
@@ -724,23 +719,15 @@ class RoarIndex(KVIndex):
         :meth:`KVIndex.search_attend`. float32 and bfloat16-bits values (and residual keys) take the compiled
         path, with the residual estimate inside the same call; others (float16) the generic one."""
         w0 = time.perf_counter()
-        if not (type(values) is np.ndarray and values.dtype in _FUSED_VALUE_DTYPES and values.ndim == 3
-                and values.shape[0] == self.n_kv_heads and values.shape[1] >= self.n_keys):
-            values = self._check_values(values)  # the full check (and its error) off the decode loop's path
+        values = self._check_values(values)
         res = residual if residual is not None and residual.active else None
         res_keys = None if res is None else np.asarray(res.keys)
-        if values.dtype not in (np.float32, np.uint16) or budget or (
-                res_keys is not None and res_keys.dtype not in (np.float32, np.uint16)):
+        if values.dtype not in _FUSED_VALUE_DTYPES or budget or (
+                res_keys is not None and res_keys.dtype not in _FUSED_VALUE_DTYPES):
             self.last_call_loads, self.last_call_timing = None, {}  # the generic path measures neither
             return super().search_attend(queries, k, values, scaling, return_ids=return_ids, residual=residual,
                                          **({} if ef is None else {"ef": ef}), **budget)
-        if (type(queries) is np.ndarray and queries.dtype == np.float32 and queries.ndim == 3
-                and queries.shape[2] == self.head_dim and queries.shape[0] % self.n_kv_heads == 0
-                and queries.flags.c_contiguous and type(k) is int and k > 0 and self.n_keys > 0
-                and DK.all_finite(queries)):
-            q = queries  # what _check_search would return, checked in fewer steps (once per layer and token)
-        else:
-            q, k = self._check_search(queries, k, {})
+        q, k = self._check_search(queries, k, {})
         Hq, nq, _ = q.shape
         L, L_min, L_of_head = self._widths(Hq, ef)
         graph_of_head, kv_of_head = self._graph_maps(Hq)
@@ -750,9 +737,9 @@ class RoarIndex(KVIndex):
         sc = np.empty((Hq, nq, k), np.float32)
         ns = np.empty((Hq, nq), np.int64)
         worker = np.empty(Hq * nq, np.int64)
-        partner, paired = self._partners(graph_of_head, k, L_min)
+        partner, _ = self._partners(graph_of_head, k, L_min)
         # the previous call's keys scanned per pair predict this one's cost: the longest are handed out first
-        tasks, mates, filled_by_other = self._plan(partner, paired, nq)
+        tasks, mates, filled_by_other = self._plan(partner, nq)
         last = self._last_scanned
         order = tasks if last is None or len(last) != Hq * nq else DK.order_tasks(tasks, mates, last)
         T = max(1, min(numba.get_num_threads(), len(order)))
