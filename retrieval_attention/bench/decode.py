@@ -23,6 +23,7 @@ import sys
 import time
 
 from ..config import CUDA_BUILD_WORKERS, DEFAULT_BUILD_WORKERS, DEFAULT_RESIDUAL_SAMPLES, RESIDUAL_ON
+from .kernels import CALL_PARTS
 
 SHAPES = {
     # real Llama-3-8B sizes
@@ -424,7 +425,7 @@ def _counters(cache) -> dict:
 #: ``search_call_ms`` parts: where the lean loop's fused search calls spend a token's CPU search time
 #: (``RoarIndex.last_call_timing``: the whole method, the kernel, the Python around it, then
 #: :func:`retrieval_attention.index.decode_kernels.call_timing`'s parts of the kernel)
-SEARCH_CALL_PARTS = ("wall", "kernel", "python", "start", "busy_max", "busy_mean", "join", "idle")
+SEARCH_CALL_PARTS = ("wall", "kernel") + CALL_PARTS
 
 
 def apply_variant(cache, v: dict, base: dict) -> None:
