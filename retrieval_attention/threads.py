@@ -6,6 +6,7 @@ was measured to slow CPU jobs by more than 20x, so every entry point calls :func
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 _ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
@@ -77,7 +78,8 @@ class TransientWorkers:
     call on the dev VM with one idle pool thread, back to normal once that thread exits). The idle threads of a
     ``ThreadPoolExecutor`` never exit; these do, which frees their teams.
 
-    ``submit(fn, *args, **kwargs)`` returns a :class:`concurrent.futures.Future`. Jobs run in submission order.
+    ``submit(fn, *args, **kwargs)`` returns a :class:`concurrent.futures.Future`. Jobs run in submission order,
+    each inside :func:`background_cuda_stream` (its GPU work, if any, does not queue behind the foreground's).
     At interpreter exit the running jobs finish and the queued ones are cancelled."""
 
     def __init__(self, max_workers: int, name: str):
@@ -126,10 +128,35 @@ class TransientWorkers:
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                fut.set_result(fn(*args, **kwargs))
+                with background_cuda_stream():
+                    result = fn(*args, **kwargs)
+                fut.set_result(result)
+                del result
             except BaseException as e:  # handed to whoever waits on the future
                 fut.set_exception(e)
             del fut, fn, args, kwargs  # drop references (e.g. large arrays) before waiting for the next job
+
+
+@contextlib.contextmanager
+def background_cuda_stream():
+    """Context manager: the block's CUDA work runs on a stream of its own (a pooled non-blocking stream of the
+    current device), synchronised when the block ends; without CUDA it does nothing. Yields the stream or None.
+
+    For background threads (index builds, graph insertions). A thread's default CUDA stream is the device's
+    legacy default stream, shared with the foreground: there every kernel of a build queued behind the layer-by-
+    layer prefill's, and each host synchronisation of the build (a result copied back, a ``nonzero``) waited for
+    all the prefill work queued before it; in the decode loop an insertion's kNN would delay the step's kernels."""
+    import torch
+
+    if not torch.cuda.is_available():
+        yield None
+        return
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        try:
+            yield stream
+        finally:
+            stream.synchronize()
 
 
 _SHUTTING_DOWN = False

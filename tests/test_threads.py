@@ -90,3 +90,45 @@ def test_a_parallel_kernels_team_goes_with_its_thread():
     gate.set()
     fut.result(timeout=10)
     assert _wait_until(lambda: tasks() == base), (tasks(), base)
+
+
+def test_background_stream_is_a_no_op_without_cuda(monkeypatch):
+    import torch
+
+    from retrieval_attention.threads import background_cuda_stream
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with background_cuda_stream() as s:
+        assert s is None
+    assert TransientWorkers(1, "t-nocuda").submit(lambda: 3).result(timeout=10) == 3
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_background_jobs_do_not_queue_behind_the_foregrounds_gpu_work():
+    """A job's GPU work runs on a stream of its own: its host sync returns while the foreground's default stream
+    is still busy (legacy default-stream semantics would make it wait for the foreground's queued kernel)."""
+    import torch
+
+    fg = torch.cuda.current_stream()
+    # calibrate a ~2 s busy kernel on the foreground's stream
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    torch.cuda._sleep(10_000_000)
+    torch.cuda.synchronize()
+    cycles = int(10_000_000 * 2.0 / max(time.perf_counter() - t0, 1e-4))
+
+    def job():
+        s = torch.cuda.current_stream()
+        x = torch.arange(1000, device="cuda", dtype=torch.float32)
+        t = time.perf_counter()
+        total = float((x * 2).sum().cpu())  # a host sync on the job's stream
+        return s != fg, total, time.perf_counter() - t
+
+    torch.cuda._sleep(cycles)  # queued on the foreground's stream, ~2 s
+    other_stream, total, waited = TransientWorkers(1, "t-stream").submit(job).result(timeout=30)
+    busy = not fg.query()
+    torch.cuda.synchronize()
+    assert other_stream
+    assert total == 999000.0
+    assert busy, "the foreground kernel should still be running when the job is done"
+    assert waited < 1.0, f"the job's sync waited {waited:.2f} s for the foreground's kernel"
