@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 _ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
@@ -84,7 +85,6 @@ class TransientWorkers:
 
     def __init__(self, max_workers: int, name: str):
         import collections
-        import threading
 
         if int(max_workers) < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
@@ -101,7 +101,6 @@ class TransientWorkers:
         return self._alive
 
     def submit(self, fn, /, *args, **kwargs):
-        import threading
         from concurrent.futures import Future
 
         fut: Future = Future()
@@ -137,10 +136,18 @@ class TransientWorkers:
             del fut, fn, args, kwargs  # drop references (e.g. large arrays) before waiting for the next job
 
 
+#: idle background streams per CUDA device, reused by :func:`background_cuda_stream` (as many exist as jobs ever ran
+#: at once): the caching allocator keeps a freed block for the stream that used it, so a fresh stream per job
+#: would strand each job's cached blocks
+_IDLE_STREAMS: dict = {}
+_STREAMS_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def background_cuda_stream():
-    """Context manager: the block's CUDA work runs on a stream of its own (a pooled non-blocking stream of the
-    current device), synchronised when the block ends; without CUDA it does nothing. Yields the stream or None.
+    """Context manager: the block's CUDA work runs on a background stream of the current device (one not in use
+    by another block, non-blocking), synchronised when the block ends; without CUDA it does nothing. Yields the
+    stream or None.
 
     For background threads (index builds, graph insertions). A thread's default CUDA stream is the device's
     legacy default stream, shared with the foreground: there every kernel of a build queued behind the layer-by-
@@ -151,12 +158,19 @@ def background_cuda_stream():
     if not torch.cuda.is_available():
         yield None
         return
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        try:
+    dev = torch.cuda.current_device()
+    with _STREAMS_LOCK:
+        idle = _IDLE_STREAMS.setdefault(dev, [])
+        stream = idle.pop() if idle else None
+    if stream is None:
+        stream = torch.cuda.Stream(dev)
+    try:
+        with torch.cuda.stream(stream):
             yield stream
-        finally:
-            stream.synchronize()
+    finally:
+        stream.synchronize()
+        with _STREAMS_LOCK:
+            _IDLE_STREAMS[dev].append(stream)
 
 
 _SHUTTING_DOWN = False

@@ -132,3 +132,17 @@ def test_background_jobs_do_not_queue_behind_the_foregrounds_gpu_work():
     assert total == 999000.0
     assert busy, "the foreground kernel should still be running when the job is done"
     assert waited < 1.0, f"the job's sync waited {waited:.2f} s for the foreground's kernel"
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_background_streams_are_reused_and_never_shared_at_once():
+    import torch
+
+    from retrieval_attention.threads import background_cuda_stream
+
+    with background_cuda_stream() as a, background_cuda_stream() as b:
+        assert a is not None and b is not None and a != b
+        assert torch.cuda.current_stream() == b
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    with background_cuda_stream() as c:  # an idle one again, not a new stream
+        assert c in (a, b)
