@@ -105,33 +105,31 @@ def test_background_stream_is_a_no_op_without_cuda(monkeypatch):
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
 def test_background_jobs_do_not_queue_behind_the_foregrounds_gpu_work():
-    """A job's GPU work runs on a stream of its own: its host sync returns while the foreground's default stream
-    is still busy (legacy default-stream semantics would make it wait for the foreground's queued kernel)."""
+    """A job's GPU work runs on a stream of its own: its host sync returns while a long kernel queued before it
+    on the foreground's default stream is still running (with legacy default-stream semantics it would wait)."""
     import torch
 
     fg = torch.cuda.current_stream()
-    # calibrate a ~2 s busy kernel on the foreground's stream
+    torch.cuda._sleep(1000)  # warm up, then calibrate the busy kernel (cycles per second)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    torch.cuda._sleep(10_000_000)
+    torch.cuda._sleep(50_000_000)
     torch.cuda.synchronize()
-    cycles = int(10_000_000 * 2.0 / max(time.perf_counter() - t0, 1e-4))
+    cycles = int(50_000_000 * 4.0 / max(time.perf_counter() - t0, 1e-4))  # ~4 s
 
     def job():
-        s = torch.cuda.current_stream()
         x = torch.arange(1000, device="cuda", dtype=torch.float32)
-        t = time.perf_counter()
         total = float((x * 2).sum().cpu())  # a host sync on the job's stream
-        return s != fg, total, time.perf_counter() - t
+        return torch.cuda.current_stream() != fg, total, fg_done.query()
 
-    torch.cuda._sleep(cycles)  # queued on the foreground's stream, ~2 s
-    other_stream, total, waited = TransientWorkers(1, "t-stream").submit(job).result(timeout=30)
-    busy = not fg.query()
+    torch.cuda._sleep(cycles)
+    fg_done = torch.cuda.Event()
+    fg_done.record(fg)
+    other_stream, total, fg_finished_first = TransientWorkers(1, "t-stream").submit(job).result(timeout=60)
     torch.cuda.synchronize()
     assert other_stream
     assert total == 999000.0
-    assert busy, "the foreground kernel should still be running when the job is done"
-    assert waited < 1.0, f"the job's sync waited {waited:.2f} s for the foreground's kernel"
+    assert not fg_finished_first, "the job's sync waited for the foreground's kernel"
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
