@@ -561,19 +561,21 @@ def test_context_file_roundtrips_bf16_roar_store(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("l2", [False, True])
-@pytest.mark.parametrize("k", [7, 60, 80])
-def test_knn_torch_path_matches_cpu_path(l2, k, ties):
-    """Same ids and scores, ties (small-integer vectors: many equal scores) ranked by smaller id on both paths."""
+@pytest.mark.parametrize("k,n", [(7, 60), (60, 60), (80, 60), (7, 3000), (64, 3000)])
+def test_knn_torch_path_matches_cpu_path(l2, k, n, ties):
+    """Same ids and scores, ties (small-integer vectors: many equal scores) ranked by smaller id on both paths.
+    3,000 keys: the top-k goes through group maxima (:func:`topk_rows`)."""
     from retrieval_attention.index.roar import knn_ip, knn_ip_torch
 
     rng = np.random.default_rng(15)
     if ties:
         q = rng.integers(-2, 3, (33, 8)).astype(np.float32)
-        keys = rng.integers(-1, 2, (60, 8)).astype(np.float32)
+        hi = 2 if n < 100 else 9  # wider integers for many keys: ties, but not all of the top-k tied
+        keys = rng.integers(-hi + 1, hi, (n, 8)).astype(np.float32)
     else:
         q = rng.standard_normal((33, 8)).astype(np.float32)
-        keys = rng.standard_normal((60, 8)).astype(np.float32)
-    for excl in (None, rng.integers(-1, 60, 33)):
+        keys = rng.standard_normal((n, 8)).astype(np.float32)
+    for excl in (None, rng.integers(-1, n, 33)):
         want = knn_ip(q, keys, k, exclude=excl, l2=l2)
         e = np.full(33, -1, np.int64) if excl is None else excl.astype(np.int64)
         got = knn_ip_torch(q, keys, k, e, l2, np.full((33, k), -1, np.int32), np.full((33, k), -np.inf, np.float32),
@@ -585,6 +587,29 @@ def test_knn_torch_path_matches_cpu_path(l2, k, ties):
             assert above.mean() > 0.5
         else:
             np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("n,k", [(5000, 64), (4099, 7), (4096, 1), (3000, 100), (257, 64), (64, 64)])
+@pytest.mark.parametrize("kind", ["normal", "ties", "excluded"])
+def test_topk_rows_equals_torch_topk(n, k, kind):
+    """The group-maxima selection gives torch.topk's values exactly (also with ties, -inf entries and a column
+    count that is no multiple of the group size) and indices that point at those values, each column once."""
+    from retrieval_attention.index.roar import topk_rows
+
+    g = torch.Generator().manual_seed(n * 131 + k)
+    S = torch.randn(37, n, generator=g)
+    if kind == "ties":
+        S = torch.randint(-3, 4, (37, n), generator=g).float()
+    elif kind == "excluded":
+        S[torch.rand(37, n, generator=g) < 0.3] = float("-inf")
+    S[3] = S[3].sort().values  # a row that trends with the column (attention-like)
+    want = torch.topk(S, k, dim=1)
+    v, i = topk_rows(S, k)
+    assert torch.equal(v, want.values)
+    assert torch.equal(torch.gather(S, 1, i), v)
+    assert all(len(set(row.tolist())) == k for row in i)
+    if kind == "normal":
+        assert torch.equal(i, want.indices)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

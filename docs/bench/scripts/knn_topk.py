@@ -1,6 +1,6 @@
 """GPU kNN of the roar build (exact top-k inner products of training queries among keys): where one graph's time
 goes, and ``torch.topk`` over whole rows against a blocked top-k (top-k of each column block, then of the
-survivors). Random float32 data; the same top-k sets are checked. Usage:
+survivors) and against ``roar.topk_rows`` (group maxima, session 18: one ``amax`` pass, then two small top-k). Random float32 data; the same top-k sets are checked. Usage:
 ``python docs/bench/scripts/knn_topk.py [m n ...]`` (pairs of query and key counts; default one graph of the
 Llama-3-8B shape runs: 16,384 training queries x 131,072 keys at 128K, 8,192 x 524,288 at 512K with
 ``--max-train-queries 8192``). The times per score chunk do not depend on m, only the number of chunks."""
@@ -8,6 +8,8 @@ import sys
 import time
 
 import torch
+
+from retrieval_attention.index.roar import topk_rows
 
 K, D = 64, 128  # n_query_neighbors, head_dim
 CHUNK_BYTES = 1 << 30  # roar._CUDA_CHUNK_BYTES
@@ -55,12 +57,15 @@ def main():
             res[f"blocked {block}"] = timed(lambda: topk_blocked(S, K, block))
             same = torch.equal(topk_blocked(S, K, block)[1].sort(1)[0], ref)
             res[f"blocked {block}"] = (res[f"blocked {block}"], same)
+        res["topk_rows (group maxima)"] = (timed(lambda: topk_rows(S, K)),
+                                           torch.equal(topk_rows(S, K)[1].sort(1)[0], ref))
         chunks = -(-m // rows)
         print(f"m {m} x n {n}: {chunks} chunks of {rows} rows; per chunk: " +
               ", ".join(f"{k} {v[0] * 1e3:.1f} ms (same {v[1]})" if isinstance(v, tuple) else f"{k} {v * 1e3:.1f} ms"
                         for k, v in res.items()), flush=True)
         print(f"  per graph: matmul + topk {chunks * (t_mm + t_topk):.3f} s; matmul + best blocked "
-              f"{chunks * (t_mm + min(v[0] for k, v in res.items() if k.startswith('blocked'))):.3f} s", flush=True)
+              f"{chunks * (t_mm + min(v[0] for k, v in res.items() if k.startswith('blocked'))):.3f} s; matmul + topk_rows "
+              f"{chunks * (t_mm + res['topk_rows (group maxima)'][0]):.3f} s", flush=True)
         del S, Q, Kt
         torch.cuda.empty_cache()
 
