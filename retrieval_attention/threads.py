@@ -146,8 +146,9 @@ _STREAMS_LOCK = threading.Lock()
 @contextlib.contextmanager
 def background_cuda_stream():
     """Context manager: the block's CUDA work runs on a background stream of the current device (one not in use
-    by another block, non-blocking), synchronised when the block ends; without CUDA it does nothing. Yields the
-    stream or None.
+    by another block, non-blocking), synchronised when the block ends. It does nothing without CUDA or while the
+    process has not initialised CUDA (no foreground GPU work to keep clear of; a CPU-only run on a GPU host does
+    not pay for a CUDA context). Yields the stream or None.
 
     For background threads (index builds, graph insertions). A thread's default CUDA stream is the device's
     legacy default stream, shared with the foreground: there every kernel of a build queued behind the layer-by-
@@ -155,7 +156,7 @@ def background_cuda_stream():
     all the prefill work queued before it; in the decode loop an insertion's kNN would delay the step's kernels."""
     import torch
 
-    if not torch.cuda.is_available():
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         yield None
         return
     dev = torch.cuda.current_device()

@@ -287,7 +287,8 @@ def topk_rows(S: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     ``sqrt(n / k)``); every top-k value lies in a group whose maximum is at least the k-th value, and fewer than
     ``k`` groups have a larger maximum, so the ``k`` groups of the largest maxima hold the top-k values. One pass
     over ``S`` (the maxima) and two small selections (``n / gs`` maxima, ``k * gs`` gathered values) instead of a
-    selection over all ``n`` columns: the GPU kNN's ``torch.topk`` over 128K-column rows was most of its time."""
+    selection over all ``n`` columns. The GPU kNN's ``torch.topk`` took 3.1 of the ~5 ms per 1 GiB score chunk
+    (docs/BENCHMARKS.md, session 11); this one is not yet timed on a GPU (``docs/bench/scripts/knn_topk.py``)."""
     r, n = S.shape
     gs = 1 << max(0, round(math.log2(math.sqrt(n / max(k, 1))))) if k < n else 1
     G = n // gs
