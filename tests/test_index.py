@@ -759,6 +759,62 @@ def test_roar_gpu_knn_out_of_memory_retries_smaller_then_falls_back_to_cpu(monke
     np.testing.assert_array_equal(got._adj, want._adj)
 
 
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_nearest_rows_torch_is_the_exact_nearest_with_first_tie(storage):
+    """The repair's GPU parent search (run on the CPU device here): for each row its squared-L2 nearest key among
+    the candidates, the first in their order among equal distances (small-integer keys: many ties), the same
+    with one-row chunks; bfloat16 bits give the same as their float32 values."""
+    from retrieval_attention.index.bf16 import f32_to_bf16_bits
+    from retrieval_attention.index.roar import nearest_rows_torch
+
+    rng = np.random.default_rng(21)
+    keys = rng.integers(-2, 3, (500, 6)).astype(np.float32)
+    rows = rng.choice(500, 200, replace=False)
+    among = np.sort(rng.choice(np.setdiff1d(np.arange(500), rows), 120, replace=False))
+    d2 = ((keys[rows][:, None, :] - keys[among][None, :, :]) ** 2).sum(-1)  # [200, 120], exact integers
+    want_ids, want_d = among[d2.argmin(1)], d2.min(1)  # argmin: the first of equal minima
+    stored = f32_to_bf16_bits(keys) if storage == "bfloat16" else keys
+    for shrink in (1, 1 << 40):
+        ids, dist = nearest_rows_torch(stored, rows, among, "cpu", shrink=shrink)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(dist, want_d.astype(np.float32))
+    assert len(np.unique(d2.min(1))) > 1 and (np.sort(d2, 1)[:, 1] == d2.min(1)).any()  # ties do occur
+
+
+def test_roar_repair_on_the_gpu_path_equals_the_cpu_path(monkeypatch):
+    """The connectivity repair with its parent search through :func:`nearest_rows_torch` (CUDA simulated on the
+    CPU device) links exactly as the CPU kNN path does, on a graph with most nodes cut off (integer keys: exact
+    distances, ties)."""
+    import torch
+
+    from retrieval_attention.index import roar as R
+
+    rng = np.random.default_rng(22)
+    keys = rng.integers(-3, 4, (2, 600, 8)).astype(np.float32)
+    tq = rng.integers(-3, 4, (4, 300, 8)).astype(np.float32)
+    idx = make_index("roar", M=8, n_query_neighbors=8, projection="kernel").build(keys, tq)
+    cut = idx._adj.copy()
+    cut[:, 100:] = -1  # nodes 100.. lose their out-edges: everything they alone reached is unreached now
+    cpu = cut.copy()
+    idx._repair(cpu)
+    real, calls = R.nearest_rows_torch, []
+
+    def on_cpu(keys_, rows, among, device, shrink=1):
+        calls.append(device)
+        return real(keys_, rows, among, "cpu", shrink)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(R, "_CUDA_MIN_SCORES", 1)
+    monkeypatch.setattr(R, "keys_for_knn", lambda k, dev: torch.from_numpy(np.ascontiguousarray(k, np.float32)))
+    monkeypatch.setattr(R, "nearest_rows_torch", on_cpu)
+    gpu = cut.copy()
+    idx._repair(gpu)
+    assert calls and set(calls) == {"cuda"}
+    np.testing.assert_array_equal(gpu, cpu)
+    assert (cpu != cut).any()
+    assert R.K.reachable(gpu, idx.n_graph, idx._entries).all()
+
+
 def test_roar_torch_stages_do_not_depend_on_chunk_size():
     """``shrink`` (the chunk divisor of the out-of-memory retries) does not change the torch projection or the
     reverse-edge merge: the same graph with chunks of one pivot / one pair as with the default chunks."""

@@ -276,6 +276,28 @@ def knn_ip_torch(queries, keys, k, excl, l2, ids, sc, device, shrink: int = 1):
     return ids, sc
 
 
+def nearest_rows_torch(keys: np.ndarray, rows: np.ndarray, among: np.ndarray, device, shrink: int = 1):
+    """For each key ``rows [u]`` (int64 ids into ``keys [n, d]``: float32 or uint16 bfloat16 bits, or a float32
+    tensor already on ``device``), the nearest key of ``among [r]`` by squared L2 (ties: the first in ``among``'s
+    order) -> ``(ids [u] int64 from among, squared distances [u] float32)``. The keys go to ``device`` once
+    (bfloat16 travels as such) and every row is gathered there; scores ``2 k_u . k_r - |k_r|^2`` in chunks of :data:`_CUDA_CHUNK_BYTES` / ``shrink``. The repair's
+    parent search on the GPU: the CPU path gathered and converted the unreached keys' rows on the host and
+    copied them to the device, for every graph (~36 MB at 128K keys when 55% of them are unreached)."""
+    kh = keys_for_knn(keys, device)
+    ku = kh[torch.from_numpy(np.ascontiguousarray(rows, np.int64)).to(kh.device)]
+    kr = kh[torch.from_numpy(np.ascontiguousarray(among, np.int64)).to(kh.device)]
+    bias = (kr * kr).sum(1)
+    step = max(1, _CUDA_CHUNK_BYTES // shrink // (4 * max(1, kr.shape[0])))
+    best = torch.empty(ku.shape[0], dtype=torch.long, device=kh.device)
+    dist = torch.empty(ku.shape[0], dtype=torch.float32, device=kh.device)
+    for r0 in range(0, ku.shape[0], step):
+        x = ku[r0:r0 + step]
+        sc, j = torch.max(2.0 * (x @ kr.T) - bias, dim=1)  # first of equal maxima
+        best[r0:r0 + step] = j
+        dist[r0:r0 + step] = (x * x).sum(1) - sc
+    return among[best.cpu().numpy()], dist.cpu().numpy()
+
+
 #: :func:`topk_rows` selects through group maxima when its groups hold at least this many columns
 _TOPK_MIN_GROUP = 4
 
@@ -647,6 +669,8 @@ class RoarIndex(KVIndex):
         if not reached.all():
             parent = np.full((G, n), -1, np.int32)
             pdist = np.zeros((G, n), np.float32)
+            on_gpu = torch.cuda.is_available()
+            kh_dev = None  # (KV head, its keys on the GPU), shared by the graphs of one KV head
             for g in range(G):
                 un = np.nonzero(~reached[g])[0]
                 rr = np.nonzero(reached[g])[0]
@@ -654,8 +678,18 @@ class RoarIndex(KVIndex):
                     continue
                 if len(rr) > _REPAIR_PARENTS:  # parents from an even sample of the reached keys: bounded cost
                     rr = rr[np.linspace(0, len(rr) - 1, _REPAIR_PARENTS).astype(np.int64)]
+                if on_gpu and len(un) * len(rr) >= _CUDA_MIN_SCORES:
+                    try:
+                        if kh_dev is None or kh_dev[0] != kvg[g]:
+                            kh_dev = (kvg[g], keys_for_knn(keys[kvg[g], :n], "cuda"))
+                        near, d2 = with_smaller_chunks(nearest_rows_torch, kh_dev[1], un, rr, "cuda")
+                        parent[g, un], pdist[g, un] = near, d2
+                        continue
+                    except torch.OutOfMemoryError as e:
+                        on_gpu = _torch_fallback("connectivity repair", e, "it continues on the CPU (the same "
+                                                 "result, slower); free GPU memory to keep it on the GPU")
                 ku = self._f32(keys[kvg[g], un])
-                nn, sc = knn_ip(ku, keys[kvg[g], rr], 1, l2=True)
+                nn, sc = knn_ip(ku, keys[kvg[g], rr], 1, l2=True, allow_cuda=False)
                 parent[g, un] = rr[nn[:, 0]]
                 pdist[g, un] = (ku * ku).sum(1) - sc[:, 0]
             K.attach_trees(adj, parent, pdist, n, self.repair_branching)
