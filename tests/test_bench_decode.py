@@ -26,7 +26,7 @@ def test_bench_decode_tiny_writes_json_and_plot(tmp_path):
     assert [r["method"] for r in recs] == ["full", "retrieval", "streaming"]
     for r in recs:
         for key in ("method", "index", "context", "decode_ms_per_token", "prefill_s", "index_build_s",
-                    "peak_gpu_bytes", "host_bytes", "oom"):
+                    "peak_gpu_bytes", "peak_gpu_reserved_bytes", "host_bytes", "oom"):
             assert key in r
         assert r["decode_ms_per_token"] > 0 and not r["oom"]
         steps = r["decode_ms_steps"]  # every timed step, whose median is the headline number

@@ -399,6 +399,9 @@ def run_one(model, method, index, ctx, args, device):
             decoder.close()
     for r in [rec] + variants:
         r["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if cuda else 0
+        # what the budget (the memory fraction) caps: allocations plus the allocator's cached blocks, which it
+        # keeps per CUDA stream (the background builds have streams of their own)
+        r["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved() if cuda else 0
         r["host_bytes"] = host_rss()
     del cache
     gc.collect()
@@ -592,7 +595,8 @@ def run(args) -> int:
             rec = {"method": method, "index": index if method == "retrieval" else None, "context": ctx, "oom": True,
                    "oom_reason": "host memory", "host_bytes_needed": need, "host_bytes_available": avail,
                    "error": f"needs ~{need / 2**30:.0f} GiB of host memory, {avail / 2**30:.0f} GiB available",
-                   "peak_gpu_bytes": 0, "host_bytes": host_rss(), "prefill_mode": None, "decode_mode": None}
+                   "peak_gpu_bytes": 0, "peak_gpu_reserved_bytes": 0, "host_bytes": host_rss(), "prefill_mode": None,
+                   "decode_mode": None}
             return report(rec, budget_label)
         recs = run_one(model, method, index, ctx, args, device)
         for rec in recs:
