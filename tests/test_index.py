@@ -781,6 +781,20 @@ def test_nearest_rows_torch_is_the_exact_nearest_with_first_tie(storage):
     assert len(np.unique(d2.min(1))) > 1 and (np.sort(d2, 1)[:, 1] == d2.min(1)).any()  # ties do occur
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_nearest_rows_on_cuda_match_the_cpu():
+    """On a real GPU: the same parents as on the CPU device up to matmul rounding (integer keys: exactly)."""
+    from retrieval_attention.index.roar import nearest_rows_torch
+
+    rng = np.random.default_rng(23)
+    keys = rng.integers(-3, 4, (5000, 32)).astype(np.float32)
+    rows = rng.choice(5000, 3000, replace=False)
+    among = np.sort(np.setdiff1d(np.arange(5000), rows))
+    got, want = nearest_rows_torch(keys, rows, among, "cuda"), nearest_rows_torch(keys, rows, among, "cpu")
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_roar_repair_on_the_gpu_path_equals_the_cpu_path(monkeypatch):
     """The connectivity repair with its parent search through :func:`nearest_rows_torch` (CUDA simulated on the
     CPU device) links exactly as the CPU kNN path does, on a graph with most nodes cut off (integer keys: exact

@@ -9,7 +9,7 @@
 # For the device tool: carry .carry/f (the faiss wheel) and .carry/run (this script and device_lib.sh).
 . "$(dirname "$0")/device_lib.sh"
 device_start <<EOS
-python3 -m pytest -q -p no:cacheprovider tests/test_threads.py tests/test_decode_kernels.py -k "background or knn_cuda or topk_rows" > $RUN/out/tests.log 2>&1
+python3 -m pytest -q -p no:cacheprovider tests/test_threads.py tests/test_decode_kernels.py tests/test_index.py -k "background or knn_cuda or topk_rows or nearest_rows" > $RUN/out/tests.log 2>&1
 python3 docs/bench/scripts/layer_build_profile.py 131072 2048 > $RUN/out/layer_build.log 2>&1
 python3 docs/bench/scripts/knn_topk.py 8192 131072 8192 524288 > $RUN/out/knn_topk.log 2>&1
 $B --steps 64 --warmup 4 --methods retrieval --index roar --json $RUN/out/d128k.json > $RUN/out/d128k.log 2>&1
