@@ -276,13 +276,14 @@ def knn_ip_torch(queries, keys, k, excl, l2, ids, sc, device, shrink: int = 1):
     return ids, sc
 
 
-def nearest_rows_torch(keys: np.ndarray, rows: np.ndarray, among: np.ndarray, device, shrink: int = 1):
+def nearest_rows_torch(keys, rows: np.ndarray, among: np.ndarray, device, shrink: int = 1):
     """For each key ``rows [u]`` (int64 ids into ``keys [n, d]``: float32 or uint16 bfloat16 bits, or a float32
     tensor already on ``device``), the nearest key of ``among [r]`` by squared L2 (ties: the first in ``among``'s
     order) -> ``(ids [u] int64 from among, squared distances [u] float32)``. The keys go to ``device`` once
-    (bfloat16 travels as such) and every row is gathered there; scores ``2 k_u . k_r - |k_r|^2`` in chunks of :data:`_CUDA_CHUNK_BYTES` / ``shrink``. The repair's
-    parent search on the GPU: the CPU path gathered and converted the unreached keys' rows on the host and
-    copied them to the device, for every graph (~36 MB at 128K keys when 55% of them are unreached)."""
+    (bfloat16 travels as such) and every row is gathered there; scores ``2 k_u . k_r - |k_r|^2`` in chunks of
+    :data:`_CUDA_CHUNK_BYTES` / ``shrink``. The repair's parent search on the GPU: the CPU path gathered and
+    converted the unreached keys' rows on the host and copied them to the device, for every graph (~36 MB at
+    128K keys when 55% of them are unreached)."""
     kh = keys_for_knn(keys, device)
     ku = kh[torch.from_numpy(np.ascontiguousarray(rows, np.int64)).to(kh.device)]
     kr = kh[torch.from_numpy(np.ascontiguousarray(among, np.int64)).to(kh.device)]
