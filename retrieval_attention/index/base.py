@@ -98,7 +98,8 @@ def spare_rows(n: int) -> int:
     return int(min(SPARE_MAX, max(SPARE_MIN, n * SPARE_FRACTION)))
 
 
-#: arrays at least this large are checked for NaN/inf by torch (multi-threaded) instead of numpy
+#: arrays at least this large are checked for NaN/inf by torch (multi-threaded) instead of the compiled
+#: single-threaded pass (:func:`.kernels.all_finite`)
 _TORCH_CHECK_MIN = 1 << 20
 
 

@@ -182,6 +182,12 @@ def with_smaller_chunks(fn, *args, **kwargs):
                 torch.cuda.empty_cache()
 
 
+def _worth_cuda(m: int, n: int) -> bool:
+    """Whether a kNN-like problem of ``m`` query rows over ``n`` keys runs on the GPU: CUDA is available and it
+    has at least :data:`_CUDA_MIN_SCORES` scores (smaller ones cost more in transfers than they save)."""
+    return torch.cuda.is_available() and m * n >= _CUDA_MIN_SCORES
+
+
 def knn_ip(queries: np.ndarray, keys, k: int, exclude: np.ndarray | None = None, l2: bool = False,
            allow_cuda: bool = True):
     """Exact top-k keys per query. queries [m, d] float32, keys [n, d] float32 or uint16 bfloat16 bits (or
@@ -206,7 +212,7 @@ def knn_ip(queries: np.ndarray, keys, k: int, exclude: np.ndarray | None = None,
         if keys.device.type != "cpu":
             return with_smaller_chunks(knn_ip_torch, queries, keys, k, excl, l2, ids, sc, keys.device)
         keys = keys.numpy()
-    if allow_cuda and torch.cuda.is_available() and m * n >= _CUDA_MIN_SCORES:
+    if allow_cuda and _worth_cuda(m, n):
         try:
             return with_smaller_chunks(knn_ip_torch, queries, keys, k, excl, l2, ids, sc, "cuda")
         except torch.OutOfMemoryError as e:
@@ -534,7 +540,7 @@ class RoarIndex(KVIndex):
         knn_ids = np.empty((G, m, kq), np.int32)
         knn_sc = np.empty((G, m, kq), np.float32)
         entries = np.full((G, self.n_entry), -1, np.int32)
-        on_gpu = torch.cuda.is_available() and (m + 1) * n >= _CUDA_MIN_SCORES
+        on_gpu = _worth_cuda(m + 1, n)
 
         def knn_of_head(h, kh, allow_cuda):
             for g in np.nonzero(kv_of_graph == h)[0]:
@@ -670,7 +676,7 @@ class RoarIndex(KVIndex):
         if not reached.all():
             parent = np.full((G, n), -1, np.int32)
             pdist = np.zeros((G, n), np.float32)
-            on_gpu = torch.cuda.is_available()
+            gpu_ok = True  # until an out-of-memory error
             kh_dev = None  # (KV head, its keys on the GPU), shared by the graphs of one KV head
             for g in range(G):
                 un = np.nonzero(~reached[g])[0]
@@ -679,7 +685,7 @@ class RoarIndex(KVIndex):
                     continue
                 if len(rr) > _REPAIR_PARENTS:  # parents from an even sample of the reached keys: bounded cost
                     rr = rr[np.linspace(0, len(rr) - 1, _REPAIR_PARENTS).astype(np.int64)]
-                if on_gpu and len(un) * len(rr) >= _CUDA_MIN_SCORES:
+                if gpu_ok and _worth_cuda(len(un), len(rr)):
                     try:
                         if kh_dev is None or kh_dev[0] != kvg[g]:
                             kh_dev = (kvg[g], keys_for_knn(keys[kvg[g], :n], "cuda"))
@@ -687,7 +693,7 @@ class RoarIndex(KVIndex):
                         parent[g, un], pdist[g, un] = near, d2
                         continue
                     except torch.OutOfMemoryError as e:
-                        on_gpu = _torch_fallback("connectivity repair", e, "it continues on the CPU (the same "
+                        gpu_ok = _torch_fallback("connectivity repair", e, "it continues on the CPU (the same "
                                                  "result, slower); free GPU memory to keep it on the GPU")
                 ku = self._f32(keys[kvg[g], un])
                 nn, sc = knn_ip(ku, keys[kvg[g], rr], 1, l2=True, allow_cuda=False)
