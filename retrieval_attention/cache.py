@@ -214,7 +214,7 @@ class CPUStore:
             return idx, time.perf_counter() - t0, stages
 
         if background:
-            self._pending = _build_executor(self.config.resolved_build_workers()).submit(job)
+            self._pending = _build_executor(self.config.resolved_build_workers(), self.config.build_priority).submit(job)
             return 0.0
         self._index, self.build_s, self.build_stages = job()
         return self.build_s
@@ -344,14 +344,14 @@ def _attend_by_search(store, queries: np.ndarray, group: int, scaling: float, k:
     return (out, lse, n_scanned, ids) if return_ids else (out, lse, n_scanned)
 
 
-_BUILD_WORKERS: dict = {}  # worker count -> TransientWorkers of background index builds
+_BUILD_WORKERS: dict = {}  # (worker count, stream priority) -> TransientWorkers of background index builds
 #: residual seeds of layers: residual_seed * stride + layer index (distinct for any layer count below it)
 _LAYER_SEED_STRIDE = 1_000_003
 
 
-def _build_executor(workers: int):
-    """The workers of background index builds (``RetrievalConfig.resolved_build_workers()``; one pool per worker count,
-    shared by every cache; each build is itself multi-threaded). Their threads exit once no build is queued
+def _build_executor(workers: int, priority: str = "normal"):
+    """The workers of background index builds (``RetrievalConfig.resolved_build_workers()``, their CUDA streams of
+    ``RetrievalConfig.build_priority``; one pool per worker count and priority, shared by every cache; each build is itself multi-threaded). Their threads exit once no build is queued
     (:class:`~retrieval_attention.threads.TransientWorkers`: an idle thread's OpenMP team would slow the decode
     loop's parallel calls). One worker where numba's threading layer cannot run parallel kernels from two threads
     at once."""
@@ -359,9 +359,9 @@ def _build_executor(workers: int):
 
     if workers > 1 and not parallel_kernels_concurrent():
         workers = 1
-    ex = _BUILD_WORKERS.get(workers)
+    ex = _BUILD_WORKERS.get((workers, priority))
     if ex is None:
-        ex = _BUILD_WORKERS[workers] = TransientWorkers(workers, "ra-index-build")
+        ex = _BUILD_WORKERS[workers, priority] = TransientWorkers(workers, "ra-index-build", priority)
     return ex
 
 

@@ -78,6 +78,9 @@ class RetrievalConfig:
                     CUDA is available (:data:`CUDA_BUILD_WORKERS`), else 1 (:data:`DEFAULT_BUILD_WORKERS`; see
                     :meth:`resolved_build_workers`). Where numba's threading layer cannot run parallel kernels from
                     two threads (``workqueue``) the builds run one at a time whatever this says
+    build_priority  CUDA stream priority of the background builds' GPU work: "normal" or "high" (their kernels'
+                    blocks are scheduled before the overlapping prefill's pending ones; see
+                    :data:`retrieval_attention.threads.STREAM_PRIORITIES`)
     decode_compile  the lean decode loop (:class:`retrieval_attention.decode_loop.LeanDecoder`) runs its dense
                     per-layer ops (input norm, projections, RoPE; the merge of the attention parts; o_proj, MLP)
                     compiled by ``torch.compile``: fewer, fused kernels between the CPU round trips (8B shape at
@@ -105,6 +108,7 @@ class RetrievalConfig:
     align_train_queries: bool = True
     align_spread: int = DEFAULT_ALIGN_SPREAD
     build_workers: int | None = None
+    build_priority: str = "normal"
     decode_compile: bool | None = None
 
     def __post_init__(self) -> None:
@@ -118,6 +122,9 @@ class RetrievalConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        from .threads import check_stream_priority
+
+        check_stream_priority(self.build_priority)
         if self.residual_on not in RESIDUAL_ON:
             raise ValueError(f"residual_on must be one of {', '.join(RESIDUAL_ON)}, got {self.residual_on!r}")
         for name in ("n_sink", "window", "top_k", "prefill_chunk", "max_train_queries", "residual_refresh",

@@ -80,16 +80,18 @@ class TransientWorkers:
     ``ThreadPoolExecutor`` never exit; these do, which frees their teams.
 
     ``submit(fn, *args, **kwargs)`` returns a :class:`concurrent.futures.Future`. Jobs run in submission order,
-    each inside :func:`background_cuda_stream` (its GPU work, if any, does not queue behind the foreground's).
-    At interpreter exit the running jobs finish and the queued ones are cancelled."""
+    each inside :func:`background_cuda_stream` (its GPU work, if any, does not queue behind the foreground's) of
+    ``stream_priority``. At interpreter exit the running jobs finish and the queued ones are cancelled."""
 
-    def __init__(self, max_workers: int, name: str):
+    def __init__(self, max_workers: int, name: str, stream_priority: str = "normal"):
         import collections
 
         if int(max_workers) < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+        check_stream_priority(stream_priority)
         self.max_workers = int(max_workers)
         self.name = name
+        self.stream_priority = stream_priority
         self._queue: collections.deque = collections.deque()
         self._lock = threading.Lock()
         self._alive = 0  # threads started and not yet returned
@@ -127,7 +129,7 @@ class TransientWorkers:
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                with background_cuda_stream():
+                with background_cuda_stream(self.stream_priority):
                     result = fn(*args, **kwargs)
                 fut.set_result(result)
                 del result
@@ -136,17 +138,29 @@ class TransientWorkers:
             del fut, fn, args, kwargs  # drop references (e.g. large arrays) before waiting for the next job
 
 
-#: idle background streams per CUDA device, reused by :func:`background_cuda_stream` (as many exist as jobs ever ran
+#: idle background streams per (CUDA device, priority), reused by :func:`background_cuda_stream` (as many exist as jobs ever ran
 #: at once): the caching allocator keeps a freed block for the stream that used it, so a fresh stream per job
 #: would strand each job's cached blocks
 _IDLE_STREAMS: dict = {}
 _STREAMS_LOCK = threading.Lock()
 
 
+#: CUDA stream priorities of background work by name (torch: a lower number is a higher priority; values beyond the
+#: device's range map to its nearest end). "high": the GPU's block scheduler starts the background kernels' blocks
+#: before pending blocks of the foreground's (normal-priority) kernels
+STREAM_PRIORITIES = {"normal": 0, "high": -1}
+
+
+def check_stream_priority(priority: str) -> None:
+    if priority not in STREAM_PRIORITIES:
+        raise ValueError(f"unknown stream priority {priority!r}; choose one of {', '.join(STREAM_PRIORITIES)}")
+
+
 @contextlib.contextmanager
-def background_cuda_stream():
+def background_cuda_stream(priority: str = "normal"):
     """Context manager: the block's CUDA work runs on a background stream of the current device (one not in use
-    by another block, non-blocking), synchronised when the block ends. It does nothing without CUDA or while the
+    by another block, non-blocking, of ``priority``: a key of :data:`STREAM_PRIORITIES`), synchronised when the
+    block ends. It does nothing without CUDA or while the
     process has not initialised CUDA (no foreground GPU work to keep clear of; a CPU-only run on a GPU host does
     not pay for a CUDA context). Yields the stream or None.
 
@@ -156,22 +170,23 @@ def background_cuda_stream():
     all the prefill work queued before it; in the decode loop an insertion's kNN would delay the step's kernels."""
     import torch
 
+    check_stream_priority(priority)
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         yield None
         return
-    dev = torch.cuda.current_device()
+    key = (torch.cuda.current_device(), priority)
     with _STREAMS_LOCK:
-        idle = _IDLE_STREAMS.setdefault(dev, [])
+        idle = _IDLE_STREAMS.setdefault(key, [])
         stream = idle.pop() if idle else None
     if stream is None:
-        stream = torch.cuda.Stream(dev)
+        stream = torch.cuda.Stream(key[0], priority=STREAM_PRIORITIES[priority])
     try:
         with torch.cuda.stream(stream):
             yield stream
     finally:
         stream.synchronize()
         with _STREAMS_LOCK:
-            _IDLE_STREAMS[dev].append(stream)
+            _IDLE_STREAMS[key].append(stream)
 
 
 _SHUTTING_DOWN = False

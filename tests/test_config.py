@@ -33,6 +33,7 @@ def test_bad_index_params_are_refused_on_construction(params, msg):
 @pytest.mark.parametrize("kw,msg", [({"residual_on": "gpu"}, "residual_on must be one of auto, device, cpu"),
                                     ({"residual_refresh": 0}, "residual_refresh must be a positive integer"),
                                     ({"build_workers": 0}, "build_workers must be a positive integer"),
+                                    ({"build_priority": "urgent"}, "unknown stream priority 'urgent'"),
                                     ({"decode_compile": "yes"}, "decode_compile must be True, False or None"),
                                     ({"residual_refresh": 2.5}, "residual_refresh")])
 def test_bad_residual_placement_is_refused(kw, msg):

@@ -251,7 +251,7 @@ def test_wait_for_builds_waits_for_background_builds(monkeypatch):
     monkeypatch.setattr(CPUStore, "build", lambda self, k, v, tq, background=False: orig(self, k, v, tq, True))
     release = threading.Event()
     cfg = RetrievalConfig(index="flat", n_sink=8, window=16, dense_layers=())
-    ex = C._build_executor(cfg.resolved_build_workers())
+    ex = C._build_executor(cfg.resolved_build_workers(), cfg.build_priority)
     blockers = [ex.submit(release.wait, 10) for _ in range(ex.max_workers)]  # every worker held
     model = tiny_model("llama", seed=15)
     cache = make_cache(model, cfg)

@@ -144,3 +144,31 @@ def test_background_streams_are_reused_and_never_shared_at_once():
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
     with background_cuda_stream() as c:  # an idle one again, not a new stream
         assert c in (a, b)
+
+
+def test_unknown_stream_priority_is_refused_early():
+    from retrieval_attention.threads import background_cuda_stream
+
+    with pytest.raises(ValueError, match="stream priority 'urgent'.*normal, high"):
+        TransientWorkers(1, "t-prio", stream_priority="urgent")
+    with pytest.raises(ValueError, match="stream priority"):
+        with background_cuda_stream("urgent"):
+            pass
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_high_priority_background_streams_are_kept_apart_from_normal_ones():
+    import torch
+
+    from retrieval_attention.threads import background_cuda_stream
+
+    with background_cuda_stream("normal") as lo:
+        pass
+    with background_cuda_stream("high") as hi:
+        assert torch.cuda.current_stream() == hi
+    assert hi != lo
+    assert hi.priority < lo.priority  # torch: lower is higher
+    with background_cuda_stream("high") as again:
+        assert again == hi
+    got = TransientWorkers(1, "t-hi", stream_priority="high").submit(lambda: torch.cuda.current_stream().priority)
+    assert got.result(timeout=30) == hi.priority

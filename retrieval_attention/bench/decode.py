@@ -149,6 +149,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--build-workers", type=int, default=None,
                    help="background index builds at once (default: RetrievalConfig's, "
                         f"{CUDA_BUILD_WORKERS} with CUDA, else {DEFAULT_BUILD_WORKERS})")
+    p.add_argument("--build-priority", choices=("normal", "high"), default=None,
+                   help="CUDA stream priority of the background index builds (RetrievalConfig.build_priority; "
+                        "default: RetrievalConfig's)")
     p.add_argument("--steps", type=int, default=64, help="timed decode steps (median reported)")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--device", default=None)
@@ -302,6 +305,8 @@ def run_one(model, method, index, ctx, args, device):
                               decode_compile=getattr(args, "compile", None),
                               **({} if getattr(args, "build_workers", None) is None
                                  else {"build_workers": args.build_workers}),
+                              **({} if getattr(args, "build_priority", None) is None
+                                 else {"build_priority": args.build_priority}),
                               **({} if residual is None else {"residual_samples": residual}),
                               **({} if residual_on is None else {"residual_on": residual_on}),
                               **({} if train is None else {"max_train_queries": train}))
@@ -311,6 +316,7 @@ def run_one(model, method, index, ctx, args, device):
             rec["max_train_queries"] = cfg.train_queries(ctx)  # per query head (the automatic count when not given)
             rec["align_train_queries"] = cfg.align_train_queries
             rec["build_workers"] = cfg.resolved_build_workers()
+            rec["build_priority"] = cfg.build_priority
             rec["decode_compile"] = cfg.resolved_decode_compile(device)
         cache, ctxm = make_cache(model, cfg), enable(model)
     kw = {cache_kwarg(model): cache}
