@@ -54,13 +54,13 @@ def _rows(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def project_torch(knn_ids: np.ndarray, own: np.ndarray, keys: np.ndarray, kv_of_graph: np.ndarray, n: int, M: int,
                   alpha: float, by_count: bool, max_cand: int, device: str | torch.device = "cpu",
-                  timings: dict | None = None, shrink: int = 1) -> np.ndarray:
+                  timings: dict | None = None, shrink: int = 1, prune: str = "auto") -> np.ndarray:
     """Same inputs and output as :func:`.kernels.project` with ``fill=False``: knn_ids ``[G, m, kq]`` int32,
     own ``[G, n, R]`` int32, keys ``[Hkv, >= n, d]`` float32 or uint16 bfloat16 bits, kv_of_graph ``[G]``
     -> adj ``[G, n, M]`` int32 (-1 padded). Runs on ``device``. ``timings``: a dict that gets the seconds of
     steps 1-3 (``"candidates_s"``) and 4 (``"prune_s"``) added (synchronising the device between them).
     ``shrink``: divides every chunk size (:data:`POOL_BYTES`, :data:`PRUNE_CHUNK`, :data:`GRAM_CHUNK`) for a
-    tight memory budget; the result does not depend on it."""
+    tight memory budget; the result does not depend on it. ``prune``: where step 4 runs (:data:`PRUNE_WITH`)."""
     G, m, kq = knn_ids.shape
     R = own.shape[2]
     adj = huge_full((G, n, M), -1, np.int32)  # read at random by the decode searches
@@ -89,7 +89,7 @@ def project_torch(knn_ids: np.ndarray, own: np.ndarray, keys: np.ndarray, kv_of_
         rows_out = []
         pc = max(1, PRUNE_CHUNK // shrink)
         for c0 in range(0, cand.shape[0], pc):
-            rows_out.append(_prune(cand[c0:c0 + pc], dpc[c0:c0 + pc], kh, M, alpha2, shrink))
+            rows_out.append(_prune(cand[c0:c0 + pc], dpc[c0:c0 + pc], kh, M, alpha2, shrink, prune))
         adj[g, piv_all.cpu().numpy()] = torch.cat(rows_out).cpu().numpy()
         clock.lap("prune_s")
     return adj
@@ -195,7 +195,24 @@ def _candidates(knn_g, gram, own_p, piv, sq, n, by_count, max_cand):
     return cand, torch.where(ok, dist.gather(1, top), torch.full_like(dist[:, :C], float("inf")))
 
 
-def _prune(cand, dpc, kh, M, alpha2, shrink=1):
+#: where step 4 runs (``prune`` of :func:`project_torch` / :func:`add_reverse_edges_torch`): "auto" is the Triton
+#: kernel (:mod:`.prune_triton`) where it can run (CUDA with Triton installed), else the torch greedy
+PRUNE_WITH = ("auto", "torch", "triton")
+
+
+def _prune(cand, dpc, kh, M, alpha2, shrink=1, prune="auto"):
+    """Step 4 with ``prune`` (:data:`PRUNE_WITH`): :func:`.prune_triton.prune` or :func:`_prune_torch` (same inputs
+    and output)."""
+    from . import prune_triton
+
+    if prune not in PRUNE_WITH:
+        raise ValueError(f"prune must be one of {', '.join(PRUNE_WITH)}, got {prune!r}")
+    if prune == "triton" or (prune == "auto" and prune_triton.available(cand.device)):
+        return prune_triton.prune(cand, dpc, kh, M, alpha2)
+    return _prune_torch(cand, dpc, kh, M, alpha2, shrink)
+
+
+def _prune_torch(cand, dpc, kh, M, alpha2, shrink=1):
     """Step 4: occlusion pruning of ranked candidates ``cand [P, C]`` int64 (-1 padded; squared distances to
     the pivot ``dpc [P, C]`` float32) over keys ``kh [n, d]`` float32 -> ``[P, M]`` int32.
 
@@ -237,13 +254,13 @@ def _prune(cand, dpc, kh, M, alpha2, shrink=1):
 
 def add_reverse_edges_torch(adj: np.ndarray, keys: np.ndarray, kv_of_graph: np.ndarray, n: int, alpha: float,
                             max_cand: int, device: str | torch.device = "cpu",
-                            timings: dict | None = None, shrink: int = 1) -> None:
+                            timings: dict | None = None, shrink: int = 1, prune: str = "auto") -> None:
     """:func:`.kernels.reverse_edges` followed by :func:`.kernels.merge_edges` (without ``fill``) as batched
     torch ops, in place on ``adj [G, >= n, M]`` int32: every edge b -> c of ``adj[:, :n]`` adds c -> b. A node
     whose list plus its new edges (deduplicated, itself excluded) fits in ``M`` keeps them all, existing first,
     then new in edge order (b, slot); a fuller one re-prunes the union: ranked by distance (then id), the first
     ``max_cand`` pruned by occlusion (:func:`_prune`). keys as in :func:`project_torch`. ``timings`` gets
-    ``"reverse_s"`` added. ``adj`` is written only after every graph is merged. ``shrink`` as in
+    ``"reverse_s"`` added. ``adj`` is written only after every graph is merged. ``shrink`` and ``prune`` as in
     :func:`project_torch`."""
     M = adj.shape[2]
     alpha2 = float(alpha) * float(alpha)
@@ -305,7 +322,8 @@ def add_reverse_edges_torch(adj: np.ndarray, keys: np.ndarray, kv_of_graph: np.n
             dmat[slot_of[on[sel]], rank[sel]] = dist[sel]
             pc = max(1, PRUNE_CHUNK // shrink)
             for c0 in range(0, over_ids.numel(), pc):
-                rows[over_ids[c0:c0 + pc]] = _prune(cmat[c0:c0 + pc], dmat[c0:c0 + pc], kh, M, alpha2, shrink).long()
+                rows[over_ids[c0:c0 + pc]] = _prune(cmat[c0:c0 + pc], dmat[c0:c0 + pc], kh, M, alpha2, shrink,
+                                                    prune).long()
         merged.append(rows.to(torch.int32).cpu().numpy())
     for g, rows in enumerate(merged):
         adj[g, :n] = rows

@@ -425,6 +425,9 @@ class RoarIndex(KVIndex):
                        (torch when CUDA is available, else the kernel). ``fill`` always uses the kernel.
                        Measured on the H200 host: 0.18 s per 128K-key graph with torch against 0.55 s for
                        the kernel on its 16 cores.
+    prune              where the torch projection's occlusion pruning runs: ``"triton"`` (one kernel,
+                       :mod:`.prune_triton`), ``"torch"`` (tensor ops, the reference) or ``"auto"`` (Triton where it
+                       can run: CUDA with Triton installed); see :data:`.projection_torch.PRUNE_WITH`
     """
 
     budget_params = ("ef",)
@@ -435,13 +438,13 @@ class RoarIndex(KVIndex):
                  insert_threshold: int = 4096, storage: str = "float32",
                  max_candidates: int | None = 128, projection: str = "auto", insert_lag: int | None = None,
                  schedule: str = "snake", share: str = "none", target_recall: float | None = None,
-                 calib_queries: int = 64, max_ef: int | None = None) -> None:
+                 calib_queries: int = 64, max_ef: int | None = None, prune: str = "auto") -> None:
         super().__init__(M=M, n_query_neighbors=n_query_neighbors, alpha=alpha, ef=ef, graph_per=graph_per,
                          max_train_queries=max_train_queries, n_entry=n_entry, fill=fill, n_owners=n_owners, order=order,
                          repair_branching=repair_branching, insert_threshold=insert_threshold, storage=storage,
                          max_candidates=max_candidates, projection=projection, insert_lag=insert_lag,
                          schedule=schedule, share=share, target_recall=target_recall, calib_queries=calib_queries,
-                         max_ef=max_ef)
+                         max_ef=max_ef, prune=prune)
         if schedule not in SCHEDULES:
             raise IndexError_(f"roar: schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.schedule = schedule
@@ -494,6 +497,17 @@ class RoarIndex(KVIndex):
         if projection not in PROJECTION:
             raise IndexError_(f"roar: projection must be one of {PROJECTION}, got {projection!r}")
         self.projection = projection
+        from .projection_torch import PRUNE_WITH
+
+        if prune not in PRUNE_WITH:
+            raise IndexError_(f"roar: prune must be one of {PRUNE_WITH}, got {prune!r}")
+        if prune == "triton":
+            from .prune_triton import triton_missing
+
+            if triton_missing():
+                raise IndexError_("roar: prune='triton' needs the triton package (pip install triton); use "
+                                  "prune='auto' to fall back to the torch pruning without it")
+        self.prune = prune
         self._lock = threading.Lock()
         self.build_stats: dict[str, float] = {}
         self._last_scanned: np.ndarray | None = None  # keys scanned per pair by the last search_attend call
@@ -570,7 +584,7 @@ class RoarIndex(KVIndex):
 
             try:
                 adj = with_smaller_chunks(project_torch, knn_ids, own, keys, kv_of_graph, n, self.M, self.alpha,
-                                          self.order == "count", self._cand_cap, dev)
+                                          self.order == "count", self._cand_cap, dev, prune=self.prune)
             except torch.OutOfMemoryError as e:
                 on_torch = _torch_fallback("projection", e)
         if adj is None:
@@ -580,7 +594,7 @@ class RoarIndex(KVIndex):
         if on_torch:
             try:  # writes adj only once every graph is done: an out-of-memory error leaves it as projected
                 with_smaller_chunks(add_reverse_edges_torch, adj, keys, kv_of_graph, n, self.alpha, self._cand_cap,
-                                    dev)
+                                    dev, prune=self.prune)
             except torch.OutOfMemoryError as e:
                 on_torch = _torch_fallback("reverse edges", e)
         if not on_torch:
