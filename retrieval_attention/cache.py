@@ -24,6 +24,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .config import RetrievalConfig
+from .gpumem import release_if_tight
 from .hostmem import huge_tensor
 from .index import KVIndex, make_index
 from .index.base import Residual, spare_rows
@@ -207,6 +208,7 @@ class CPUStore:
             tq = tq_host.float().numpy()
             t1 = time.perf_counter()
             idx = make_index(name, **params).build(k32, tq)
+            release_if_tight()  # this build's cached GPU blocks, when the budget is tight
             stages = {"convert_s": t1 - t0}
             for key, v in (getattr(idx, "build_stats", None) or {}).items():
                 if key.endswith("_s") and key != "total_s":

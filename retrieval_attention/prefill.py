@@ -18,6 +18,8 @@ import inspect
 
 import torch
 
+from .gpumem import cuda_headroom  # noqa: F401  (re-exported: prefill.cuda_headroom)
+
 # decoder-only models whose decoder layers take (hidden, attention_mask, position_ids, cache /
 # past_key_values, use_cache, position_embeddings) and run input norm -> attention -> post norm -> MLP
 LAYERWISE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -58,17 +60,6 @@ def check_supported(model) -> None:
     reason = unsupported_reason(model)
     if reason is not None:
         raise NotImplementedError(reason)
-
-
-def cuda_headroom(dev: torch.device) -> int:
-    """Bytes still allocatable on CUDA device ``dev``: free device memory and the budget left under the process's
-    memory fraction (``torch.cuda.set_per_process_memory_fraction``), whichever is smaller, plus the allocator's
-    cached free blocks."""
-    free, total = torch.cuda.mem_get_info(dev)
-    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    fraction = get_fraction(dev) if get_fraction is not None else 1.0
-    reserved, allocated = torch.cuda.memory_reserved(dev), torch.cuda.memory_allocated(dev)
-    return max(0, min(free, int(fraction * total) - reserved) + reserved - allocated)
 
 
 def hidden_state_bytes(model, input_ids: torch.Tensor) -> tuple[int, torch.device]:

@@ -122,10 +122,16 @@ def test_background_jobs_do_not_queue_behind_the_foregrounds_gpu_work():
         total = float((x * 2).sum().cpu())  # a host sync on the job's stream
         return torch.cuda.current_stream() != fg, total, fg_done.query()
 
+    pool = TransientWorkers(1, "t-stream")
+    fg_done = torch.cuda.Event()
+    fg_done.record(fg)
+    job()  # loads the job's kernels first: with CUDA's lazy module loading, loading one synchronises the context
+    pool.submit(job).result(timeout=60)
+    torch.cuda.synchronize()
     torch.cuda._sleep(cycles)
     fg_done = torch.cuda.Event()
     fg_done.record(fg)
-    other_stream, total, fg_finished_first = TransientWorkers(1, "t-stream").submit(job).result(timeout=60)
+    other_stream, total, fg_finished_first = pool.submit(job).result(timeout=60)
     torch.cuda.synchronize()
     assert other_stream
     assert total == 999000.0

@@ -168,11 +168,37 @@ def _torch_fallback(stage: str, err: Exception,
 SHRINK_STEPS = (1, 4, 16)
 
 
+#: a GPU build stage's transient buffers (a kNN score chunk of :data:`_CUDA_CHUNK_BYTES` and about as much work
+#: space for its top-k; the projection's pools of :data:`.projection_torch.POOL_BYTES` are smaller) may take at most
+#: this share of the device memory still allocatable: under a tight budget the stages start with smaller chunks
+#: (the builds' out-of-memory errors are retried, but the prefill they overlap has no such fallback: the 8B shape
+#: at 512K under 24 GB ran out of memory in its 5th layer with two builds at full chunk size, session 19)
+BUILD_SHARE_OF_HEADROOM = 0.25
+
+
+def first_shrink() -> int:
+    """The first of :data:`SHRINK_STEPS` whose chunks fit :data:`BUILD_SHARE_OF_HEADROOM` of the current CUDA
+    device's headroom (:func:`retrieval_attention.gpumem.cuda_headroom`); the first step without CUDA in use."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return SHRINK_STEPS[0]
+    from ..gpumem import cuda_headroom
+
+    room = BUILD_SHARE_OF_HEADROOM * cuda_headroom(torch.cuda.current_device())
+    for s in SHRINK_STEPS:
+        if 2 * _CUDA_CHUNK_BYTES / s <= room:
+            return s
+    return SHRINK_STEPS[-1]
+
+
 def with_smaller_chunks(fn, *args, **kwargs):
-    """``fn(*args, shrink=s, **kwargs)`` for ``s`` in :data:`SHRINK_STEPS` (``fn`` divides its chunk sizes by
-    ``s``) until one call runs without a CUDA out-of-memory error; the cached blocks are released between tries.
-    The last try's error propagates. ``fn`` must leave its outputs unchanged or wholly rewritten on a retry."""
+    """``fn(*args, shrink=s, **kwargs)`` for ``s`` in :data:`SHRINK_STEPS` from :func:`first_shrink` on (``fn``
+    divides its chunk sizes by ``s``) until one call runs without a CUDA out-of-memory error; the cached blocks
+    are released between tries. The last try's error propagates. ``fn`` must leave its outputs unchanged or
+    wholly rewritten on a retry."""
+    start = SHRINK_STEPS.index(first_shrink())
     for i, s in enumerate(SHRINK_STEPS):
+        if i < start:
+            continue
         try:
             return fn(*args, shrink=s, **kwargs)
         except torch.OutOfMemoryError:

@@ -16,9 +16,9 @@ python3 docs/bench/scripts/layer_build_profile.py 131072 2048 > $RUN/out/layer_b
 python3 docs/bench/scripts/layer_build_profile.py 131072 2048 prune=torch > $RUN/out/layer_build_tp.log 2>&1
 python3 docs/bench/scripts/knn_topk.py 8192 131072 8192 524288 > $RUN/out/knn_topk.log 2>&1
 $B --steps 64 --warmup 4 --methods retrieval --index roar --json $RUN/out/d128k.json > $RUN/out/d128k.log 2>&1
-$B --steps 64 --warmup 4 --methods retrieval --index roar:prune=torch --json $RUN/out/d128k_tp.json > $RUN/out/d128k_tp.log 2>&1
 ${B%128K}512K --steps 32 --warmup 2 --methods retrieval --index roar --json $RUN/out/d512k.json > $RUN/out/d512k.log 2>&1
 $B --steps 32 --warmup 2 --methods offload,full --unbudgeted-reference --json $RUN/out/ref.json > $RUN/out/ref.log 2>&1
+$B --steps 64 --warmup 4 --methods retrieval --index roar:prune=torch --json $RUN/out/d128k_tp.json > $RUN/out/d128k_tp.log 2>&1
 $B --steps 64 --warmup 4 --methods retrieval --index roar --build-priority high --json $RUN/out/d128k_hi.json > $RUN/out/d128k_hi.log 2>&1
 EOS
-device_poll "${1:-540}" layer_build layer_build_tp knn_topk d128k d128k_tp d512k ref d128k_hi
+device_poll "${1:-540}" layer_build layer_build_tp knn_topk d128k d512k ref d128k_tp d128k_hi

@@ -1,0 +1,71 @@
+"""GPU memory headroom rules (gpumem.py, roar.first_shrink) on simulated CUDA numbers."""
+import pytest
+import torch
+
+from retrieval_attention import gpumem
+from retrieval_attention.index import roar as R
+
+G = 1 << 30
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """A 24 GiB budget on a 140 GiB card; ``state`` sets reserved / allocated bytes."""
+    state = {"reserved": 17 * G, "allocated": 16 * G, "emptied": 0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (120 * G, 140 * G))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda dev=None: 24 / 140, raising=False)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: state["reserved"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: state["allocated"])
+
+    class _Stream:
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: _Stream())
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: state.__setitem__("emptied", state["emptied"] + 1))
+    return state
+
+
+def test_headroom_counts_the_budget_and_cached_blocks(fake_cuda):
+    assert gpumem.cuda_unreserved(0) == 7 * G  # 24 - 17 reserved
+    assert gpumem.cuda_headroom(0) == 8 * G  # + 1 cached free
+
+
+def test_build_chunks_shrink_with_the_headroom(fake_cuda):
+    # 8 GiB headroom: a quarter is 2 GiB = two 1 GiB score chunks -> full size
+    assert R.first_shrink() == R.SHRINK_STEPS[0]
+    fake_cuda["reserved"] = fake_cuda["allocated"] = 21 * G  # 3 GiB left: 0.75 GiB for the stage
+    assert R.first_shrink() == 4
+    fake_cuda["reserved"] = fake_cuda["allocated"] = 24 * G - (G >> 4)  # almost nothing: the smallest chunks
+    assert R.first_shrink() == R.SHRINK_STEPS[-1]
+
+
+def test_with_smaller_chunks_starts_at_the_first_fitting_step(fake_cuda):
+    fake_cuda["reserved"] = fake_cuda["allocated"] = 21 * G
+    seen = []
+
+    def stage(shrink=1):
+        seen.append(shrink)
+        if shrink < 16:
+            raise torch.OutOfMemoryError("simulated")
+        return shrink
+
+    assert R.with_smaller_chunks(stage) == 16
+    assert seen == [4, 16]  # never the full size, then the retry with smaller chunks
+
+
+def test_cached_blocks_are_released_only_when_the_budget_is_tight(fake_cuda):
+    assert not gpumem.release_if_tight(0)  # 7 GiB left to reserve
+    assert fake_cuda["emptied"] == 0
+    fake_cuda["reserved"] = 22 * G
+    assert gpumem.release_if_tight(0)
+    assert fake_cuda["emptied"] == 1
+
+
+def test_nothing_is_released_or_shrunk_without_cuda_in_use(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert not gpumem.release_if_tight()
+    assert R.first_shrink() == R.SHRINK_STEPS[0]
