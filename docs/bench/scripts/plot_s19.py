@@ -1,0 +1,75 @@
+"""Plot of session 19 (docs/BENCHMARKS.md), one H100 host: left, where one standalone layer build's GPU time goes
+(``torch.profiler`` of ``layer_build_profile.py``: 8 graphs over 128K keys, 8,192 training queries each) with the
+occlusion pruning as one Triton kernel and as torch ops; the profiler lists its 20 costliest operators, so "other" holds the rest: with the torch pruning most of it is that
+pruning's smaller operators (masks, copies, its sequential rounds); right, the 128K prefill and the wait for the index after
+it, with each pruning (``bench decode``, two processes on the machine). Usage: ``python
+docs/bench/scripts/plot_s19.py`` -> docs/bench/h100_build_s19.png."""
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+BENCH = Path(__file__).resolve().parents[1]
+#: operator-name patterns of the profiler table -> the part of the build they belong to (first match wins; rows
+#: of kernels are skipped where their aten operator is already counted)
+PARTS = [("pruning", r"^(prune_kernel|aten::baddbmm|aten::bitwise_and|aten::any|aten::bmm)$"),
+         ("host->GPU copies", r"^Memcpy HtoD"), ("GPU->host copies", r"^Memcpy DtoH"),
+         ("kNN matmul", r"^aten::mm$"), ("top-k (group maxima, topk)", r"^aten::(amax|topk)$"),
+         ("sort", r"^aten::sort$"), ("gathers / indexing", r"^aten::(index|gather)$")]
+
+
+def device_ms(log: str) -> tuple[dict, float]:
+    """(milliseconds of self CUDA time per part, the table's total) from a layer_build_profile.py log."""
+    text = (BENCH / log).read_text()
+    total = float(re.search(r"Self CUDA time total: ([\d.]+)ms", text).group(1))
+    parts = dict.fromkeys([p for p, _ in PARTS], 0.0)
+    for line in text.splitlines():
+        cols = re.split(r"\s{2,}", line.strip())
+        if len(cols) < 10 or not cols[-5].endswith("s"):
+            continue
+        name, self_cuda = cols[0], cols[-5]
+        ms = float(self_cuda[:-2]) / (1000.0 if self_cuda.endswith("us") else 1.0)
+        for part, pat in PARTS:
+            if re.search(pat, name):
+                parts[part] += ms
+                break
+    return parts, total
+
+
+fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.3, 1.0]})
+colors = ["#c44e52", "#4c72b0", "#8172b3", "#55a868", "#dd8452", "#937860", "#da8bc3", "#bbbbbb"]
+for x, (label, log) in enumerate([("pruning in Triton\n(default)", "h100_layer_build_s19.log"),
+                                  ("pruning as torch ops", "h100_layer_build_s19_torch_prune.log")]):
+    parts, total = device_ms(log)
+    parts["other"] = total - sum(parts.values())
+    bottom = 0.0
+    for (part, ms), c in zip(parts.items(), colors):
+        ax.bar(x, ms, 0.5, bottom=bottom, color=c, label=part if x == 0 else None)
+        bottom += ms
+    ax.text(x, bottom + 8, f"{total:.0f} ms", ha="center")
+ax.set_xticks([0, 1], ["pruning in Triton\n(default)", "pruning as torch ops"])
+ax.set_ylabel("GPU time of one layer's build, ms")
+ax.set_title("standalone 128K layer build (8 graphs), GPU time by part")
+ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+runs = [("pruning in Triton\n(first process)", "h100_decode_llama3-8b_128k_s19.json"),
+        ("pruning as torch ops\n(later process)", "h100_decode_llama3-8b_128k_s19_torch_prune.json")]
+for x, (label, name) in enumerate(runs):
+    r = json.loads((BENCH / name).read_text())[0]
+    bx.bar(x, r["prefill_s"], 0.5, color="#4c72b0", label="prefill" if x == 0 else None)
+    bx.bar(x, r["index_wait_s"], 0.5, bottom=r["prefill_s"], color="#dd8452",
+           label="wait for the index after it" if x == 0 else None)
+    bx.text(x, r["prefill_s"] + r["index_wait_s"] + 1, f"{r['prefill_s'] + r['index_wait_s']:.1f} s\n"
+            f"(build {r['index_build_s']:.0f} s summed)", ha="center", fontsize=9)
+bx.set_xticks(range(len(runs)), [r[0] for r in runs])
+bx.set_ylabel("seconds")
+bx.set_ylim(0, 95)
+bx.set_title("128K, 24 GB budget: time to the first decode step")
+bx.legend(fontsize=8, loc="lower right")
+fig.tight_layout()
+out = BENCH / "h100_build_s19.png"
+fig.savefig(out, dpi=110)
+print(out)
