@@ -216,7 +216,8 @@ class CPUStore:
             return idx, time.perf_counter() - t0, stages
 
         if background:
-            self._pending = _build_executor(self.config.resolved_build_workers(), self.config.build_priority).submit(job)
+            workers = _build_executor(self.config.resolved_build_workers(), self.config.build_priority)
+            self._pending = workers.submit(job)
             return 0.0
         self._index, self.build_s, self.build_stages = job()
         return self.build_s
@@ -353,7 +354,8 @@ _LAYER_SEED_STRIDE = 1_000_003
 
 def _build_executor(workers: int, priority: str = "normal"):
     """The workers of background index builds (``RetrievalConfig.resolved_build_workers()``, their CUDA streams of
-    ``RetrievalConfig.build_priority``; one pool per worker count and priority, shared by every cache; each build is itself multi-threaded). Their threads exit once no build is queued
+    ``RetrievalConfig.build_priority``; one pool per worker count and priority, shared by every cache; each build is
+    itself multi-threaded). Their threads exit once no build is queued
     (:class:`~retrieval_attention.threads.TransientWorkers`: an idle thread's OpenMP team would slow the decode
     loop's parallel calls). One worker where numba's threading layer cannot run parallel kernels from two threads
     at once."""

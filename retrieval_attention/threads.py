@@ -138,8 +138,8 @@ class TransientWorkers:
             del fut, fn, args, kwargs  # drop references (e.g. large arrays) before waiting for the next job
 
 
-#: idle background streams per (CUDA device, priority), reused by :func:`background_cuda_stream` (as many exist as jobs ever ran
-#: at once): the caching allocator keeps a freed block for the stream that used it, so a fresh stream per job
+#: idle background streams per (CUDA device, priority), reused by :func:`background_cuda_stream` (as many exist as
+#: jobs ever ran at once): the caching allocator keeps a freed block for the stream that used it, so a fresh stream per job
 #: would strand each job's cached blocks
 _IDLE_STREAMS: dict = {}
 _STREAMS_LOCK = threading.Lock()

@@ -56,7 +56,8 @@ from test_prune_triton import _case
 from retrieval_attention.index import prune_triton as PT
 from retrieval_attention.index.projection_torch import _prune, _prune_torch
 bad = 0
-for (P, C, n, d, M, alpha2, seed) in [(24, 30, 80, 16, 6, 1.0, 0), (16, 20, 40, 12, 5, 1.44, 1), (8, 9, 30, 8, 24, 1.0, 2)]:
+cases = [(24, 30, 80, 16, 6, 1.0, 0), (16, 20, 40, 12, 5, 1.44, 1), (8, 9, 30, 8, 24, 1.0, 2)]
+for (P, C, n, d, M, alpha2, seed) in cases:
     cand, dpc, kh = _case(P, C, n, d, seed)
     a = PT.prune(cand, dpc, kh, M, alpha2)
     bad += int((a != _prune_torch(cand, dpc, kh, M, alpha2)).any(1).sum())
@@ -100,3 +101,26 @@ def test_roar_graphs_built_with_triton_and_torch_pruning_agree_on_cuda():
     a = make_index("roar", prune="triton", projection="torch").build(keys, tq)
     b = make_index("roar", prune="torch", projection="torch").build(keys, tq)
     assert (a._adj == b._adj).all(-1).mean() >= 0.999
+
+
+def test_auto_prune_falls_back_to_torch_when_triton_fails(monkeypatch):
+    """``prune="auto"`` where Triton should run but cannot (e.g. a GPU it cannot compile for): a warning, the torch
+    result, and no further Triton tries; ``prune="triton"`` propagates the error."""
+    from retrieval_attention.index import projection_torch as P
+
+    cand, dpc, kh = _case(20, 10, 40, 8, seed=5)
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(PT, "available", lambda dev: True)
+    monkeypatch.setattr(PT, "prune", broken)
+    monkeypatch.setattr(P, "_TRITON_FAILED", False)
+    with pytest.warns(RuntimeWarning, match="Triton pruning kernel failed.*no kernel image"):
+        got = _prune(cand, dpc, kh, 4, 1.0)
+    assert got.equal(_prune_torch(cand, dpc, kh, 4, 1.0))
+    assert _prune(cand, dpc, kh, 4, 1.0).equal(got) and len(calls) == 1  # off for the process
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        _prune(cand, dpc, kh, 4, 1.0, prune="triton")

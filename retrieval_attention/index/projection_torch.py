@@ -207,9 +207,32 @@ def _prune(cand, dpc, kh, M, alpha2, shrink=1, prune="auto"):
 
     if prune not in PRUNE_WITH:
         raise ValueError(f"prune must be one of {', '.join(PRUNE_WITH)}, got {prune!r}")
-    if prune == "triton" or (prune == "auto" and prune_triton.available(cand.device)):
+    if prune == "triton":
         return prune_triton.prune(cand, dpc, kh, M, alpha2)
+    if prune == "auto" and prune_triton.available(cand.device) and not _TRITON_FAILED:
+        try:
+            return prune_triton.prune(cand, dpc, kh, M, alpha2)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # e.g. a GPU or driver Triton cannot compile for: the torch ops from now on
+            _triton_failed(e)
     return _prune_torch(cand, dpc, kh, M, alpha2, shrink)
+
+
+_TRITON_FAILED = False
+
+
+def _triton_failed(err: Exception) -> None:
+    """Warn once that the Triton pruning failed and turn it off for the process (``prune="auto"`` continues with
+    the torch ops: the same result)."""
+    import warnings
+
+    global _TRITON_FAILED
+    _TRITON_FAILED = True
+    first = (str(err).splitlines() or [""])[0][:160]
+    warnings.warn(f"roar: the Triton pruning kernel failed ({type(err).__name__}: {first}); the projection continues "
+                  "with the torch ops (the same graph). Pass prune='torch' to skip Triton.", RuntimeWarning,
+                  stacklevel=3)
 
 
 def _prune_torch(cand, dpc, kh, M, alpha2, shrink=1):
@@ -219,8 +242,8 @@ def _prune_torch(cand, dpc, kh, M, alpha2, shrink=1):
     The greedy keeps candidate ``c`` unless an earlier kept ``r`` occludes it. Capping it at ``M`` kept
     candidates changes no earlier decision, so it runs uncapped and the first ``M`` kept are the result. The
     occlusion tests of all pairs are one batched computation (pairwise distances from a Gram matrix, float32,
-    in sub-chunks of :data:`GRAM_CHUNK` / ``shrink`` pivots), stored as booleans ``occ [C, P, C + 1]`` (candidate, pivot,
-    earlier candidate); column ``C`` is a sentinel that is always "kept" and occludes padding. The sequential
+    in sub-chunks of :data:`GRAM_CHUNK` / ``shrink`` pivots), stored as booleans ``occ [C, P, C + 1]`` (candidate,
+    pivot, earlier candidate); column ``C`` is a sentinel that is always "kept" and occludes padding. The sequential
     part is then three tensor operations per candidate rank over all ``P`` pivots."""
     P, C = cand.shape
     dev = cand.device

@@ -1,9 +1,10 @@
 """Plot of session 19 (docs/BENCHMARKS.md), one H100 host: left, where one standalone layer build's GPU time goes
 (``torch.profiler`` of ``layer_build_profile.py``: 8 graphs over 128K keys, 8,192 training queries each) with the
-occlusion pruning as one Triton kernel and as torch ops; the profiler lists its 20 costliest operators, so "other" holds the rest: with the torch pruning most of it is that
-pruning's smaller operators (masks, copies, its sequential rounds); right, the 128K prefill and the wait for the index after
-it, with each pruning (``bench decode``, two processes on the machine). Usage: ``python
-docs/bench/scripts/plot_s19.py`` -> docs/bench/h100_build_s19.png."""
+occlusion pruning as one Triton kernel and as torch ops (the profiler lists its 20 costliest operators, so "other"
+holds the rest: with the torch pruning most of it is that pruning's smaller operators, masks, copies and its
+sequential rounds); right, the 128K prefill and the wait for the index after it, with each pruning (``bench
+decode``, two processes on the machine). Usage: ``python docs/bench/scripts/plot_s19.py`` ->
+docs/bench/h100_build_s19.png."""
 import json
 import re
 from pathlib import Path
