@@ -42,6 +42,7 @@ def test_triton_prune_matches_the_torch_reference_on_cuda(P, C, n, d, M, alpha2)
     cand, dpc, kh = _case(P, C, n, d, seed=P + C, device="cuda")
     got = PT.prune(cand, dpc, kh, M, alpha2)
     want = _prune_torch(cand, dpc, kh, M, alpha2)
+    assert PT.prune(cand, dpc, kh, M, alpha2, prefetch=True).equal(got)
     assert got.dtype == torch.int32 and got.shape == (P, M)
     same = (got == want).all(1).float().mean().item()
     assert same >= 0.999, same  # rows may differ only where a distance's last float32 bits do
@@ -61,6 +62,7 @@ for (P, C, n, d, M, alpha2, seed) in cases:
     cand, dpc, kh = _case(P, C, n, d, seed)
     a = PT.prune(cand, dpc, kh, M, alpha2)
     bad += int((a != _prune_torch(cand, dpc, kh, M, alpha2)).any(1).sum())
+    assert PT.prune(cand, dpc, kh, M, alpha2, prefetch=True).equal(a)
     assert _prune(cand, dpc, kh, M, alpha2).equal(a)  # auto: Triton interprets on the CPU
 print("rows differing", bad)
 """

@@ -56,7 +56,8 @@ def _kernel(interpreting: bool):
 
     @triton.jit
     def prune_kernel(cand_ptr, dpc_ptr, keys_ptr, out_ptr, alpha2, C: tl.constexpr, d: tl.constexpr,
-                     DB: tl.constexpr, M: tl.constexpr, MB: tl.constexpr, ALPHA_ONE: tl.constexpr):
+                     DB: tl.constexpr, M: tl.constexpr, MB: tl.constexpr, ALPHA_ONE: tl.constexpr,
+                     PREFETCH: tl.constexpr):
         p = tl.program_id(0).to(tl.int64)
         dofs = tl.arange(0, DB)
         dmask = dofs < d
@@ -65,10 +66,21 @@ def _kernel(interpreting: bool):
         kept_sq = tl.zeros([MB], dtype=tl.float32)
         kept_id = tl.full([MB], -1, dtype=tl.int64)
         nk = tl.zeros([1], dtype=tl.int32)  # kept so far
+        # PREFETCH: the next candidate's id, limit and row are loaded while the current one is tested
+        nxt_id = tl.load(cand_ptr + p * C)
+        nxt_lim = tl.load(dpc_ptr + p * C)
+        nxt_x = tl.load(keys_ptr + tl.maximum(nxt_id, 0) * d + dofs, mask=dmask, other=0.0)
         for c in range(0, C):
-            cid = tl.load(cand_ptr + p * C + c)
-            lim = tl.load(dpc_ptr + p * C + c)
-            x = tl.load(keys_ptr + tl.maximum(cid, 0) * d + dofs, mask=dmask, other=0.0)
+            if PREFETCH:
+                cid, lim, x = nxt_id, nxt_lim, nxt_x
+                more = c + 1 < C
+                nxt_id = tl.load(cand_ptr + p * C + c + 1, mask=more, other=-1)
+                nxt_lim = tl.load(dpc_ptr + p * C + c + 1, mask=more, other=0.0)
+                nxt_x = tl.load(keys_ptr + tl.maximum(nxt_id, 0) * d + dofs, mask=dmask, other=0.0)
+            else:
+                cid = tl.load(cand_ptr + p * C + c)
+                lim = tl.load(dpc_ptr + p * C + c)
+                x = tl.load(keys_ptr + tl.maximum(cid, 0) * d + dofs, mask=dmask, other=0.0)
             sq = tl.sum(x * x, axis=0)
             dot = tl.sum(kept * x[None, :], axis=1)
             dist = tl.maximum(sq + kept_sq - 2.0 * dot, 0.0)
@@ -88,10 +100,13 @@ def _kernel(interpreting: bool):
     return prune_kernel
 
 
-def prune(cand: torch.Tensor, dpc: torch.Tensor, keys: torch.Tensor, M: int, alpha2: float) -> torch.Tensor:
+def prune(cand: torch.Tensor, dpc: torch.Tensor, keys: torch.Tensor, M: int, alpha2: float,
+          prefetch: bool = False) -> torch.Tensor:
     """Occlusion pruning: ranked candidates ``cand [P, C]`` int64 (-1 = none), their float32 squared distances to
     the pivot ``dpc [P, C]``, keys ``[n, d]`` float32, all on one device -> ``[P, M]`` int32 kept ids in rank
-    order, -1 padded (the output of :func:`.projection_torch._prune_torch`)."""
+    order, -1 padded (the output of :func:`.projection_torch._prune_torch`). ``prefetch``: load the next
+    candidate's row while testing the current one (the same result; not yet timed on a GPU, so off by default:
+    ``docs/bench/scripts/prune_bench.py``)."""
     P, C = cand.shape
     out = torch.empty((P, M), dtype=torch.int32, device=cand.device)
     if P == 0:
@@ -107,5 +122,6 @@ def prune(cand: torch.Tensor, dpc: torch.Tensor, keys: torch.Tensor, M: int, alp
         dpc = torch.nn.functional.pad(dpc, (0, pad), value=float("inf"))
     _kernel(_interpreting())[(P,)](cand.contiguous(), dpc.contiguous(), keys, out, float(alpha2), C=C + pad,
                                    d=keys.shape[1], DB=triton.next_power_of_2(keys.shape[1]), M=M,
-                                   MB=triton.next_power_of_2(M), ALPHA_ONE=float(alpha2) == 1.0)
+                                   MB=triton.next_power_of_2(M), ALPHA_ONE=float(alpha2) == 1.0,
+                                   PREFETCH=bool(prefetch))
     return out
