@@ -8,6 +8,12 @@ from __future__ import annotations
 import torch
 
 
+def cuda_in_use() -> bool:
+    """Whether CUDA is available and this process has initialised it (GPU work may be running; before that there
+    is nothing to keep clear of or release, and asking must not create a CUDA context)."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def cuda_unreserved(dev: torch.device | int | None = None) -> int:
     """Bytes the caching allocator can still reserve on CUDA device ``dev``: free device memory and the budget left
     under the process's memory fraction, whichever is smaller."""
@@ -32,7 +38,7 @@ def release_if_tight(dev: torch.device | int | None = None) -> bool:
     allocator's free blocks when less than :data:`RELEASE_BELOW_BYTES` are left to reserve (the blocks a stream freed
     are reused by that stream only, so a finished build's would stay out of the prefill's reach). Returns whether
     it released; a no-op while the process has not initialised CUDA."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+    if not cuda_in_use():
         return False
     if cuda_unreserved(dev) >= RELEASE_BELOW_BYTES:
         return False

@@ -18,7 +18,7 @@ import inspect
 
 import torch
 
-from .gpumem import cuda_headroom  # noqa: F401  (re-exported: prefill.cuda_headroom)
+from .gpumem import cuda_headroom
 
 # decoder-only models whose decoder layers take (hidden, attention_mask, position_ids, cache /
 # past_key_values, use_cache, position_embeddings) and run input norm -> attention -> post norm -> MLP

@@ -139,8 +139,8 @@ class TransientWorkers:
 
 
 #: idle background streams per (CUDA device, priority), reused by :func:`background_cuda_stream` (as many exist as
-#: jobs ever ran at once): the caching allocator keeps a freed block for the stream that used it, so a fresh stream per job
-#: would strand each job's cached blocks
+#: jobs ever ran at once): the caching allocator keeps a freed block for the stream that used it, so a fresh stream
+#: per job would strand each job's cached blocks
 _IDLE_STREAMS: dict = {}
 _STREAMS_LOCK = threading.Lock()
 
@@ -152,6 +152,7 @@ STREAM_PRIORITIES = {"normal": 0, "high": -1}
 
 
 def check_stream_priority(priority: str) -> None:
+    """Raise ``ValueError`` naming the choices unless ``priority`` is a key of :data:`STREAM_PRIORITIES`."""
     if priority not in STREAM_PRIORITIES:
         raise ValueError(f"unknown stream priority {priority!r}; choose one of {', '.join(STREAM_PRIORITIES)}")
 
@@ -160,9 +161,8 @@ def check_stream_priority(priority: str) -> None:
 def background_cuda_stream(priority: str = "normal"):
     """Context manager: the block's CUDA work runs on a background stream of the current device (one not in use
     by another block, non-blocking, of ``priority``: a key of :data:`STREAM_PRIORITIES`), synchronised when the
-    block ends. It does nothing without CUDA or while the
-    process has not initialised CUDA (no foreground GPU work to keep clear of; a CPU-only run on a GPU host does
-    not pay for a CUDA context). Yields the stream or None.
+    block ends. It does nothing without CUDA or while the process has not initialised CUDA (no foreground GPU work
+    to keep clear of; a CPU-only run on a GPU host does not pay for a CUDA context). Yields the stream or None.
 
     For background threads (index builds, graph insertions). A thread's default CUDA stream is the device's
     legacy default stream, shared with the foreground: there every kernel of a build queued behind the layer-by-
@@ -170,8 +170,10 @@ def background_cuda_stream(priority: str = "normal"):
     all the prefill work queued before it; in the decode loop an insertion's kNN would delay the step's kernels."""
     import torch
 
+    from .gpumem import cuda_in_use
+
     check_stream_priority(priority)
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+    if not cuda_in_use():
         yield None
         return
     key = (torch.cuda.current_device(), priority)

@@ -66,10 +66,10 @@ def _kernel(interpreting: bool):
         kept_sq = tl.zeros([MB], dtype=tl.float32)
         kept_id = tl.full([MB], -1, dtype=tl.int64)
         nk = tl.zeros([1], dtype=tl.int32)  # kept so far
-        # PREFETCH: the next candidate's id, limit and row are loaded while the current one is tested
-        nxt_id = tl.load(cand_ptr + p * C)
-        nxt_lim = tl.load(dpc_ptr + p * C)
-        nxt_x = tl.load(keys_ptr + tl.maximum(nxt_id, 0) * d + dofs, mask=dmask, other=0.0)
+        if PREFETCH:  # the next candidate's id, limit and row are loaded while the current one is tested
+            nxt_id = tl.load(cand_ptr + p * C)
+            nxt_lim = tl.load(dpc_ptr + p * C)
+            nxt_x = tl.load(keys_ptr + tl.maximum(nxt_id, 0) * d + dofs, mask=dmask, other=0.0)
         for c in range(0, C):
             if PREFETCH:
                 cid, lim, x = nxt_id, nxt_lim, nxt_x

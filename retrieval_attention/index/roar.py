@@ -179,9 +179,10 @@ BUILD_SHARE_OF_HEADROOM = 0.25
 def first_shrink() -> int:
     """The first of :data:`SHRINK_STEPS` whose chunks fit :data:`BUILD_SHARE_OF_HEADROOM` of the current CUDA
     device's headroom (:func:`retrieval_attention.gpumem.cuda_headroom`); the first step without CUDA in use."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+    from ..gpumem import cuda_headroom, cuda_in_use
+
+    if not cuda_in_use():
         return SHRINK_STEPS[0]
-    from ..gpumem import cuda_headroom
 
     room = BUILD_SHARE_OF_HEADROOM * cuda_headroom(torch.cuda.current_device())
     for s in SHRINK_STEPS:
@@ -195,14 +196,12 @@ def with_smaller_chunks(fn, *args, **kwargs):
     divides its chunk sizes by ``s``) until one call runs without a CUDA out-of-memory error; the cached blocks
     are released between tries. The last try's error propagates. ``fn`` must leave its outputs unchanged or
     wholly rewritten on a retry."""
-    start = SHRINK_STEPS.index(first_shrink())
-    for i, s in enumerate(SHRINK_STEPS):
-        if i < start:
-            continue
+    steps = SHRINK_STEPS[SHRINK_STEPS.index(first_shrink()):]
+    for i, s in enumerate(steps):
         try:
             return fn(*args, shrink=s, **kwargs)
         except torch.OutOfMemoryError:
-            if i == len(SHRINK_STEPS) - 1:
+            if i == len(steps) - 1:
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -342,8 +341,8 @@ def topk_rows(S: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     ``sqrt(n / k)``); every top-k value lies in a group whose maximum is at least the k-th value, and fewer than
     ``k`` groups have a larger maximum, so the ``k`` groups of the largest maxima hold the top-k values. One pass
     over ``S`` (the maxima) and two small selections (``n / gs`` maxima, ``k * gs`` gathered values) instead of a
-    selection over all ``n`` columns. The GPU kNN's ``torch.topk`` took 3.1 of the ~5 ms per 1 GiB score chunk
-    (docs/BENCHMARKS.md, session 11); this one is not yet timed on a GPU (``docs/bench/scripts/knn_topk.py``)."""
+    selection over all ``n`` columns. Per 1 GiB score chunk on an H100 host: 1.6 ms against 3.2 ms for
+    ``torch.topk`` (docs/BENCHMARKS.md, session 19; ``docs/bench/scripts/knn_topk.py``)."""
     r, n = S.shape
     gs = 1 << max(0, round(math.log2(math.sqrt(n / max(k, 1))))) if k < n else 1
     G = n // gs
