@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .cache import CPUStore, RetrievalCache, RetrievalLayer
 from .config import RetrievalConfig

@@ -334,7 +334,6 @@ def generate_ids_many(model, input_ids: torch.Tensor, configs: list[RetrievalCon
     reason (or ``shared=False``) each configuration runs through :func:`generate_ids` instead; ``shared=True``
     raises ``ValueError`` with the reason then.
     """
-    from transformers import DynamicCache
 
     from .cache import RetrievalLayer
     from .prefill import layerwise_prefill

@@ -4,12 +4,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from retrieval_attention.cli import build_parser
 from retrieval_attention.config import RetrievalConfig
 from retrieval_attention.generation import PromptTooLong, check_length, generate
-from retrieval_attention.models import EMBEDDED_MODELS, ModelNotAvailable, embedded_gguf_path, resolve_model_source
+from retrieval_attention.models import ModelNotAvailable, embedded_gguf_path, resolve_model_source
 
 from tiny_models import tiny_model
 

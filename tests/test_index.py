@@ -971,3 +971,62 @@ def test_target_recall_calibrates_widths_per_head(tmp_path):
 def test_target_recall_bad_params(bad):
     with pytest.raises(IndexError_):
         make_index("roar", **bad)
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+@pytest.mark.parametrize("resident", [True, False])
+def test_keys_on_device_heads_are_the_stored_keys(storage, resident):
+    """:class:`KeysOnDevice` (on the CPU device here) gives each KV head's first n stored keys as float32, the
+    same whether one resident copy holds them (bfloat16 bits kept as bfloat16) or each head is copied when asked;
+    the spare rows after n are not part of it."""
+    import torch
+
+    from retrieval_attention.index.bf16 import as_float32, f32_to_bf16_bits
+    from retrieval_attention.index.roar import KeysOnDevice
+
+    rng = np.random.default_rng(31)
+    full = rng.standard_normal((3, 70, 8)).astype(np.float32)
+    stored = f32_to_bf16_bits(full) if storage == "bfloat16" else full
+    kd = KeysOnDevice(stored, 50, "cpu", resident)
+    assert (kd.resident is not None) == resident
+    if resident:
+        assert kd.resident.shape == (3, 50, 8)
+        assert kd.resident.dtype == (torch.bfloat16 if storage == "bfloat16" else torch.float32)
+    for h in (2, 0, 0, 1):
+        got = kd.head(h)
+        assert got.dtype == torch.float32 and got.shape == (50, 8)
+        np.testing.assert_array_equal(got.numpy(), as_float32(stored[h, :50]))
+    assert KeysOnDevice(stored, 50, "cpu").resident is None  # "auto": resident only on CUDA
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_roar_resident_keys_build_the_same_graph(storage):
+    """The torch build stages reading one shared copy of the keys (``resident_keys=True``) build the same graph as
+    with each stage copying its heads (``False``); other values are refused."""
+    rng = np.random.default_rng(32)
+    keys = rng.standard_normal((2, 400, 16)).astype(np.float32)
+    tq = rng.standard_normal((4, 300, 16)).astype(np.float32) + 0.3
+    kw = dict(M=8, n_query_neighbors=16, projection="torch", storage=storage)
+    a = make_index("roar", resident_keys=True, **kw).build(keys, tq)
+    b = make_index("roar", resident_keys=False, **kw).build(keys, tq)
+    assert a.build_stats["resident_keys"] == 1.0 and b.build_stats["resident_keys"] == 0.0
+    np.testing.assert_array_equal(a._adj, b._adj)
+    with pytest.raises(IndexError_, match="resident_keys"):
+        make_index("roar", resident_keys="yes")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_roar_resident_keys_on_cuda_build_the_same_graph():
+    """On a real GPU: ``"auto"`` keeps the keys resident when they fit, and the graph equals
+    the one built with a copy per head and stage."""
+    from retrieval_attention.index.roar import KeysOnDevice
+
+    rng = np.random.default_rng(33)
+    keys = rng.standard_normal((2, 20000, 64)).astype(np.float32)
+    tq = rng.standard_normal((8, 3000, 64)).astype(np.float32) + 0.3
+    assert KeysOnDevice(keys, 20000, "cuda").resident is not None
+    kw = dict(M=16, n_query_neighbors=32, storage="bfloat16")
+    a = make_index("roar", **kw).build(keys, tq)
+    b = make_index("roar", resident_keys=False, **kw).build(keys, tq)
+    assert a.build_stats["resident_keys"] == 1.0 and b.build_stats["resident_keys"] == 0.0
+    np.testing.assert_array_equal(a._adj, b._adj)

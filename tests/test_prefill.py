@@ -272,7 +272,6 @@ def test_build_workers_run_builds_at_once(monkeypatch, workers):
     the same either way."""
     import threading
 
-    from retrieval_attention import cache as C
     from retrieval_attention.index.flat import FlatIndex
     from retrieval_attention.threads import parallel_kernels_concurrent
 

@@ -153,7 +153,7 @@ def markdown_report(summary: list[dict], records: list[dict], meta: dict | None 
         lines += ["", f"Samples per cell: {ns[0]}" + (f"–{ns[-1]}" if len(ns) > 1 else "") + ".", ""]
         if full_label is not None and len(methods) > 1:
             pairs = agreement_pairs(ok)
-            lines += [f"### Agreement with full attention (% of samples with the identical output)", ""]
+            lines += ["### Agreement with full attention (% of samples with the identical output)", ""]
             header = ["method"] + tasks + ["all"]
             lines.append("| " + " | ".join(header) + " |")
             lines.append("|" + "---|" + "---:|" * (len(header) - 1))

@@ -56,7 +56,8 @@ def project_torch(knn_ids: np.ndarray, own: np.ndarray, keys: np.ndarray, kv_of_
                   alpha: float, by_count: bool, max_cand: int, device: str | torch.device = "cpu",
                   timings: dict | None = None, shrink: int = 1, prune: str = "auto") -> np.ndarray:
     """Same inputs and output as :func:`.kernels.project` with ``fill=False``: knn_ids ``[G, m, kq]`` int32,
-    own ``[G, n, R]`` int32, keys ``[Hkv, >= n, d]`` float32 or uint16 bfloat16 bits, kv_of_graph ``[G]``
+    own ``[G, n, R]`` int32, keys ``[Hkv, >= n, d]`` float32 or uint16 bfloat16 bits (or a
+    :class:`.roar.KeysOnDevice` of them), kv_of_graph ``[G]``
     -> adj ``[G, n, M]`` int32 (-1 padded). Runs on ``device``. ``timings``: a dict that gets the seconds of
     steps 1-3 (``"candidates_s"``) and 4 (``"prune_s"``) added (synchronising the device between them).
     ``shrink``: divides every chunk size (:data:`POOL_BYTES`, :data:`PRUNE_CHUNK`, :data:`GRAM_CHUNK`) for a
@@ -96,15 +97,17 @@ def project_torch(knn_ids: np.ndarray, own: np.ndarray, keys: np.ndarray, kv_of_
 
 
 def _graph_keys(keys, kv_of_graph, n, dev):
-    """Yields ``(g, kh, sq)`` per graph: its KV head's keys ``[n, d]`` float32 on ``dev`` and their squared norms,
-    copied once per KV head (graphs of one KV head are consecutive)."""
-    from .roar import keys_for_knn
+    """Yields ``(g, kh, sq)`` per graph: its KV head's keys ``[n, d]`` float32 on ``dev`` and their squared norms.
+    ``keys``: a :class:`.roar.KeysOnDevice` (its copy on the device, shared with the other build stages) or the
+    keys as stored, copied once per KV head (graphs of one KV head are consecutive)."""
+    from .roar import KeysOnDevice
 
+    src = keys if isinstance(keys, KeysOnDevice) else KeysOnDevice(keys, n, dev, resident=False)
     kh_of = None
     for g in range(len(kv_of_graph)):
         h = int(kv_of_graph[g])
         if h != kh_of:
-            kh, kh_of = keys_for_knn(keys[h, :n], dev), h
+            kh, kh_of = src.head(h), h
             sq = (kh * kh).sum(1)
         yield g, kh, sq
 

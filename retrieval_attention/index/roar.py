@@ -75,6 +75,8 @@ PAIR_PROBE_K = 16
 PAIR_PROBE_POSITIONS = 32
 #: key storage of the index: float32, or bfloat16 (uint16 bits, rounded to nearest even; half the memory)
 STORAGE = ("float32", "bfloat16")
+#: ``resident_keys`` values: whether the GPU build stages share one device copy of a layer's keys (:class:`KeysOnDevice`)
+RESIDENT_KEYS = ("auto", True, False)
 #: how the fused decode call hands (query head, query) pairs to its workers: ``"snake"`` (fixed ranks by the
 #: previous call's cost) or ``"dynamic"`` (a shared atomic counter, longest expected first)
 SCHEDULES = ("snake", "dynamic")
@@ -273,6 +275,54 @@ def keys_for_knn(keys, device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(keys, np.float32)).to(device)
 
 
+class KeysOnDevice:
+    """A layer's keys ``[Hkv, >= n, d]`` (numpy float32, or uint16 bfloat16 bits) for the GPU build stages
+    (kNN, projection, reverse edges, repair), read one KV head at a time: :meth:`head` ``(h) -> [n, d]`` float32
+    on ``device``. ``resident=True`` copies every head's first ``n`` keys to the device once, as stored (bfloat16
+    stays bfloat16: half the bytes; converted per :meth:`head`, on the device), so the four stages share one
+    host->device copy; otherwise each :meth:`head` call copies its head unless it is the last one asked for.
+    ``resident="auto"``: on CUDA, when the copy fits :data:`BUILD_SHARE_OF_HEADROOM` of the headroom. Session 19's
+    profile of one 128K layer build: the keys crossed four times (~110 of its 149 ms of host->device copies, of
+    703 ms of GPU time). Consumers must not write into the returned tensor (float32 storage returns a view)."""
+
+    def __init__(self, keys: np.ndarray, n: int, device, resident="auto"):
+        self.keys, self.n, self.device = keys, n, torch.device(device)
+        self._last: tuple[int, torch.Tensor] | None = None
+        Hkv, d = keys.shape[0], keys.shape[2]
+        nbytes = Hkv * n * d * keys.dtype.itemsize
+        if resident == "auto":
+            resident = self.device.type == "cuda" and nbytes <= self._room()
+        self.resident: torch.Tensor | None = None
+        if resident:
+            dt = torch.bfloat16 if keys.dtype == np.uint16 else torch.float32
+            self.resident = torch.empty((Hkv, n, d), dtype=dt, device=self.device)
+            for h in range(Hkv):  # rows 0..n-1 of one head are contiguous (the spare rows follow them)
+                src = np.ascontiguousarray(keys[h, :n])
+                self.resident[h].copy_(bits_as_tensor(src) if keys.dtype == np.uint16 else torch.from_numpy(src))
+
+    def _room(self) -> float:
+        """Bytes a resident copy may take: :data:`BUILD_SHARE_OF_HEADROOM` of the device's headroom (0 where
+        CUDA cannot report it: a build with CUDA simulated, or torch without CUDA)."""
+        from ..gpumem import cuda_headroom
+
+        try:
+            return BUILD_SHARE_OF_HEADROOM * cuda_headroom(self.device)
+        except (AssertionError, RuntimeError):
+            return 0.0
+
+    @property
+    def n_heads(self) -> int:
+        return self.keys.shape[0]
+
+    def head(self, h: int) -> torch.Tensor:
+        """KV head ``h``'s keys ``[n, d]`` float32 on the device."""
+        if self.resident is not None:
+            return self.resident[h].float()
+        if self._last is None or self._last[0] != h:
+            self._last = (h, keys_for_knn(self.keys[h, :self.n], self.device))
+        return self._last[1]
+
+
 def knn_ip_torch(queries, keys, k, excl, l2, ids, sc, device, shrink: int = 1):
     """GPU body of :func:`knn_ip` (matmul + ``torch.topk`` on ``device``; same outputs): ``excl [m]`` int64
     (-1 = none), ``ids [m, k]`` / ``sc [m, k]`` its -1 / -inf initialised result arrays, filled and returned.
@@ -453,6 +503,9 @@ class RoarIndex(KVIndex):
     prune              where the torch projection's occlusion pruning runs: ``"triton"`` (one kernel,
                        :mod:`.prune_triton`), ``"torch"`` (tensor ops, the reference) or ``"auto"`` (Triton where it
                        can run: CUDA with Triton installed); see :data:`.projection_torch.PRUNE_WITH`
+    resident_keys      ``True``: the GPU build stages share one device copy of the layer's keys
+                       (:class:`KeysOnDevice`); ``False``: each stage copies one KV head at a time; ``"auto"``:
+                       shared on CUDA when the copy fits a share of the free GPU memory. The same graph either way
     """
 
     budget_params = ("ef",)
@@ -463,13 +516,14 @@ class RoarIndex(KVIndex):
                  insert_threshold: int = 4096, storage: str = "float32",
                  max_candidates: int | None = 128, projection: str = "auto", insert_lag: int | None = None,
                  schedule: str = "snake", share: str = "none", target_recall: float | None = None,
-                 calib_queries: int = 64, max_ef: int | None = None, prune: str = "auto") -> None:
+                 calib_queries: int = 64, max_ef: int | None = None, prune: str = "auto",
+                 resident_keys: str | bool = "auto") -> None:
         super().__init__(M=M, n_query_neighbors=n_query_neighbors, alpha=alpha, ef=ef, graph_per=graph_per,
                          max_train_queries=max_train_queries, n_entry=n_entry, fill=fill, n_owners=n_owners, order=order,
                          repair_branching=repair_branching, insert_threshold=insert_threshold, storage=storage,
                          max_candidates=max_candidates, projection=projection, insert_lag=insert_lag,
                          schedule=schedule, share=share, target_recall=target_recall, calib_queries=calib_queries,
-                         max_ef=max_ef, prune=prune)
+                         max_ef=max_ef, prune=prune, resident_keys=resident_keys)
         if schedule not in SCHEDULES:
             raise IndexError_(f"roar: schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.schedule = schedule
@@ -533,6 +587,9 @@ class RoarIndex(KVIndex):
                 raise IndexError_("roar: prune='triton' needs the triton package (pip install triton); use "
                                   "prune='auto' to fall back to the torch pruning without it")
         self.prune = prune
+        if not (resident_keys == "auto" or isinstance(resident_keys, bool)):
+            raise IndexError_(f"roar: resident_keys must be one of {RESIDENT_KEYS}, got {resident_keys!r}")
+        self.resident_keys = resident_keys
         self._lock = threading.Lock()
         self.build_stats: dict[str, float] = {}
         self._last_scanned: np.ndarray | None = None  # keys scanned per pair by the last search_attend call
@@ -580,6 +637,14 @@ class RoarIndex(KVIndex):
         knn_sc = np.empty((G, m, kq), np.float32)
         entries = np.full((G, self.n_entry), -1, np.int32)
         on_gpu = _worth_cuda(m + 1, n)
+        on_torch = self._projection_on() == "torch"
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        kd = None  # the keys on the device, shared by the build stages (one host->device copy per layer)
+        if on_gpu or on_torch:
+            try:
+                kd = KeysOnDevice(stored, n, dev, self.resident_keys)
+            except torch.OutOfMemoryError:  # then every stage copies its heads
+                kd = KeysOnDevice(stored, n, dev, False)
 
         def knn_of_head(h, kh, allow_cuda):
             for g in np.nonzero(kv_of_graph == h)[0]:
@@ -593,7 +658,7 @@ class RoarIndex(KVIndex):
                 knn_of_head(h, stored[h, :n], False)
                 continue
             try:
-                knn_of_head(h, keys_for_knn(stored[h, :n], "cuda"), True)  # one host->GPU copy per KV head
+                knn_of_head(h, kd.head(h), True)
             except torch.OutOfMemoryError as e:
                 on_gpu = _torch_fallback("kNN of the training queries", e)
                 knn_of_head(h, stored[h, :n], False)
@@ -601,14 +666,12 @@ class RoarIndex(KVIndex):
         t1 = time.perf_counter()
 
         own = K.owners(knn_ids, knn_sc, n, self.n_owners)
-        on_torch = self._projection_on() == "torch"
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
         adj = None
         if on_torch:
             from .projection_torch import add_reverse_edges_torch, project_torch
 
             try:
-                adj = with_smaller_chunks(project_torch, knn_ids, own, keys, kv_of_graph, n, self.M, self.alpha,
+                adj = with_smaller_chunks(project_torch, knn_ids, own, kd, kv_of_graph, n, self.M, self.alpha,
                                           self.order == "count", self._cand_cap, dev, prune=self.prune)
             except torch.OutOfMemoryError as e:
                 on_torch = _torch_fallback("projection", e)
@@ -618,7 +681,7 @@ class RoarIndex(KVIndex):
         t_proj = time.perf_counter()
         if on_torch:
             try:  # writes adj only once every graph is done: an out-of-memory error leaves it as projected
-                with_smaller_chunks(add_reverse_edges_torch, adj, keys, kv_of_graph, n, self.alpha, self._cand_cap,
+                with_smaller_chunks(add_reverse_edges_torch, adj, kd, kv_of_graph, n, self.alpha, self._cand_cap,
                                     dev, prune=self.prune)
             except torch.OutOfMemoryError as e:
                 on_torch = _torch_fallback("reverse edges", e)
@@ -633,11 +696,13 @@ class RoarIndex(KVIndex):
         self._entries = entries
         self._kv_of_graph = kv_of_graph
         self.n_graph = n
-        links = self._repair()
+        links = self._repair(device_keys=kd if kd is not None and kd.device.type == "cuda" else None)
+        resident = kd is not None and kd.resident is not None
+        del kd  # the device copy goes back to the allocator
         t3 = time.perf_counter()
         self.build_stats = {"knn_s": t1 - t0, "graph_s": t2 - t1, "repair_s": t3 - t2, "total_s": t3 - t0,
                             "projection_s": t_proj - t1, "reverse_s": t2 - t_proj,
-                            "n_train": float(m), "repair_links": float(links),
+                            "n_train": float(m), "repair_links": float(links), "resident_keys": float(resident),
                             "covered_frac": float((own[:, :, 0] >= 0).mean())}
         if calib is not None:
             t4 = time.perf_counter()
@@ -702,10 +767,10 @@ class RoarIndex(KVIndex):
             return "torch" if torch.cuda.is_available() else "kernel"
         return "torch"
 
-    def _repair(self, adj=None, n=None, keys=None) -> int:
+    def _repair(self, adj=None, n=None, keys=None, device_keys: KeysOnDevice | None = None) -> int:
         """Connectivity repair over nodes 0..n-1 of ``adj`` (default: the index's graph, ``n_graph`` nodes; see
         module docstring). Returns the number of edges added by the final per-node linking pass (normally a
-        handful)."""
+        handful). ``device_keys``: the same keys already on the GPU (:class:`KeysOnDevice` over ``n`` keys)."""
         adj = self._adj if adj is None else adj
         n = self.n_graph if n is None else n
         keys = self._keys if keys is None else keys
@@ -716,7 +781,7 @@ class RoarIndex(KVIndex):
             parent = np.full((G, n), -1, np.int32)
             pdist = np.zeros((G, n), np.float32)
             gpu_ok = True  # until an out-of-memory error
-            kh_dev = None  # (KV head, its keys on the GPU), shared by the graphs of one KV head
+            kd = device_keys if device_keys is not None else KeysOnDevice(keys, n, "cuda", False)
             for g in range(G):
                 un = np.nonzero(~reached[g])[0]
                 rr = np.nonzero(reached[g])[0]
@@ -726,9 +791,7 @@ class RoarIndex(KVIndex):
                     rr = rr[np.linspace(0, len(rr) - 1, _REPAIR_PARENTS).astype(np.int64)]
                 if gpu_ok and _worth_cuda(len(un), len(rr)):
                     try:
-                        if kh_dev is None or kh_dev[0] != kvg[g]:
-                            kh_dev = (kvg[g], keys_for_knn(keys[kvg[g], :n], "cuda"))
-                        near, d2 = with_smaller_chunks(nearest_rows_torch, kh_dev[1], un, rr, "cuda")
+                        near, d2 = with_smaller_chunks(nearest_rows_torch, kd.head(int(kvg[g])), un, rr, "cuda")
                         parent[g, un], pdist[g, un] = near, d2
                         continue
                     except torch.OutOfMemoryError as e:

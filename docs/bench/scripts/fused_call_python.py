@@ -6,7 +6,6 @@ moved to plain Python numbers, 38 us after.
 Usage: ``python docs/bench/scripts/fused_call_python.py``."""
 import cProfile
 import pstats
-import time
 
 import numpy as np
 import torch

@@ -6,7 +6,7 @@ Synthetic out-of-distribution keys (``make_ood_data``), Llama-3-8B attention sha
 128), ef 128, top-100, one thread, ``layers`` independent indexes searched in turn (cold rows).
 Usage: ``NUMBA_NUM_THREADS=1 python docs/bench/scripts/interleaved_search.py [keys=131072] [layers=4]
 [storage=bfloat16|float32]``."""
-import sys, time, numpy as np, numba
+import sys, time, numpy as np
 from numba import njit
 from retrieval_attention.threads import configure_threads
 configure_threads(1)

@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 from numba import njit
-from retrieval_attention.index.kernels import _dot, _prefetch_row
 from retrieval_attention.index import kernels as K
 
 @njit(nogil=True)

@@ -15,7 +15,7 @@ from numba import njit
 from retrieval_attention.index import make_index
 from retrieval_attention.index.reference import make_ood_data
 from retrieval_attention.index.kernels import (_test_and_set, _prefetch_row, _dot, _beam_insert, pack_entry, entry_id,
-    _EXPANDED, _insert_at_cursor, _beam_results, search_two, clear_visited, visited_words)
+    _EXPANDED, _insert_at_cursor, _beam_results, search_two, clear_visited)
 
 @njit(nogil=True)
 def search_two_rounds(adj, keys, n_graph, n_total, qa, qb, g, kv, entries, k, L, vis, ba, bb, ra_s, ra_i, rb_s, rb_i,

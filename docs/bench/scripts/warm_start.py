@@ -1,7 +1,7 @@
 """Experiment (docs/BENCHMARKS.md, session 5): the previous decode step's top-W results (same head) as extra entry
 points of the beam search, on the cached 8K SmolLM2 capture (run `retrieval-attention bench recall` once to make it).
 Usage: ``python docs/bench/scripts/warm_start.py [W]``."""
-import sys, numpy as np, numba
+import sys, numpy as np
 from retrieval_attention.threads import configure_threads
 configure_threads(2)
 from retrieval_attention.bench.capture import load_capture
