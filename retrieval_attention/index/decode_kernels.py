@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from .bf16 import as_float32
-from .kernels import (_dot, _test_and_set, atomic_fetch_add, clear_visited, cycle_counter,
+from .kernels import (CYCLE_COUNTER, _dot, _test_and_set, atomic_fetch_add, clear_visited, cycle_counter,  # noqa: F401 (CYCLE_COUNTER: re-exported)
                       cycles_per_second, elem, emit_results, prefetch_rows_ahead, search_pair, search_two,
                       visited_words)
 from ..attention.residual_kernels import _finish, _row, draw_ids
