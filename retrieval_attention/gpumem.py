@@ -14,18 +14,30 @@ def cuda_in_use() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
-def cuda_unreserved(dev: torch.device | int | None = None) -> int:
+def _indexed(dev: torch.device | int | str | None) -> torch.device | int | None:
+    """``dev`` with its index: a bare ``"cuda"`` means the current device (torch's memory-fraction query refuses a
+    device without an index)."""
+    if isinstance(dev, str):
+        dev = torch.device(dev)
+    if isinstance(dev, torch.device) and dev.index is None:
+        return torch.cuda.current_device()
+    return dev
+
+
+def cuda_unreserved(dev: torch.device | int | str | None = None) -> int:
     """Bytes the caching allocator can still reserve on CUDA device ``dev``: free device memory and the budget left
     under the process's memory fraction, whichever is smaller."""
+    dev = _indexed(dev)
     free, total = torch.cuda.mem_get_info(dev)
     get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     fraction = get_fraction(dev) if get_fraction is not None else 1.0
     return max(0, min(free, int(fraction * total) - torch.cuda.memory_reserved(dev)))
 
 
-def cuda_headroom(dev: torch.device | int | None = None) -> int:
+def cuda_headroom(dev: torch.device | int | str | None = None) -> int:
     """Bytes still allocatable on CUDA device ``dev``: :func:`cuda_unreserved` plus the allocator's cached free
     blocks (which a stream other than the one that freed them may not be able to use)."""
+    dev = _indexed(dev)
     return cuda_unreserved(dev) + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
 
 

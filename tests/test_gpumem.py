@@ -16,7 +16,12 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (120 * G, 140 * G))
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda dev=None: 24 / 140, raising=False)
+    def fraction(dev=None):  # as torch's: a device without an index is refused
+        if isinstance(dev, torch.device) and dev.index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{dev}")
+        return 24 / 140
+
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", fraction, raising=False)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: state["reserved"])
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: state["allocated"])
 
@@ -32,6 +37,16 @@ def fake_cuda(monkeypatch):
 def test_headroom_counts_the_budget_and_cached_blocks(fake_cuda):
     assert gpumem.cuda_unreserved(0) == 7 * G  # 24 - 17 reserved
     assert gpumem.cuda_headroom(0) == 8 * G  # + 1 cached free
+
+
+def test_headroom_of_a_device_without_index_is_the_current_ones(fake_cuda):
+    """A bare ``"cuda"`` (as the index builds name the device) means the current device; the resident keys of a
+    build may take a quarter of its headroom."""
+    import numpy as np
+
+    assert gpumem.cuda_headroom(torch.device("cuda")) == gpumem.cuda_headroom("cuda") == 8 * G
+    keys = np.zeros((2, 10, 4), np.float32)
+    assert R.KeysOnDevice(keys, 10, "cuda", False)._room() == R.BUILD_SHARE_OF_HEADROOM * 8 * G
 
 
 def test_build_chunks_shrink_with_the_headroom(fake_cuda):

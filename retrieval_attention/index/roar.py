@@ -307,7 +307,7 @@ class KeysOnDevice:
 
         try:
             return BUILD_SHARE_OF_HEADROOM * cuda_headroom(self.device)
-        except (AssertionError, RuntimeError):
+        except (AssertionError, RuntimeError, ValueError):
             return 0.0
 
     @property
