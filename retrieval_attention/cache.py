@@ -16,6 +16,7 @@ Sliding-window layers (Gemma-3) and ``dense_layers`` keep the stock transformers
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -70,6 +71,80 @@ def host_copy(t: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     return out
 
 
+class BuildGroup:
+    """The background index builds of one :class:`RetrievalCache`.
+
+    * Held builds (``RetrievalConfig.build_schedule="after_prefill"``) wait for :meth:`release`: the prefill runs
+      every layer first, with the GPU and the cores to itself, then the builds run ``build_workers`` at a time.
+      Waiting for any held build releases the whole group, so nothing waits on a build that was never started.
+    * :meth:`raise_if_failed`: the prefill stops at its next layer when a build has failed, instead of going on for
+      minutes while the failed builds' inputs stay referenced by their errors."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._held: list[HeldBuild] = []  # not started yet, in submission order (layer order)
+        self._running: list = []  # started builds' futures, not yet seen to succeed
+
+    def submit(self, submit, job, hold: bool = False):
+        """``submit(job)`` (-> Future) now, or on :meth:`release` when ``hold``; returns a Future-like handle."""
+        if not hold:
+            fut = submit(job)
+            with self._lock:
+                self._running.append(fut)
+            return fut
+        b = HeldBuild(self, submit, job)
+        with self._lock:
+            self._held.append(b)
+        return b
+
+    @property
+    def held(self) -> int:
+        """Builds not started yet."""
+        return len(self._held)
+
+    def release(self) -> None:
+        """Start every held build, in the order they were held."""
+        with self._lock:
+            held, self._held = self._held, []
+        for b in held:
+            fut = b.start()
+            with self._lock:
+                self._running.append(fut)
+
+    def raise_if_failed(self) -> None:
+        """Raise the first error of a build that has failed (``RuntimeError`` naming the build's own error)."""
+        with self._lock:
+            done = [f for f in self._running if f.done()]
+            self._running = [f for f in self._running if not f.done()]
+        for f in done:
+            err = None if f.cancelled() else f.exception()
+            if err is not None:
+                raise RuntimeError(f"a background index build failed ({type(err).__name__}: {err}); the prefill "
+                                   "stops here") from err
+
+
+class HeldBuild:
+    """One held build of a :class:`BuildGroup`: a Future-like handle (``result()``, ``done()``)."""
+
+    def __init__(self, group: BuildGroup, submit, job):
+        self._group, self._submit, self._job = group, submit, job
+        self._future = None
+        self._lock = threading.Lock()
+
+    def start(self):
+        with self._lock:
+            if self._future is None:
+                self._future = self._submit(self._job)
+        return self._future
+
+    def done(self) -> bool:
+        return self._future is not None and self._future.done()
+
+    def result(self):
+        self._group.release()  # its group's builds start together (the workers run them in layer order)
+        return self.start().result()
+
+
 class CPUStore:
     """Offloaded keys/values of one sequence in one layer, with the index over its keys.
 
@@ -84,7 +159,7 @@ class CPUStore:
         #: seed of the residual draws: the configured one mixed with the layer, so layers draw different keys
         self.residual_seed = config.residual_seed * _LAYER_SEED_STRIDE + layer_idx
         self._index: KVIndex | None = None
-        self._pending = None  # Future of a background build (CUDA: overlaps the next layers' prefill)
+        self._pending = None  # Future (or HeldBuild) of a background build (CUDA: after or beside the prefill)
         self._keys: torch.Tensor | None = None  # [Hkv, capacity, D], model dtype; None when the index holds them
         self._index_spec: tuple[str, dict] | None = None  # (name, params) of the index built / being built
         self._key_dtype: torch.dtype | None = None
@@ -179,11 +254,13 @@ class CPUStore:
         return got[1]
 
     def build(self, keys: torch.Tensor, values: torch.Tensor, train_queries: torch.Tensor | None,
-              background: bool = False) -> float:
+              background: bool = False, group: BuildGroup | None = None, hold: bool = False) -> float:
         """keys/values ``[Hkv, n, D]`` (any device), train_queries ``[Hq, m, D]``.
 
         Returns the build seconds, or 0 when ``background`` (the build then runs in a worker thread and
-        :attr:`index` waits for it on first use; ``build_s`` holds its time afterwards).
+        :attr:`index` waits for it on first use; ``build_s`` holds its time afterwards). ``group``: the cache's
+        :class:`BuildGroup` a background build joins; ``hold``: it starts only when that group is released (its
+        data is on the host already).
         """
         if train_queries is None or train_queries.shape[1] == 0:
             # no prompt queries (e.g. first eviction of a short sequence): the keys stand in for them
@@ -217,7 +294,7 @@ class CPUStore:
 
         if background:
             workers = _build_executor(self.config.resolved_build_workers(), self.config.build_priority)
-            self._pending = workers.submit(job)
+            self._pending = workers.submit(job) if group is None else group.submit(workers.submit, job, hold)
             return 0.0
         self._index, self.build_s, self.build_stages = job()
         return self.build_s
@@ -507,6 +584,8 @@ class RetrievalLayer(DynamicLayer):
         self.stores: list[CPUStore] = []
         self.n_query_heads = 0
         self.on_offloaded = None  # callback(layer) after offload_prefill (progress reporting)
+        #: the cache's background builds (held until the prefill ends with build_schedule="after_prefill")
+        self.builds: BuildGroup | None = None
         # layer-by-layer prefill (see begin_layerwise): offload after the layer's last chunk, not its first
         self.defer_offload = False
         self._lw_len = 0  # prompt length the dense K/V buffers are preallocated for
@@ -608,6 +687,8 @@ class RetrievalLayer(DynamicLayer):
         length of each sequence.
         """
         cfg = self.config
+        if self.builds is not None:  # an earlier layer's background build failed: stop before this layer's
+            self.builds.raise_if_failed()
         K, V = self.keys, self.values  # [B, Hkv, T, D]
         B, Hkv, T, D = K.shape
         dev = K.device
@@ -642,8 +723,10 @@ class RetrievalLayer(DynamicLayer):
                     pick = train_positions(rows.shape[1], m)
                     tq, where = rows[:, pick.to(rows.device)], (T - queries.shape[2]) + pick
                 tq = self._aligned(tq, where, n_real)
-                # on CUDA the build overlaps the next layers' prefill; on CPU it would compete for the cores
-                store.build(K[b, :, lo:hi], V[b, :, lo:hi], tq, background=on_cuda)
+                # on CUDA the build runs in the background, beside the next layers' prefill or after the whole
+                # prefill (build_schedule); on CPU it would compete for the cores
+                store.build(K[b, :, lo:hi], V[b, :, lo:hi], tq, background=on_cuda, group=self.builds,
+                            hold=cfg.build_schedule == "after_prefill")
             self.stores.append(store)
         self.keys = self.values = None  # the dense copy is gone: CPU store + static parts hold everything
         self.offloaded = True
@@ -836,7 +919,18 @@ class RetrievalCache(DynamicCache):
         for i, layer in enumerate(self.layers):
             if type(layer) is DynamicLayer and i not in config.dense_layers:
                 self.layers[i] = RetrievalLayer(i, config, (rope_inv_freq or {}).get(i))
+        #: the background index builds (held until the prefill ends with build_schedule="after_prefill":
+        #: :meth:`start_builds`)
+        self.builds = BuildGroup()
+        for layer in self.retrieval_layers:
+            layer.builds = self.builds
         self._bar = None
+
+    def start_builds(self) -> None:
+        """Start the background index builds held back during the prefill (``build_schedule="after_prefill"``;
+        a no-op otherwise). The layer-by-layer prefill calls it when its last layer is done; waiting for an index
+        calls it too."""
+        self.builds.release()
 
     def set_progress(self, on: bool) -> None:
         """Show a progress bar over layers during prefill + offload + index build."""
@@ -862,6 +956,7 @@ class RetrievalCache(DynamicCache):
         """Block until every layer's background index build is done (``progress``: a bar over the stores still
         building); returns the seconds waited."""
         t0 = time.perf_counter()
+        self.start_builds()
         pending = [s for l in self.retrieval_layers for s in l.stores if isinstance(s, CPUStore) and s._pending is not None]
         bar = None
         if progress and pending:

@@ -32,6 +32,11 @@ DEFAULT_BUILD_WORKERS = 1
 #: shape at 128K, 24 GB budget, H100 host (docs/BENCHMARKS.md, session 16): the wait for the index after the prefill
 #: 62.7 s with one worker, 45.1 / 49.8 s with two; peak GPU memory 20.0 against 21.1 GiB; decode unchanged
 CUDA_BUILD_WORKERS = 2
+#: ``build_schedule`` values: builds beside the prefill (``overlap``) or after it (``after_prefill``). Llama-3-8B shape
+#: at 128K, 24 GB budget, H100 host (docs/BENCHMARKS.md, session 20): the prefill took 17.7 s without builds
+#: (streaming) and 37.3-43.2 s beside them, each layer's build 2.2 s (two at once) against 1.1-1.3 s standalone;
+#: ``after_prefill`` is not measured yet
+BUILD_SCHEDULES = ("overlap", "after_prefill")
 
 
 @dataclass
@@ -81,6 +86,10 @@ class RetrievalConfig:
     build_priority  CUDA stream priority of the background builds' GPU work: "normal" or "high" (their kernels'
                     blocks are scheduled before the overlapping prefill's pending ones; see
                     :data:`retrieval_attention.threads.STREAM_PRIORITIES`)
+    build_schedule  when the background builds (CUDA) run: ``"overlap"`` (default: each layer's build starts as
+                    soon as the layer-by-layer prefill has offloaded it, beside the next layers' prefill) or
+                    ``"after_prefill"`` (held until the prefill has run every layer, then ``build_workers`` at
+                    once; see :data:`BUILD_SCHEDULES`)
     decode_compile  the lean decode loop (:class:`retrieval_attention.decode_loop.LeanDecoder`) runs its dense
                     per-layer ops (input norm, projections, RoPE; the merge of the attention parts; o_proj, MLP)
                     compiled by ``torch.compile``: fewer, fused kernels between the CPU round trips (8B shape at
@@ -109,6 +118,7 @@ class RetrievalConfig:
     align_spread: int = DEFAULT_ALIGN_SPREAD
     build_workers: int | None = None
     build_priority: str = "normal"
+    build_schedule: str = "overlap"
     decode_compile: bool | None = None
 
     def __post_init__(self) -> None:
@@ -125,6 +135,8 @@ class RetrievalConfig:
         from .threads import check_stream_priority
 
         check_stream_priority(self.build_priority)
+        if self.build_schedule not in BUILD_SCHEDULES:
+            raise ValueError(f"build_schedule must be one of {', '.join(BUILD_SCHEDULES)}, got {self.build_schedule!r}")
         if self.residual_on not in RESIDUAL_ON:
             raise ValueError(f"residual_on must be one of {', '.join(RESIDUAL_ON)}, got {self.residual_on!r}")
         for name in ("n_sink", "window", "top_k", "prefill_chunk", "max_train_queries", "residual_refresh",

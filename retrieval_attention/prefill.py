@@ -187,6 +187,9 @@ def layerwise_prefill(model, input_ids: torch.Tensor, cache, *, chunk: int = DEF
             last = hidden[-1][:, -1:].to(dev)
             logits = model.lm_head(base.norm(last))[:, -1].float()
     finally:
+        start_builds = getattr(cache, "start_builds", None)
+        if start_builds is not None:  # builds held back until the prefill is done (build_schedule)
+            start_builds()
         if offloading:
             cache.offloading = True
             if cuda:  # as transformers' own forward leaves it: the first offloaded layer prefetched for decode

@@ -17,9 +17,9 @@ def build_queries(monkeypatch):
     seen = []
     orig = CPUStore.build
 
-    def spy(self, keys, values, train_queries, background=False):
+    def spy(self, keys, values, train_queries, background=False, group=None, hold=False):
         seen.append(train_queries.detach().clone())
-        return orig(self, keys, values, train_queries, background)
+        return orig(self, keys, values, train_queries, background, group, hold)
 
     monkeypatch.setattr(CPUStore, "build", spy)
     return seen

@@ -55,10 +55,12 @@ def test_bench_decode_residual_and_ef_options(tmp_path):
         assert sc["wall"] >= sc["kernel"] * 0.99 > 0 and sc["kernel"] * 1.01 >= sc["busy_max"] >= sc["busy_mean"] > 0
         assert abs(sc["python"] - (sc["wall"] - sc["kernel"])) < 1e-9
     assert narrow["build_priority"] == "normal"
-    assert main(args + ["--ef", "64", "--no-align", "--build-workers", "2", "--build-priority", "high"]) == 0
+    assert main(args + ["--ef", "64", "--no-align", "--build-workers", "2", "--build-priority", "high",
+                        "--build-schedule", "after_prefill"]) == 0
     assert json.loads(js.read_text())[0]["align_train_queries"] is False
     assert json.loads(js.read_text())[0]["build_workers"] == 2
     assert json.loads(js.read_text())[0]["build_priority"] == "high"
+    assert json.loads(js.read_text())[0]["build_schedule"] == "after_prefill"
     assert main(args + ["--ef", "64"]) == 0
     (wide,) = json.loads(js.read_text())
     assert wide["scanned_fraction"] > narrow["scanned_fraction"]  # the beam width reaches the search

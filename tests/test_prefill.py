@@ -240,23 +240,33 @@ def test_hidden_states_offload_decided_by_gpu_budget(monkeypatch):
     assert not P.offload_hidden_auto(hidden_8b(512 * 1024), cuda)  # no budget: 104 GiB free
 
 
-def test_wait_for_builds_waits_for_background_builds(monkeypatch):
+@pytest.mark.parametrize("schedule", ["overlap", "after_prefill"])
+def test_wait_for_builds_waits_for_background_builds(monkeypatch, schedule):
     """``RetrievalCache.wait_for_builds``: every store's background build (CUDA's path, forced here on the CPU and
-    queued behind a job that holds the build worker) is finished when it returns, with a progress bar."""
+    queued behind a job that holds the build worker) is finished when it returns, with a progress bar. With
+    ``build_schedule="after_prefill"`` every build is still held when the prefill's last layer is done (none
+    started beside the prefill) and the prefill releases them."""
     import threading
 
     from retrieval_attention import cache as C
 
     orig = CPUStore.build
-    monkeypatch.setattr(CPUStore, "build", lambda self, k, v, tq, background=False: orig(self, k, v, tq, True))
+    monkeypatch.setattr(CPUStore, "build",
+                        lambda self, k, v, tq, background=False, group=None, hold=False:
+                        orig(self, k, v, tq, True, group, hold))
     release = threading.Event()
-    cfg = RetrievalConfig(index="flat", n_sink=8, window=16, dense_layers=())
+    cfg = RetrievalConfig(index="flat", n_sink=8, window=16, dense_layers=(), build_schedule=schedule)
     ex = C._build_executor(cfg.resolved_build_workers(), cfg.build_priority)
     blockers = [ex.submit(release.wait, 10) for _ in range(ex.max_workers)]  # every worker held
     model = tiny_model("llama", seed=15)
     cache = make_cache(model, cfg)
+    held_at_release = []
+    real_start = cache.start_builds
+    monkeypatch.setattr(cache, "start_builds", lambda: held_at_release.append(cache.builds.held) or real_start())
     with torch.no_grad(), enable(model):
         layerwise_prefill(model, _ids(90, seed=4), cache, chunk=32)
+    assert held_at_release == [len(cache.retrieval_layers) if schedule == "after_prefill" else 0]
+    assert cache.builds.held == 0
     stores = [s for l in cache.retrieval_layers for s in l.stores]
     assert stores and all(s._pending is not None and not s._pending.done() for s in stores)
     release.set()
@@ -278,7 +288,9 @@ def test_build_workers_run_builds_at_once(monkeypatch, workers):
     if workers > 1 and not parallel_kernels_concurrent():
         pytest.skip("numba's threading layer runs one parallel kernel at a time")
     orig = CPUStore.build
-    monkeypatch.setattr(CPUStore, "build", lambda self, k, v, tq, background=False: orig(self, k, v, tq, True))
+    monkeypatch.setattr(CPUStore, "build",
+                        lambda self, k, v, tq, background=False, group=None, hold=False:
+                        orig(self, k, v, tq, True, group, hold))
     barrier, lock = threading.Barrier(2, timeout=30), threading.Lock()
     running, seen = [0], []
     flat_build = FlatIndex.build
@@ -354,3 +366,88 @@ def test_store_numpy_views_follow_growth(index):
         assert "_keys" in st._numpy_views
         st.keys = None
         assert "_keys" not in st._numpy_views
+
+
+def test_builds_start_on_release_in_order_and_when_waited_for():
+    """:class:`BuildGroup`: nothing runs before :meth:`release`; releasing starts every held build in order
+    (once); waiting for one build releases its whole group."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from retrieval_attention.cache import BuildGroup
+
+    ran = []
+    with ThreadPoolExecutor(1) as pool:
+        group = BuildGroup()
+        a = group.submit(pool.submit, lambda: ran.append("a") or "A", hold=True)
+        b = group.submit(pool.submit, lambda: ran.append("b") or "B", hold=True)
+        assert group.held == 2 and not a.done() and ran == []
+        assert b.result() == "B" and a.result() == "A"  # waiting for b released a too, first
+        assert ran == ["a", "b"] and group.held == 0 and a.done()
+        group.release()  # a second release starts nothing again
+        assert ran == ["a", "b"]
+
+
+def test_store_build_held_until_released_equals_a_direct_build():
+    """A background :meth:`CPUStore.build` with ``hold`` leaves the index unbuilt until its group is released
+    (here: by the first wait), then gives the same index as a synchronous build."""
+    from retrieval_attention.cache import BuildGroup
+
+    g = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(2, 3000, 16, generator=g) for _ in range(2))
+    q = torch.randn(4, 600, 16, generator=g)
+    cfg = RetrievalConfig(index="roar", index_params={"M": 8}, exact_below=0)
+    direct = CPUStore(cfg)
+    direct.build(k, v, q)
+    group, held = BuildGroup(), CPUStore(cfg)
+    held.build(k, v, q, background=True, group=group, hold=True)
+    assert group.held == 1 and held._index is None
+    assert held.wait() > 0 and group.held == 0
+    assert (held.index._adj == direct.index._adj).all()
+
+
+def test_layerwise_prefill_releases_the_caches_builds():
+    """build_schedule="after_prefill": the layer-by-layer prefill starts the builds it held back once its last
+    layer is done (on the CPU builds run inline, so a held stand-in build shows the release); bad values refused."""
+    model = tiny_model("llama", seed=16)
+    cfg = RetrievalConfig(index="flat", n_sink=8, window=32, dense_layers=(0,), build_schedule="after_prefill")
+    ran = []
+    with torch.no_grad(), enable(model):
+        cache = make_cache(model, cfg)
+        assert all(l.builds is cache.builds for l in cache.retrieval_layers)
+        cache.builds.submit(lambda job: job() or SimpleNamespace(result=lambda: None, done=lambda: True,
+                                                                  cancelled=lambda: False, exception=lambda: None),
+                            lambda: ran.append(1), hold=True)
+        assert ran == []
+        layerwise_prefill(model, _ids(100, seed=3), cache, chunk=32)
+    assert ran == [1] and cache.builds.held == 0
+    with pytest.raises(ValueError, match="build_schedule must be one of overlap, after_prefill"):
+        RetrievalConfig(build_schedule="later")
+
+
+def test_a_failed_background_build_stops_the_prefill_at_its_next_layer(monkeypatch):
+    """A background build that raises (session 20: every GPU build failed and the 512K prefill went on for minutes,
+    until the host ran out of memory) stops the layer-by-layer prefill at the next layer's offload with an error
+    that names it; the builds it had started are not left half-run."""
+    from retrieval_attention.index.flat import FlatIndex
+
+    orig = CPUStore.build
+    monkeypatch.setattr(CPUStore, "build",
+                        lambda self, k, v, tq, background=False, group=None, hold=False:
+                        orig(self, k, v, tq, True, group, hold))
+    calls = []
+
+    def failing_build(self, keys, queries=None):
+        calls.append(1)
+        raise ValueError("Expected a torch.device with a specified index")
+
+    monkeypatch.setattr(FlatIndex, "build", failing_build)
+    model = tiny_model("llama", seed=17)
+    cfg = RetrievalConfig(index="flat", n_sink=8, window=16, dense_layers=(), build_workers=1)
+    cache = make_cache(model, cfg)
+    offloaded = []
+    for layer in cache.retrieval_layers:
+        layer.on_offloaded = lambda l: (offloaded.append(l.layer_idx), l.stores[0]._pending.exception())
+    with torch.no_grad(), enable(model), pytest.raises(RuntimeError, match="background index build failed .*"
+                                                                           "ValueError: Expected a torch.device"):
+        layerwise_prefill(model, _ids(90, seed=4), cache, chunk=32)
+    assert offloaded == [0] and len(calls) == 1 < len(cache.retrieval_layers)

@@ -22,7 +22,8 @@ import statistics
 import sys
 import time
 
-from ..config import CUDA_BUILD_WORKERS, DEFAULT_BUILD_WORKERS, DEFAULT_RESIDUAL_SAMPLES, RESIDUAL_ON
+from ..config import (BUILD_SCHEDULES, CUDA_BUILD_WORKERS, DEFAULT_BUILD_WORKERS, DEFAULT_RESIDUAL_SAMPLES,
+                      RESIDUAL_ON)
 from .kernels import CALL_PARTS
 
 SHAPES = {
@@ -152,6 +153,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--build-priority", choices=("normal", "high"), default=None,
                    help="CUDA stream priority of the background index builds (RetrievalConfig.build_priority; "
                         "default: RetrievalConfig's)")
+    p.add_argument("--build-schedule", choices=BUILD_SCHEDULES, default=None,
+                   help="background index builds beside the layer-by-layer prefill (overlap) or after it "
+                        "(after_prefill) (RetrievalConfig.build_schedule; default: RetrievalConfig's)")
     p.add_argument("--steps", type=int, default=64, help="timed decode steps (median reported)")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--device", default=None)
@@ -307,6 +311,8 @@ def run_one(model, method, index, ctx, args, device):
                                  else {"build_workers": args.build_workers}),
                               **({} if getattr(args, "build_priority", None) is None
                                  else {"build_priority": args.build_priority}),
+                              **({} if getattr(args, "build_schedule", None) is None
+                                 else {"build_schedule": args.build_schedule}),
                               **({} if residual is None else {"residual_samples": residual}),
                               **({} if residual_on is None else {"residual_on": residual_on}),
                               **({} if train is None else {"max_train_queries": train}))
@@ -317,6 +323,7 @@ def run_one(model, method, index, ctx, args, device):
             rec["align_train_queries"] = cfg.align_train_queries
             rec["build_workers"] = cfg.resolved_build_workers()
             rec["build_priority"] = cfg.build_priority
+            rec["build_schedule"] = cfg.build_schedule
             rec["decode_compile"] = cfg.resolved_decode_compile(device)
         cache, ctxm = make_cache(model, cfg), enable(model)
     kw = {cache_kwarg(model): cache}

@@ -310,10 +310,6 @@ class KeysOnDevice:
         except (AssertionError, RuntimeError, ValueError):
             return 0.0
 
-    @property
-    def n_heads(self) -> int:
-        return self.keys.shape[0]
-
     def head(self, h: int) -> torch.Tensor:
         """KV head ``h``'s keys ``[n, d]`` float32 on the device."""
         if self.resident is not None:
