@@ -83,19 +83,25 @@ class BuildGroup:
     def __init__(self):
         self._lock = threading.Lock()
         self._held: list[HeldBuild] = []  # not started yet, in submission order (layer order)
-        self._running: list = []  # started builds' futures, not yet seen to succeed
+        self._failed: list = []  # futures of builds that raised (not the successful ones: no index outlives its store)
 
     def submit(self, submit, job, hold: bool = False):
         """``submit(job)`` (-> Future) now, or on :meth:`release` when ``hold``; returns a Future-like handle."""
         if not hold:
-            fut = submit(job)
-            with self._lock:
-                self._running.append(fut)
-            return fut
+            return self._watch(submit(job))
         b = HeldBuild(self, submit, job)
         with self._lock:
             self._held.append(b)
         return b
+
+    def _watch(self, fut):
+        fut.add_done_callback(self._finished)
+        return fut
+
+    def _finished(self, fut) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            with self._lock:
+                self._failed.append(fut)
 
     @property
     def held(self) -> int:
@@ -107,20 +113,16 @@ class BuildGroup:
         with self._lock:
             held, self._held = self._held, []
         for b in held:
-            fut = b.start()
-            with self._lock:
-                self._running.append(fut)
+            b.start()
 
     def raise_if_failed(self) -> None:
         """Raise the first error of a build that has failed (``RuntimeError`` naming the build's own error)."""
         with self._lock:
-            done = [f for f in self._running if f.done()]
-            self._running = [f for f in self._running if not f.done()]
-        for f in done:
-            err = None if f.cancelled() else f.exception()
-            if err is not None:
-                raise RuntimeError(f"a background index build failed ({type(err).__name__}: {err}); the prefill "
-                                   "stops here") from err
+            failed = self._failed[0] if self._failed else None
+        if failed is not None:
+            err = failed.exception()
+            raise RuntimeError(f"a background index build failed ({type(err).__name__}: {err}); the prefill "
+                               "stops here") from err
 
 
 class HeldBuild:
@@ -134,7 +136,7 @@ class HeldBuild:
     def start(self):
         with self._lock:
             if self._future is None:
-                self._future = self._submit(self._job)
+                self._future = self._group._watch(self._submit(self._job))
         return self._future
 
     def done(self) -> bool:

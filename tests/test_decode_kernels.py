@@ -799,3 +799,21 @@ def test_all_finite_matches_numpy():
                 y = x.copy()
                 y.flat[int(rng.integers(0, y.size))] = bad
                 assert not K.all_finite(y)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_large_arrays_finite_check_matches_numpy(dtype):
+    """``base._all_finite`` on arrays past its torch threshold (checked through their sum first): a NaN, an inf or
+    a -inf anywhere is found; all-finite arrays pass, also when their finite values' sum overflows (float32:
+    values near its max; float16: an ordinary array whose sum passes 65504)."""
+    from retrieval_attention.index.base import _TORCH_CHECK_MIN, _all_finite
+
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((2, _TORCH_CHECK_MIN // 2 + 3)).astype(dtype)
+    assert _all_finite(x)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y.flat[int(rng.integers(0, y.size))] = bad
+        assert not _all_finite(y)
+    big = np.full_like(x, np.finfo(dtype).max / 4)  # every value finite, the sum not
+    assert np.isfinite(big).all() and _all_finite(big)

@@ -414,8 +414,7 @@ def test_layerwise_prefill_releases_the_caches_builds():
     with torch.no_grad(), enable(model):
         cache = make_cache(model, cfg)
         assert all(l.builds is cache.builds for l in cache.retrieval_layers)
-        cache.builds.submit(lambda job: job() or SimpleNamespace(result=lambda: None, done=lambda: True,
-                                                                  cancelled=lambda: False, exception=lambda: None),
+        cache.builds.submit(lambda job: job() or SimpleNamespace(add_done_callback=lambda fn: None),
                             lambda: ran.append(1), hold=True)
         assert ran == []
         layerwise_prefill(model, _ids(100, seed=3), cache, chunk=32)

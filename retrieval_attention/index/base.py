@@ -104,10 +104,18 @@ _TORCH_CHECK_MIN = 1 << 20
 
 
 def _all_finite(x: np.ndarray) -> bool:
+    """Whether every element of float array ``x`` is finite. Large arrays: their sum first (one multi-threaded
+    pass, no temporary; a NaN or inf element makes it non-finite whatever the order), and only when that is not
+    finite (a NaN / inf, or finite values whose sum overflows) the element-wise check. A 128K-key layer's keys
+    of the 8B shape (64M float32): 17 ms against 439 ms for ``isfinite().all()`` on the 2-core dev VM; the
+    H100 host's profile of a layer build had spent 124 ms in two such checks."""
     if x.size >= _TORCH_CHECK_MIN:
         import torch
 
-        return bool(torch.from_numpy(x).isfinite().all())
+        t = torch.from_numpy(x)
+        if bool(torch.isfinite(t.sum())):
+            return True
+        return bool(t.isfinite().all())
     return bool(all_finite(x))  # compiled: no temporary array (a per-layer check while decoding)
 
 

@@ -75,7 +75,7 @@ PAIR_PROBE_K = 16
 PAIR_PROBE_POSITIONS = 32
 #: key storage of the index: float32, or bfloat16 (uint16 bits, rounded to nearest even; half the memory)
 STORAGE = ("float32", "bfloat16")
-#: ``resident_keys`` values: whether the GPU build stages share one device copy of a layer's keys (:class:`KeysOnDevice`)
+#: ``resident_keys`` values: do the GPU build stages share one device copy of a layer's keys (:class:`KeysOnDevice`)
 RESIDENT_KEYS = ("auto", True, False)
 #: how the fused decode call hands (query head, query) pairs to its workers: ``"snake"`` (fixed ranks by the
 #: previous call's cost) or ``"dynamic"`` (a shared atomic counter, longest expected first)
