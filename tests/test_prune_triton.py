@@ -43,6 +43,9 @@ def test_triton_prune_matches_the_torch_reference_on_cuda(P, C, n, d, M, alpha2)
     got = PT.prune(cand, dpc, kh, M, alpha2)
     want = _prune_torch(cand, dpc, kh, M, alpha2)
     assert PT.prune(cand, dpc, kh, M, alpha2, prefetch=True).equal(got)
+    for warps in (1, 2, 8):
+        assert PT.prune(cand, dpc, kh, M, alpha2, num_warps=warps).equal(got)
+    assert PT.prune(cand, dpc, kh, M, alpha2, early_exit=True).equal(got)
     assert got.dtype == torch.int32 and got.shape == (P, M)
     same = (got == want).all(1).float().mean().item()
     assert same >= 0.999, same  # rows may differ only where a distance's last float32 bits do
@@ -63,6 +66,7 @@ for (P, C, n, d, M, alpha2, seed) in cases:
     a = PT.prune(cand, dpc, kh, M, alpha2)
     bad += int((a != _prune_torch(cand, dpc, kh, M, alpha2)).any(1).sum())
     assert PT.prune(cand, dpc, kh, M, alpha2, prefetch=True).equal(a)
+    assert PT.prune(cand, dpc, kh, M, alpha2, early_exit=True).equal(a)
     assert _prune(cand, dpc, kh, M, alpha2).equal(a)  # auto: Triton interprets on the CPU
 print("rows differing", bad)
 """

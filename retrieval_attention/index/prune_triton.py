@@ -55,6 +55,43 @@ def _kernel(interpreting: bool):
     import triton.language as tl
 
     @triton.jit
+    def prune_kernel_early_exit(cand_ptr, dpc_ptr, keys_ptr, out_ptr, alpha2, C: tl.constexpr, d: tl.constexpr,
+                                DB: tl.constexpr, M: tl.constexpr, MB: tl.constexpr, ALPHA_ONE: tl.constexpr):
+        """The same greedy as ``prune_kernel`` in a ``while`` loop that stops at the first padding entry (-1:
+        ranked candidates are padded at the end) or once ``M`` are kept, instead of walking all ``C``."""
+        p = tl.program_id(0).to(tl.int64)
+        dofs = tl.arange(0, DB)
+        dmask = dofs < d
+        slots = tl.arange(0, MB)
+        kept = tl.zeros([MB, DB], dtype=tl.float32)
+        kept_sq = tl.zeros([MB], dtype=tl.float32)
+        kept_id = tl.full([MB], -1, dtype=tl.int64)
+        zero = tl.program_id(0) * 0  # int32 scalars carried by the loop
+        nk = zero
+        c = zero
+        cid = tl.load(cand_ptr + p * C)
+        while (c < C) & (nk < M) & (cid >= 0):
+            lim = tl.load(dpc_ptr + p * C + c)
+            x = tl.load(keys_ptr + cid * d + dofs, mask=dmask, other=0.0)
+            sq = tl.sum(x * x, axis=0)
+            dot = tl.sum(kept * x[None, :], axis=1)
+            dist = tl.maximum(sq + kept_sq - 2.0 * dot, 0.0)
+            if ALPHA_ONE:
+                hit = dist < lim
+            else:
+                hit = alpha2 * dist.to(tl.float64) < lim.to(tl.float64)
+            n_hit = tl.sum((hit & (slots < nk)).to(tl.int32), axis=0)
+            keep = n_hit == 0
+            sel = (slots == nk) & keep
+            kept = tl.where(sel[:, None], x[None, :], kept)
+            kept_sq = tl.where(sel, sq, kept_sq)
+            kept_id = tl.where(sel, cid, kept_id)
+            nk += keep.to(tl.int32)
+            c += 1
+            cid = tl.load(cand_ptr + p * C + c, mask=c < C, other=-1)
+        tl.store(out_ptr + p * M + slots, kept_id.to(tl.int32), mask=slots < M)
+
+    @triton.jit
     def prune_kernel(cand_ptr, dpc_ptr, keys_ptr, out_ptr, alpha2, C: tl.constexpr, d: tl.constexpr,
                      DB: tl.constexpr, M: tl.constexpr, MB: tl.constexpr, ALPHA_ONE: tl.constexpr,
                      PREFETCH: tl.constexpr):
@@ -97,16 +134,23 @@ def _kernel(interpreting: bool):
             nk += keep.to(tl.int32)
         tl.store(out_ptr + p * M + slots, kept_id.to(tl.int32), mask=slots < M)
 
-    return prune_kernel
+    return prune_kernel, prune_kernel_early_exit
+
+
+#: warps per program of the kernel by default (Triton's own default; other counts are options of :func:`prune`,
+#: timed by ``docs/bench/scripts/prune_bench.py``)
+NUM_WARPS = 4
 
 
 def prune(cand: torch.Tensor, dpc: torch.Tensor, keys: torch.Tensor, M: int, alpha2: float,
-          prefetch: bool = False) -> torch.Tensor:
+          prefetch: bool = False, early_exit: bool = False, num_warps: int = NUM_WARPS) -> torch.Tensor:
     """Occlusion pruning: ranked candidates ``cand [P, C]`` int64 (-1 = none), their float32 squared distances to
     the pivot ``dpc [P, C]``, keys ``[n, d]`` float32, all on one device -> ``[P, M]`` int32 kept ids in rank
-    order, -1 padded (the output of :func:`.projection_torch._prune_torch`). ``prefetch``: load the next
-    candidate's row while testing the current one (the same result; not yet timed on a GPU, so off by default:
-    ``docs/bench/scripts/prune_bench.py``)."""
+    order, -1 padded (the output of :func:`.projection_torch._prune_torch`). Variants with the same result, off by
+    default until a GPU times them (``docs/bench/scripts/prune_bench.py``): ``prefetch`` loads the next
+    candidate's row while testing the current one (session 20, H100: no gain); ``early_exit`` stops a pivot at
+    its first -1 (which must then pad the row's end, as ranked candidates do) or at ``M`` kept; ``num_warps``
+    per program."""
     P, C = cand.shape
     out = torch.empty((P, M), dtype=torch.int32, device=cand.device)
     if P == 0:
@@ -120,8 +164,14 @@ def prune(cand: torch.Tensor, dpc: torch.Tensor, keys: torch.Tensor, M: int, alp
     if pad:
         cand = torch.nn.functional.pad(cand, (0, pad), value=-1)
         dpc = torch.nn.functional.pad(dpc, (0, pad), value=float("inf"))
-    _kernel(_interpreting())[(P,)](cand.contiguous(), dpc.contiguous(), keys, out, float(alpha2), C=C + pad,
-                                   d=keys.shape[1], DB=triton.next_power_of_2(keys.shape[1]), M=M,
-                                   MB=triton.next_power_of_2(M), ALPHA_ONE=float(alpha2) == 1.0,
-                                   PREFETCH=bool(prefetch))
+    if prefetch and early_exit:
+        raise ValueError("prune: prefetch and early_exit are separate variants; choose one")
+    walk_all, stop_early = _kernel(_interpreting())
+    kw = dict(C=C + pad, d=keys.shape[1], DB=triton.next_power_of_2(keys.shape[1]), M=M,
+              MB=triton.next_power_of_2(M), ALPHA_ONE=float(alpha2) == 1.0, num_warps=int(num_warps))
+    args = (cand.contiguous(), dpc.contiguous(), keys, out, float(alpha2))
+    if early_exit:
+        stop_early[(P,)](*args, **kw)
+    else:
+        walk_all[(P,)](*args, PREFETCH=bool(prefetch), **kw)
     return out
