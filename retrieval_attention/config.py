@@ -34,8 +34,8 @@ DEFAULT_BUILD_WORKERS = 1
 CUDA_BUILD_WORKERS = 2
 #: ``build_schedule`` values: builds beside the prefill (``overlap``) or after it (``after_prefill``). Llama-3-8B shape
 #: at 128K, 24 GB budget, H100 host (docs/BENCHMARKS.md, session 20): the prefill took 17.7 s without builds
-#: (streaming) and 37.3-43.2 s beside them, each layer's build 2.2 s (two at once) against 1.1-1.3 s standalone;
-#: ``after_prefill`` is not measured yet
+#: (streaming) and 37.3-43.2 s beside them; a layer's build took 4.2-4.4 s there with two at once (2.45 s with one
+#: worker) against 1.2-1.3 s standalone. ``after_prefill`` is not measured yet
 BUILD_SCHEDULES = ("overlap", "after_prefill")
 
 
