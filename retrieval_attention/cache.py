@@ -42,8 +42,10 @@ class LayerStats:
     #: lean decode loop: seconds waiting for the device's query copy / in the host part after it
     wait_s: float = 0.0
     host_s: float = 0.0
-    #: seconds of the synchronous prefill hand-off (static split, device -> host copies) of this layer
+    #: seconds of the synchronous prefill hand-off (static split, device -> host copies) of this layer, of which
+    #: ``handoff_wait_s`` waiting for the layer's queued device work (CUDA; the first copy would wait for it anyway)
     handoff_s: float = 0.0
+    handoff_wait_s: float = 0.0
     #: fused layer calls: keys scanned by the most loaded worker / by the average worker, summed over calls
     worker_keys_max: float = 0.0
     worker_keys_mean: float = 0.0
@@ -711,6 +713,9 @@ class RetrievalLayer(DynamicLayer):
         self.static_valid = torch.cat([sink_valid, win_valid], dim=1)
         t_handoff = time.perf_counter()
         on_cuda = torch.cuda.is_available() and dev.type == "cuda"
+        if on_cuda and self.retrieve:  # timed apart: the device finishing the layer, not the hand-off's own work
+            torch.cuda.current_stream(dev).synchronize()
+            self.stats.handoff_wait_s += time.perf_counter() - t_handoff
         self.stores = []
         for b in range(B):
             lo, hi = int(self.sink_end[b]), win_start
@@ -1006,6 +1011,7 @@ class RetrievalCache(DynamicCache):
             "wait_s": sum(l.stats.wait_s for l in rl),
             "host_s": sum(l.stats.host_s for l in rl),
             "handoff_s": sum(l.stats.handoff_s for l in rl),
+            "handoff_wait_s": sum(l.stats.handoff_wait_s for l in rl),
             "index_build_stages_s": _sum_build_stages(rl),
             "cpu_attention_s": sum(l.stats.cpu_attention_s for l in rl),
             # keys scanned by a layer call's most loaded worker over the average worker's (1 = balanced; the

@@ -55,6 +55,7 @@ def test_bench_decode_residual_and_ef_options(tmp_path):
         assert sc["wall"] >= sc["kernel"] * 0.99 > 0 and sc["kernel"] * 1.01 >= sc["busy_max"] >= sc["busy_mean"] > 0
         assert abs(sc["python"] - (sc["wall"] - sc["kernel"])) < 1e-9
     assert narrow["build_priority"] == "normal"
+    assert narrow["prefill_handoff_wait_s"] == 0.0 <= narrow["prefill_handoff_s"]  # no device to wait for here
     assert main(args + ["--ef", "64", "--no-align", "--build-workers", "2", "--build-priority", "high",
                         "--build-schedule", "after_prefill"]) == 0
     assert json.loads(js.read_text())[0]["align_train_queries"] is False

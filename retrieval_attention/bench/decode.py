@@ -367,6 +367,7 @@ def run_one(model, method, index, ctx, args, device):
             rec["index_wait_s"] = time.perf_counter() - t0
             if "handoff_s" in st0:
                 rec["prefill_handoff_s"] = st0["handoff_s"]
+                rec["prefill_handoff_wait_s"] = st0.get("handoff_wait_s", 0.0)  # of it: the device finishing layers
                 rec["index_build_stages_s"] = st0.get("index_build_stages_s", {})
             tok = logits.argmax(-1, keepdim=True)
             decode_mode = "hf"
@@ -637,7 +638,8 @@ def run(args) -> int:
                                            + " ms)" if rec.get("search_call_ms") else "")
                                         + (f", index build {rec['index_build_s']:.1f} s (waited {rec['index_wait_s']:.1f} s; "
                                            + ", ".join(f"{k} {v:.1f}" for k, v in rec.get("index_build_stages_s", {}).items())
-                                           + f"), hand-off {rec['prefill_handoff_s']:.1f} s" if rec.get("prefill_handoff_s") is not None
+                                           + f"), hand-off {rec['prefill_handoff_s']:.1f} s (of it waiting for the device "
+                                           f"{rec.get('prefill_handoff_wait_s', 0.0):.1f} s)" if rec.get("prefill_handoff_s") is not None
                                            and rec.get("index_build_s") else ""))
         tag = ("" if budget_label == args.gpu_memory_budget else " [no budget]") + (
             f" [{rec['variant']}]" if rec.get("variant") else "")
