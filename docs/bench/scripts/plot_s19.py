@@ -6,13 +6,13 @@ sequential rounds); right, the 128K prefill and the wait for the index after it,
 decode``, two processes on the machine). Usage: ``python docs/bench/scripts/plot_s19.py`` ->
 docs/bench/h100_build_s19.png."""
 import json
-import re
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import profiler_table  # noqa: E402  (docs/bench/scripts/)
 
 BENCH = Path(__file__).resolve().parents[1]
 #: operator-name patterns of the profiler table -> the part of the build they belong to (first match wins; rows
@@ -25,20 +25,7 @@ PARTS = [("pruning", r"^(prune_kernel|aten::baddbmm|aten::bitwise_and|aten::any|
 
 def device_ms(log: str) -> tuple[dict, float]:
     """(milliseconds of self CUDA time per part, the table's total) from a layer_build_profile.py log."""
-    text = (BENCH / log).read_text()
-    total = float(re.search(r"Self CUDA time total: ([\d.]+)ms", text).group(1))
-    parts = dict.fromkeys([p for p, _ in PARTS], 0.0)
-    for line in text.splitlines():
-        cols = re.split(r"\s{2,}", line.strip())
-        if len(cols) < 10 or not cols[-5].endswith("s"):
-            continue
-        name, self_cuda = cols[0], cols[-5]
-        ms = float(self_cuda[:-2]) / (1000.0 if self_cuda.endswith("us") else 1.0)
-        for part, pat in PARTS:
-            if re.search(pat, name):
-                parts[part] += ms
-                break
-    return parts, total
+    return profiler_table.device_ms(BENCH / log, PARTS)
 
 
 fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.3, 1.0]})

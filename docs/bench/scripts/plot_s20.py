@@ -6,13 +6,13 @@ one build worker, and the streaming method, which builds nothing); right, decode
 reports it, with the full-attention reference (no budget) and offload. Usage:
 ``python docs/bench/scripts/plot_s20.py`` -> docs/bench/h100_s20.png."""
 import json
-import re
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import profiler_table  # noqa: E402  (docs/bench/scripts/)
 
 BENCH = Path(__file__).resolve().parents[1]
 #: operator-name patterns of the profiler table -> the part of the build they belong to (first match wins)
@@ -24,19 +24,7 @@ PARTS = [("pruning (Triton)", r"^prune_kernel"), ("host->GPU copies", r"^Memcpy 
 
 def device_ms(log: str) -> tuple[dict, float]:
     """(milliseconds of self CUDA time per part, the table's total) from a layer_build_profile.py log."""
-    text = (BENCH / log).read_text()
-    total = float(re.search(r"Self CUDA time total: ([\d.]+)ms", text).group(1))
-    parts = dict.fromkeys([p for p, _ in PARTS], 0.0)
-    for line in text.splitlines():
-        cols = re.split(r"\s{2,}", line.strip())
-        if len(cols) < 10 or not cols[-5].endswith("s"):
-            continue
-        ms = float(cols[-5][:-2]) / (1000.0 if cols[-5].endswith("us") else 1.0)
-        for part, pat in PARTS:
-            if re.search(pat, cols[0]):
-                parts[part] += ms
-                break
-    return parts, total
+    return profiler_table.device_ms(BENCH / log, PARTS)
 
 
 def record(name: str, method: str | None = None) -> dict:
