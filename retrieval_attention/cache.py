@@ -85,7 +85,7 @@ class BuildGroup:
     def __init__(self):
         self._lock = threading.Lock()
         self._held: list[HeldBuild] = []  # not started yet, in submission order (layer order)
-        self._failed: list = []  # futures of builds that raised (not the successful ones: no index outlives its store)
+        self._failure = None  # the future of the first build that raised (successful ones are not kept)
 
     def submit(self, submit, job, hold: bool = False):
         """``submit(job)`` (-> Future) now, or on :meth:`release` when ``hold``; returns a Future-like handle."""
@@ -103,7 +103,8 @@ class BuildGroup:
     def _finished(self, fut) -> None:
         if not fut.cancelled() and fut.exception() is not None:
             with self._lock:
-                self._failed.append(fut)
+                if self._failure is None:
+                    self._failure = fut
 
     @property
     def held(self) -> int:
@@ -119,8 +120,7 @@ class BuildGroup:
 
     def raise_if_failed(self) -> None:
         """Raise the first error of a build that has failed (``RuntimeError`` naming the build's own error)."""
-        with self._lock:
-            failed = self._failed[0] if self._failed else None
+        failed = self._failure
         if failed is not None:
             err = failed.exception()
             raise RuntimeError(f"a background index build failed ({type(err).__name__}: {err}); the prefill "

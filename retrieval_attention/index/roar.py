@@ -307,7 +307,7 @@ class KeysOnDevice:
 
         try:
             return BUILD_SHARE_OF_HEADROOM * cuda_headroom(self.device)
-        except (AssertionError, RuntimeError, ValueError):
+        except (AssertionError, RuntimeError):
             return 0.0
 
     def head(self, h: int) -> torch.Tensor:
