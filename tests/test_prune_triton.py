@@ -99,6 +99,14 @@ def test_roar_prune_option_is_checked(monkeypatch):
     assert make_index("roar", prune="auto").prune == "auto"
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_prune_variants_are_one_at_a_time():
+    """``prefetch`` and ``early_exit`` are separate kernel variants: asking for both is refused before any launch."""
+    cand, dpc, kh = _case(4, 8, 30, 8, seed=3)
+    with pytest.raises(ValueError, match="prefetch and early_exit are separate variants"):
+        PT.prune(cand, dpc, kh, 4, 1.0, prefetch=True, early_exit=True)
+
+
 @pytest.mark.skipif(not CUDA or not HAS_TRITON, reason="needs CUDA and triton")
 def test_roar_graphs_built_with_triton_and_torch_pruning_agree_on_cuda():
     rng = np.random.default_rng(0)
