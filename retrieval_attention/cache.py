@@ -46,6 +46,9 @@ class LayerStats:
     #: ``handoff_wait_s`` waiting for the layer's queued device work (CUDA; the first copy would wait for it anyway)
     handoff_s: float = 0.0
     handoff_wait_s: float = 0.0
+    #: ``handoff="async"``: seconds the hand-off thread spent landing this layer (waiting for its copies, moving
+    #: them from pinned into the stores' memory, starting the builds), beside the next layers' prefill
+    handoff_land_s: float = 0.0
     #: fused layer calls: keys scanned by the most loaded worker / by the average worker, summed over calls
     worker_keys_max: float = 0.0
     worker_keys_mean: float = 0.0
@@ -61,16 +64,110 @@ def host_copy(t: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     device-to-host copy into fresh pages faults them in one by one (H200 host: 157 ms for a 256 MiB
     ``.to("cpu")``, against 19 ms touch + 16 ms copy). Pinned memory is not used: the store is only read by
     the CPU, and pinning a layer's worth per layer costs more than it saves. A host tensor without extra
-    rows is returned as it is (no copy)."""
+    rows is returned as it is (no copy), unless it is pinned (an asynchronous hand-off's staging memory, which
+    goes back to torch's pinned-memory cache for the next layer)."""
     H, n, D = t.shape
     rows = n if rows is None else max(rows, n)
-    if t.device.type == "cpu" and rows == n:
+    if t.device.type == "cpu" and rows == n and not _is_pinned(t):
         return t.detach()
     out = huge_tensor((H, rows, D), t.dtype)  # read at random by the decode kernels: huge pages
     if t.device.type != "cpu":
         out.zero_()
     out[:, :n].copy_(t.detach())
     return out
+
+
+def _to_host_async(t: torch.Tensor) -> torch.Tensor:
+    """``t`` copied to pinned host memory without blocking (a device tensor: ready once an event recorded after
+    this call on the current stream has completed); a host tensor as it is."""
+    if t.device.type == "cpu":
+        return t.detach()
+    return t.detach().to("cpu", non_blocking=True)
+
+
+def _is_pinned(t: torch.Tensor) -> bool:
+    """``t.is_pinned()`` where CUDA is present (without it nothing is pinned, and torch may refuse the query)."""
+    return torch.cuda.is_available() and t.is_pinned()
+
+
+class HandOff:
+    """The asynchronous prefill hand-off of one :class:`RetrievalCache` (``RetrievalConfig.handoff="async"``).
+
+    :meth:`RetrievalLayer.offload_prefill` queues non-blocking device -> pinned-host copies of the layer's CPU part
+    (keys, values, training queries) on the prefill's own stream (ordered after the layer's work, so the device
+    memory they read is freed in stream order), records an event and returns: the next layer is queued at once.
+    :meth:`submit` runs the landing (wait for the event, copy pinned -> the stores' pageable memory, start the
+    build) on one host thread, layer after layer. The pinned buffers return to torch's pinned-memory cache when a
+    landing drops them, so one or two layers' worth is pinned at a time, not the KV.
+
+    * A layer's :attr:`RetrievalLayer.stores` waits for its own landing (and raises its error) on first use.
+    * :meth:`drain` waits for every landing (the prefill calls it through :meth:`RetrievalCache.start_builds`
+      before it returns: the stores are complete when the prefill is).
+    * :meth:`raise_if_failed`: the prefill stops at its next layer when a landing has failed."""
+
+    def __init__(self):
+        self._pending: list = []  # futures of the landings not yet drained, in layer order
+        self._lock = threading.Lock()
+
+    def submit(self, land):
+        """Run ``land()`` on the hand-off thread after the landings queued before it; returns its Future.
+
+        Back-pressure: with :data:`MAX_LANDINGS_IN_FLIGHT` landings unfinished it first waits for the oldest (the
+        host would otherwise run ahead of the device by many layers, each holding a layer's worth of pinned
+        staging memory)."""
+        from .threads import TransientWorkers
+
+        global _HANDOFF_WORKER
+        while True:
+            with self._lock:
+                busy = [f for f in self._pending if not f.done()]
+            if len(busy) < MAX_LANDINGS_IN_FLIGHT:
+                break
+            busy[0].exception()  # waits; its error is raised by raise_if_failed / drain / the layer's stores
+        if _HANDOFF_WORKER is None:
+            _HANDOFF_WORKER = TransientWorkers(1, "ra-handoff")
+        fut = _HANDOFF_WORKER.submit(land)
+        with self._lock:
+            self._pending.append(fut)
+        return fut
+
+    @property
+    def pending(self) -> int:
+        """Landings not finished yet."""
+        with self._lock:
+            return sum(not f.done() for f in self._pending)
+
+    def raise_if_failed(self) -> None:
+        """Raise the first error of a finished landing (``RuntimeError`` naming it)."""
+        with self._lock:
+            failed = next((f for f in self._pending if f.done() and f.exception() is not None), None)
+        if failed is not None:
+            err = failed.exception()
+            raise RuntimeError(f"a prefill hand-off to the host failed ({type(err).__name__}: {err}); the prefill "
+                               "stops here") from err
+
+    def drain(self) -> None:
+        """Wait for every queued landing; raises the first error (after waiting for all of them)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        first = None
+        for f in pending:
+            try:
+                f.result()
+            except BaseException as e:  # noqa: BLE001 (re-raised below, after the others are done)
+                first = first or e
+        if first is not None:
+            raise RuntimeError(f"a prefill hand-off to the host failed ({type(first).__name__}: {first})") from first
+
+
+#: asynchronous hand-offs queued and not landed yet at most (:meth:`HandOff.submit` waits for the oldest beyond it):
+#: the layer being landed plus the one just queued; each holds a layer's CPU part in pinned staging memory (576 MiB
+#: per 128K-token layer of the Llama-3-8B shape)
+MAX_LANDINGS_IN_FLIGHT = 2
+
+#: the one thread that lands asynchronous hand-offs (shared by every cache: landings are host memory copies, one
+#: at a time keeps them in layer order)
+_HANDOFF_WORKER = None
 
 
 class BuildGroup:
@@ -585,11 +682,14 @@ class RetrievalLayer(DynamicLayer):
         self.static_valid = None  # [B, n_sink + W] bool: slot holds a real token of that sequence
         self.win_start = 0  # padded position of window column 0
         self.sink_end = None  # [B] padded position where each sequence's sink ends
+        self._landing = None  # Future of this layer's asynchronous hand-off (handoff="async"), until it is waited for
         self.stores: list[CPUStore] = []
         self.n_query_heads = 0
         self.on_offloaded = None  # callback(layer) after offload_prefill (progress reporting)
         #: the cache's background builds (held until the prefill ends with build_schedule="after_prefill")
         self.builds: BuildGroup | None = None
+        #: the cache's asynchronous hand-off (handoff="async"); None: the hand-off is synchronous
+        self.handoff: HandOff | None = None
         # layer-by-layer prefill (see begin_layerwise): offload after the layer's last chunk, not its first
         self.defer_offload = False
         self._lw_len = 0  # prompt length the dense K/V buffers are preallocated for
@@ -602,6 +702,19 @@ class RetrievalLayer(DynamicLayer):
         # offloading (one prefill shared by several methods: retrieval_attention.generation.generate_ids_many)
         self.keep_prefill = False
         self.prefill_snapshot = None
+
+    @property
+    def stores(self) -> list:
+        """The per-sequence :class:`CPUStore` objects (after an asynchronous hand-off: once it has landed; its
+        error, if any, is raised here)."""
+        if self._landing is not None:
+            self._landing.result()
+            self._landing = None
+        return self._stores
+
+    @stores.setter
+    def stores(self, value: list) -> None:
+        self._stores = value
 
     # ---- transformers API -------------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -635,9 +748,9 @@ class RetrievalLayer(DynamicLayer):
         return -1
 
     def reset(self) -> None:
-        cb = self.on_offloaded
+        cb, builds, handoff = self.on_offloaded, self.builds, self.handoff  # the cache's, kept across resets
         self.__init__(self.layer_idx, self.config, self.rope_inv_freq)
-        self.on_offloaded = cb
+        self.on_offloaded, self.builds, self.handoff = cb, builds, handoff
 
     def crop(self, tokens_to_remove: int) -> None:
         if self.offloaded:
@@ -699,8 +812,9 @@ class RetrievalLayer(DynamicLayer):
         per_seq = isinstance(queries, (list, tuple))
         self.n_query_heads = queries[0].shape[0] if per_seq else queries.shape[1]
         pos = torch.arange(cfg.n_sink, device=dev)
-        sink_pos = pad.to(dev).view(B, 1) + pos.view(1, -1)  # [B, n_sink]
-        self.sink_end = pad.to(dev) + cfg.n_sink
+        pad_dev = pad.to(dev, non_blocking=True)  # from pageable memory: staged at once, no wait for the device
+        sink_pos = pad_dev.view(B, 1) + pos.view(1, -1)  # [B, n_sink]
+        self.sink_end = pad_dev + cfg.n_sink
         win_start = max(T - cfg.window, 0)
         # sink of sequence b: its first n_sink real tokens [pad_b, pad_b + n_sink), minus any that are in the window
         sink_valid = sink_pos < win_start
@@ -709,32 +823,58 @@ class RetrievalLayer(DynamicLayer):
         self.static_k = torch.cat([torch.gather(K, 2, gather), K[:, :, win_start:]], dim=2)
         self.static_v = torch.cat([torch.gather(V, 2, gather), V[:, :, win_start:]], dim=2)
         wpos = torch.arange(win_start, T, device=dev).view(1, -1)
-        win_valid = wpos >= pad.to(dev).view(B, 1)  # left padding is never attended
+        win_valid = wpos >= pad_dev.view(B, 1)  # left padding is never attended
         self.static_valid = torch.cat([sink_valid, win_valid], dim=1)
         t_handoff = time.perf_counter()
         on_cuda = torch.cuda.is_available() and dev.type == "cuda"
-        if on_cuda and self.retrieve:  # timed apart: the device finishing the layer, not the hand-off's own work
+        landing = self.retrieve and self.handoff is not None and cfg.handoff == "async"
+        if self.handoff is not None:  # an earlier layer's landing failed: stop before this layer's
+            self.handoff.raise_if_failed()
+        if on_cuda and self.retrieve and not landing:  # timed apart: the device finishing the layer
             torch.cuda.current_stream(dev).synchronize()
             self.stats.handoff_wait_s += time.perf_counter() - t_handoff
-        self.stores = []
+        pad_host = pad.detach().cpu()  # the CPU parts' bounds without reading device tensors (no synchronisation)
+        hold = cfg.build_schedule == "after_prefill"
+        stores, parts = [], []  # parts: (store, keys, values, training queries) of the stores that land later
         for b in range(B):
-            lo, hi = int(self.sink_end[b]), win_start
+            lo, hi = int(pad_host[b]) + cfg.n_sink, win_start
             store = CPUStore(cfg, self.layer_idx)
             if self.retrieve and hi > lo:
-                n_real = T - int(pad[b])
+                n_real = T - int(pad_host[b])
                 m = cfg.train_queries(n_real)
                 if per_seq:  # collected at the positions begin_layerwise picked (the same rule)
                     tq, where = queries[b], train_positions(n_real, m)
                 else:  # query rows are the padded positions T - L .. T - 1 (L = T unless a later chunk offloads)
-                    rows = queries[b, :, int(pad[b]) :]
+                    rows = queries[b, :, int(pad_host[b]) :]
                     pick = train_positions(rows.shape[1], m)
                     tq, where = rows[:, pick.to(rows.device)], (T - queries.shape[2]) + pick
                 tq = self._aligned(tq, where, n_real)
-                # on CUDA the build runs in the background, beside the next layers' prefill or after the whole
-                # prefill (build_schedule); on CPU it would compete for the cores
-                store.build(K[b, :, lo:hi], V[b, :, lo:hi], tq, background=on_cuda, group=self.builds,
-                            hold=cfg.build_schedule == "after_prefill")
-            self.stores.append(store)
+                if landing:  # pinned, non-blocking on this stream: queued after the layer's work, no wait here
+                    parts.append((store, *(_to_host_async(t) for t in (K[b, :, lo:hi], V[b, :, lo:hi], tq))))
+                else:
+                    # on CUDA the build runs in the background, beside the next layers' prefill or after the
+                    # whole prefill (build_schedule); on CPU it would compete for the cores
+                    store.build(K[b, :, lo:hi], V[b, :, lo:hi], tq, background=on_cuda, group=self.builds,
+                                hold=hold)
+            stores.append(store)
+        self.stores = stores
+        if parts:
+            ready = torch.cuda.Event() if on_cuda else None
+            if ready is not None:
+                ready.record()
+            stats = self.stats
+
+            def land():
+                t0 = time.perf_counter()
+                if ready is not None:
+                    ready.synchronize()
+                while parts:  # pop: each store's pinned staging goes back to torch's cache as soon as it has landed
+                    store, k, v, tq = parts.pop(0)
+                    store.build(host_copy(k), v, host_copy(tq), background=on_cuda, group=self.builds, hold=hold)
+                    del k, v, tq
+                stats.handoff_land_s += time.perf_counter() - t0
+
+            self._landing = self.handoff.submit(land)
         self.keys = self.values = None  # the dense copy is gone: CPU store + static parts hold everything
         self.offloaded = True
         self.stats.handoff_s += time.perf_counter() - t_handoff
@@ -800,8 +940,8 @@ class RetrievalLayer(DynamicLayer):
         start = end - L
         for b, pick in enumerate(self._lw_pick):
             sel = pick[(pick >= start) & (pick < end)] - start
-            if sel.numel():
-                self._lw_queries[b].append(query[b][:, sel.to(query.device)])
+            if sel.numel():  # non-blocking: a blocking copy would wait for the device at every chunk
+                self._lw_queries[b].append(query[b][:, sel.to(query.device, non_blocking=True)])
 
     def finish_layerwise(self) -> None:
         """After the layer's last prefill chunk: leave defer mode and offload (prompt longer than the static
@@ -929,15 +1069,22 @@ class RetrievalCache(DynamicCache):
         #: the background index builds (held until the prefill ends with build_schedule="after_prefill":
         #: :meth:`start_builds`)
         self.builds = BuildGroup()
+        #: the asynchronous prefill hand-off (config.handoff="async"), drained by :meth:`start_builds`
+        self.handoff = HandOff()
         for layer in self.retrieval_layers:
             layer.builds = self.builds
+            layer.handoff = self.handoff
         self._bar = None
 
     def start_builds(self) -> None:
         """Start the background index builds held back during the prefill (``build_schedule="after_prefill"``;
         a no-op otherwise). The layer-by-layer prefill calls it when its last layer is done; waiting for an index
-        calls it too."""
-        self.builds.release()
+        calls it too. First it waits for the asynchronous hand-offs still landing (``handoff="async"``): their
+        builds join the group as they land."""
+        try:
+            self.handoff.drain()
+        finally:
+            self.builds.release()
 
     def set_progress(self, on: bool) -> None:
         """Show a progress bar over layers during prefill + offload + index build."""
@@ -954,7 +1101,8 @@ class RetrievalCache(DynamicCache):
         def tick(layer):
             if self._bar is not None:
                 self._bar.update(1)
-                self._bar.set_postfix(index_s=f"{sum(s.build_s for l in self.retrieval_layers for s in l.stores):.1f}")
+                # the stores as created (``_stores``): ``stores`` would wait for an asynchronous hand-off to land
+                self._bar.set_postfix(index_s=f"{sum(s.build_s for l in self.retrieval_layers for s in l._stores):.1f}")
 
         for layer in self.retrieval_layers:
             layer.on_offloaded = tick
@@ -1012,6 +1160,7 @@ class RetrievalCache(DynamicCache):
             "host_s": sum(l.stats.host_s for l in rl),
             "handoff_s": sum(l.stats.handoff_s for l in rl),
             "handoff_wait_s": sum(l.stats.handoff_wait_s for l in rl),
+            "handoff_land_s": sum(l.stats.handoff_land_s for l in rl),
             "index_build_stages_s": _sum_build_stages(rl),
             "cpu_attention_s": sum(l.stats.cpu_attention_s for l in rl),
             # keys scanned by a layer call's most loaded worker over the average worker's (1 = balanced; the

@@ -37,6 +37,11 @@ CUDA_BUILD_WORKERS = 2
 #: (streaming) and 37.3-43.2 s beside them; a layer's build took 4.2-4.4 s there with two at once (2.45 s with one
 #: worker) against 1.2-1.3 s standalone. ``after_prefill`` is not measured yet
 BUILD_SCHEDULES = ("overlap", "after_prefill")
+#: ``handoff`` values: how a prefilled layer's KV reaches the host (CUDA). ``sync``: the prefill waits for the layer's
+#: device work, then copies into the stores' pageable memory (~300 ms per 128K layer of the Llama-3-8B shape on an
+#: H100 host, sessions 16-20, the device idle meanwhile). ``async``: non-blocking copies into pinned memory on the
+#: prefill's stream, the next layer queued at once, and a host thread moving the data into the stores
+HANDOFFS = ("sync", "async")
 
 
 @dataclass
@@ -90,6 +95,10 @@ class RetrievalConfig:
                     soon as the layer-by-layer prefill has offloaded it, beside the next layers' prefill) or
                     ``"after_prefill"`` (held until the prefill has run every layer, then ``build_workers`` at
                     once; see :data:`BUILD_SCHEDULES`)
+    handoff         how each prefilled layer's KV and training queries move to the host (CUDA; see
+                    :data:`HANDOFFS`): ``"sync"`` (default) or ``"async"`` (pinned non-blocking copies, landed into
+                    the stores by a host thread while the next layers run; the stores are ready when the prefill
+                    returns). Without CUDA both are the same synchronous copy
     decode_compile  the lean decode loop (:class:`retrieval_attention.decode_loop.LeanDecoder`) runs its dense
                     per-layer ops (input norm, projections, RoPE; the merge of the attention parts; o_proj, MLP)
                     compiled by ``torch.compile``: fewer, fused kernels between the CPU round trips (8B shape at
@@ -119,6 +128,7 @@ class RetrievalConfig:
     build_workers: int | None = None
     build_priority: str = "normal"
     build_schedule: str = "overlap"
+    handoff: str = "sync"
     decode_compile: bool | None = None
 
     def __post_init__(self) -> None:
@@ -137,6 +147,8 @@ class RetrievalConfig:
         check_stream_priority(self.build_priority)
         if self.build_schedule not in BUILD_SCHEDULES:
             raise ValueError(f"build_schedule must be one of {', '.join(BUILD_SCHEDULES)}, got {self.build_schedule!r}")
+        if self.handoff not in HANDOFFS:
+            raise ValueError(f"handoff must be one of {', '.join(HANDOFFS)}, got {self.handoff!r}")
         if self.residual_on not in RESIDUAL_ON:
             raise ValueError(f"residual_on must be one of {', '.join(RESIDUAL_ON)}, got {self.residual_on!r}")
         for name in ("n_sink", "window", "top_k", "prefill_chunk", "max_train_queries", "residual_refresh",

@@ -187,14 +187,16 @@ def layerwise_prefill(model, input_ids: torch.Tensor, cache, *, chunk: int = DEF
             last = hidden[-1][:, -1:].to(dev)
             logits = model.lm_head(base.norm(last))[:, -1].float()
     finally:
-        start_builds = getattr(cache, "start_builds", None)
-        if start_builds is not None:  # builds held back until the prefill is done (build_schedule)
-            start_builds()
-        if offloading:
-            cache.offloading = True
-            if cuda:  # as transformers' own forward leaves it: the first offloaded layer prefetched for decode
-                cache.prefetch_stream.wait_stream(torch.cuda.current_stream(dev))
-                cache.prefetch(0, cache.only_non_sliding)
-        if bar is not None:
-            bar.close()
+        try:
+            start_builds = getattr(cache, "start_builds", None)
+            if start_builds is not None:  # hand-offs landed, builds held back until the prefill is done started
+                start_builds()
+        finally:
+            if offloading:
+                cache.offloading = True
+                if cuda:  # as transformers' own forward leaves it: the first offloaded layer prefetched for decode
+                    cache.prefetch_stream.wait_stream(torch.cuda.current_stream(dev))
+                    cache.prefetch(0, cache.only_non_sliding)
+            if bar is not None:
+                bar.close()
     return logits

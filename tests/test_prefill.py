@@ -450,3 +450,127 @@ def test_a_failed_background_build_stops_the_prefill_at_its_next_layer(monkeypat
                                                                            "ValueError: Expected a torch.device"):
         layerwise_prefill(model, _ids(90, seed=4), cache, chunk=32)
     assert offloaded == [0] and len(calls) == 1 < len(cache.retrieval_layers)
+
+
+def _prefill_and_decode(model, cfg, ids, steps=6):
+    """Layer-by-layer prefill of ``ids`` into a fresh cache of ``cfg``, then greedy decode steps: (cache, logits of
+    the prefill and of each step)."""
+    kw = cache_kwarg(model)
+    with torch.no_grad(), enable(model):
+        cache = make_cache(model, cfg)
+        out = [layerwise_prefill(model, ids, cache, chunk=29)]
+        for _ in range(steps):
+            out.append(model(input_ids=out[-1].argmax(-1, keepdim=True), **{kw: cache}).logits[:, -1])
+    return cache, out
+
+
+@pytest.mark.parametrize("schedule", ["overlap", "after_prefill"])
+def test_async_handoff_equals_the_synchronous_one(monkeypatch, schedule):
+    """``handoff="async"``: each layer's stores are landed (copied to host memory and built) on the hand-off thread,
+    not the prefill's, and are complete when the prefill returns; the static split, the stores' keys and values and
+    every decode step equal the synchronous hand-off's."""
+    import threading
+
+    threads = []
+    orig = CPUStore.build
+
+    def build(self, keys, values, train_queries, background=False, group=None, hold=False):
+        threads.append(threading.current_thread().name)
+        return orig(self, keys, values, train_queries, background, group, hold)
+
+    monkeypatch.setattr(CPUStore, "build", build)
+    model = tiny_model("llama", seed=18)
+    ids = _ids(150, seed=5)
+    base = dict(index="flat", n_sink=8, window=32, top_k=4096, dense_layers=(0,), build_schedule=schedule)
+    ref_cache, ref = _prefill_and_decode(model, RetrievalConfig(**base), ids)
+    assert threads and all(t == threading.current_thread().name for t in threads)
+    threads.clear()
+    cache, got = _prefill_and_decode(model, RetrievalConfig(**base, handoff="async"), ids)
+    assert threads and all(t.startswith("ra-handoff") for t in threads)
+    assert cache.handoff.pending == 0 and cache.builds.held == 0
+    for a, b in zip(ref, got):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    for a, b in zip(ref_cache.retrieval_layers, cache.retrieval_layers):
+        assert b.stats.handoff_wait_s == 0 and b.stats.handoff_land_s > 0 and a.stats.handoff_land_s == 0
+        sa, sb = a.stores[0], b.stores[0]
+        assert sa.n == sb.n > 0
+        assert torch.equal(sa.keys[:, : sa.n], sb.keys[:, : sb.n]) and torch.equal(sa.values[:, : sa.n], sb.values[:, : sb.n])
+        assert torch.equal(a.static_k, b.static_k) and torch.equal(a.static_valid, b.static_valid)
+    with pytest.raises(ValueError, match="handoff must be one of sync, async"):
+        RetrievalConfig(handoff="later")
+
+
+def test_a_layers_stores_wait_for_its_landing_and_a_failed_landing_stops_the_prefill(monkeypatch):
+    """A layer's ``stores`` blocks until its asynchronous hand-off has landed; a landing that raises stops the
+    layer-by-layer prefill at the next layer's offload with an error that names it, and its layer's ``stores``
+    raises it too."""
+    from retrieval_attention.index.flat import FlatIndex
+
+    calls = []
+
+    def failing_build(self, keys, queries=None):
+        calls.append(1)
+        raise ValueError("host memory is exhausted")
+
+    monkeypatch.setattr(FlatIndex, "build", failing_build)
+    model = tiny_model("llama", seed=19)
+    cache = make_cache(model, RetrievalConfig(index="flat", n_sink=8, window=16, dense_layers=(), handoff="async"))
+    layers = cache.retrieval_layers
+    with torch.no_grad(), enable(model), pytest.raises(RuntimeError, match="prefill hand-off to the host failed "
+                                                                           ".*ValueError: host memory is exhausted"):
+        layerwise_prefill(model, _ids(90, seed=4), cache, chunk=32)
+    assert 1 <= len(calls) < len(layers)
+    with pytest.raises(ValueError, match="host memory is exhausted"):
+        layers[0].stores
+
+
+def test_handoff_holds_at_most_max_landings_in_flight():
+    """``HandOff.submit`` waits for the oldest unfinished landing once ``MAX_LANDINGS_IN_FLIGHT`` are queued (the
+    prefill may not run ahead of the device by more, each landing holding a layer in pinned memory); ``drain``
+    waits for all and raises the first error after the others are done."""
+    import threading
+
+    from retrieval_attention.cache import MAX_LANDINGS_IN_FLIGHT, HandOff
+
+    gates = [threading.Event() for _ in range(MAX_LANDINGS_IN_FLIGHT + 1)]
+    done = []
+    h = HandOff()
+    for i in range(MAX_LANDINGS_IN_FLIGHT):
+        h.submit(lambda i=i: (gates[i].wait(10), done.append(i)))
+    submitted = threading.Event()
+    extra = threading.Thread(target=lambda: (h.submit(lambda: done.append("last")), submitted.set()))
+    extra.start()
+    assert not submitted.wait(0.3) and h.pending == MAX_LANDINGS_IN_FLIGHT  # held back
+    gates[0].set()
+    assert submitted.wait(10) and done[0] == 0
+    for g in gates:
+        g.set()
+    extra.join(10)
+    h.drain()
+    assert done == list(range(MAX_LANDINGS_IN_FLIGHT)) + ["last"] and h.pending == 0
+
+    def fail():
+        raise OSError("no memory")
+
+    h.submit(fail)
+    h.submit(lambda: done.append("after"))
+    with pytest.raises(RuntimeError, match="prefill hand-off to the host failed .*OSError: no memory"):
+        h.drain()
+    assert done[-1] == "after" and h.pending == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned memory, events)")
+def test_async_handoff_on_cuda_equals_the_synchronous_one():
+    """On CUDA: the non-blocking pinned copies land the same stores as the synchronous hand-off, and the stores
+    hold pageable copies (the pinned staging goes back to torch's cache)."""
+    model = tiny_model("llama", seed=18).cuda()
+    ids = _ids(150, seed=5).cuda()
+    base = dict(index="flat", n_sink=8, window=32, top_k=4096, dense_layers=(0,))
+    ref_cache, ref = _prefill_and_decode(model, RetrievalConfig(**base), ids)
+    cache, got = _prefill_and_decode(model, RetrievalConfig(**base, handoff="async"), ids)
+    for a, b in zip(ref, got):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    for a, b in zip(ref_cache.retrieval_layers, cache.retrieval_layers):
+        sa, sb = a.stores[0], b.stores[0]
+        assert not sb.values.is_pinned() and not sb.keys.is_pinned()
+        assert torch.equal(sa.keys[:, : sa.n], sb.keys[:, : sb.n]) and torch.equal(sa.values[:, : sa.n], sb.values[:, : sb.n])

@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-from ..config import (BUILD_SCHEDULES, CUDA_BUILD_WORKERS, DEFAULT_BUILD_WORKERS, DEFAULT_RESIDUAL_SAMPLES,
+from ..config import (BUILD_SCHEDULES, HANDOFFS, CUDA_BUILD_WORKERS, DEFAULT_BUILD_WORKERS, DEFAULT_RESIDUAL_SAMPLES,
                       RESIDUAL_ON)
 from .kernels import CALL_PARTS
 
@@ -156,6 +156,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--build-schedule", choices=BUILD_SCHEDULES, default=None,
                    help="background index builds beside the layer-by-layer prefill (overlap) or after it "
                         "(after_prefill) (RetrievalConfig.build_schedule; default: RetrievalConfig's)")
+    p.add_argument("--handoff", choices=HANDOFFS, default=None,
+                   help="each prefilled layer's move to the host: synchronous, or asynchronous (pinned non-blocking "
+                        "copies landed by a host thread) (RetrievalConfig.handoff; default: RetrievalConfig's)")
     p.add_argument("--steps", type=int, default=64, help="timed decode steps (median reported)")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--device", default=None)
@@ -313,6 +316,7 @@ def run_one(model, method, index, ctx, args, device):
                                  else {"build_priority": args.build_priority}),
                               **({} if getattr(args, "build_schedule", None) is None
                                  else {"build_schedule": args.build_schedule}),
+                              **({} if getattr(args, "handoff", None) is None else {"handoff": args.handoff}),
                               **({} if residual is None else {"residual_samples": residual}),
                               **({} if residual_on is None else {"residual_on": residual_on}),
                               **({} if train is None else {"max_train_queries": train}))
@@ -324,6 +328,7 @@ def run_one(model, method, index, ctx, args, device):
             rec["build_workers"] = cfg.resolved_build_workers()
             rec["build_priority"] = cfg.build_priority
             rec["build_schedule"] = cfg.build_schedule
+            rec["handoff"] = cfg.handoff
             rec["decode_compile"] = cfg.resolved_decode_compile(device)
         cache, ctxm = make_cache(model, cfg), enable(model)
     kw = {cache_kwarg(model): cache}
@@ -368,6 +373,7 @@ def run_one(model, method, index, ctx, args, device):
             if "handoff_s" in st0:
                 rec["prefill_handoff_s"] = st0["handoff_s"]
                 rec["prefill_handoff_wait_s"] = st0.get("handoff_wait_s", 0.0)  # of it: the device finishing layers
+                rec["prefill_handoff_land_s"] = st0.get("handoff_land_s", 0.0)  # async: the host thread's, beside
                 rec["index_build_stages_s"] = st0.get("index_build_stages_s", {})
             tok = logits.argmax(-1, keepdim=True)
             decode_mode = "hf"

@@ -24,13 +24,14 @@ device_start() {
   )
 }
 
-# device_poll W NAME...: wait up to W seconds for the runs to finish, copy $RUN/out to $OUT, and print the machine,
+# device_poll W NAME...: wait up to W seconds for the runs to finish, pack $RUN/out into $OUT/out.tgz, and print the machine,
 # the end of tests.log (if any) and the end of each NAME.log without progress bars.
 device_poll() {
   local w=$1 f i
   shift
   for i in $(seq 1 $((w / 10))); do [ -f $RUN/out/DONE ] && break; sleep 10; done
-  cp $RUN/out/* "$OUT"/ 2>/dev/null
+  # the device tool returns at most 8 files per call: everything travels as one archive
+  tar czf "$OUT/out.tgz" -C $RUN out
   cat $RUN/out/machine.txt
   tail -n 5 $RUN/out/tests.log 2>/dev/null
   for f in "$@"; do
