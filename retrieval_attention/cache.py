@@ -77,6 +77,15 @@ def host_copy(t: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     return out
 
 
+def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor on ``device`` without waiting for the device's queued work: on CUDA through pinned memory
+    with a non-blocking copy (from pageable memory CUDA may synchronise the stream first); elsewhere ``t.to``."""
+    device = torch.device(device)
+    if t.device == device or t.device.type != "cpu" or device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _to_host_async(t: torch.Tensor) -> torch.Tensor:
     """``t`` copied to pinned host memory without blocking (a device tensor: ready once an event recorded after
     this call on the current stream has completed); a host tensor as it is."""
@@ -695,6 +704,7 @@ class RetrievalLayer(DynamicLayer):
         self._lw_len = 0  # prompt length the dense K/V buffers are preallocated for
         self._lw_pad = None  # [B] left padding (CPU)
         self._lw_pick = None  # per sequence: prompt positions kept as index-training queries (CPU long)
+        self._lw_pick_dev = None  # the same on the queries' device
         self._lw_queries = None  # per sequence: list of [Hq, m, D] collected queries
         self._lw_kbuf = self._lw_vbuf = None  # [B, Hkv, prompt_len, D] preallocated dense K/V
         self._lw_heads = None  # (Hq, D, dtype) of the collected queries
@@ -812,7 +822,7 @@ class RetrievalLayer(DynamicLayer):
         per_seq = isinstance(queries, (list, tuple))
         self.n_query_heads = queries[0].shape[0] if per_seq else queries.shape[1]
         pos = torch.arange(cfg.n_sink, device=dev)
-        pad_dev = pad.to(dev, non_blocking=True)  # from pageable memory: staged at once, no wait for the device
+        pad_dev = to_device_async(pad.detach(), dev)
         sink_pos = pad_dev.view(B, 1) + pos.view(1, -1)  # [B, n_sink]
         self.sink_end = pad_dev + cfg.n_sink
         win_start = max(T - cfg.window, 0)
@@ -905,6 +915,7 @@ class RetrievalLayer(DynamicLayer):
         for p in self._lw_pad.tolist():
             n = self._lw_len - p
             self._lw_pick.append(p + train_positions(n, self.config.train_queries(n)))
+        self._lw_pick_dev = None
         self._lw_queries = [[] for _ in self._lw_pick]
         self._lw_kbuf = self._lw_vbuf = None
         self._lw_heads = None
@@ -938,10 +949,12 @@ class RetrievalLayer(DynamicLayer):
             return
         end = self.total
         start = end - L
+        if self._lw_pick_dev is None:  # once per layer: an index copy per chunk could wait for the device each time
+            self._lw_pick_dev = [to_device_async(p, query.device) for p in self._lw_pick]
         for b, pick in enumerate(self._lw_pick):
-            sel = pick[(pick >= start) & (pick < end)] - start
-            if sel.numel():  # non-blocking: a blocking copy would wait for the device at every chunk
-                self._lw_queries[b].append(query[b][:, sel.to(query.device, non_blocking=True)])
+            i0, i1 = (int(i) for i in torch.searchsorted(pick, torch.tensor([start, end])))  # pick is sorted
+            if i1 > i0:
+                self._lw_queries[b].append(query[b][:, self._lw_pick_dev[b][i0:i1] - start])
 
     def finish_layerwise(self) -> None:
         """After the layer's last prefill chunk: leave defer mode and offload (prompt longer than the static
@@ -956,7 +969,7 @@ class RetrievalLayer(DynamicLayer):
         queries, pad = self._lw_queries, self._lw_pad
         Hq, D, dtype = self._lw_heads
         self.defer_offload = False
-        self._lw_kbuf = self._lw_vbuf = self._lw_pick = self._lw_queries = None
+        self._lw_kbuf = self._lw_vbuf = self._lw_pick = self._lw_pick_dev = self._lw_queries = None
         empty = torch.empty((Hq, 0, D), dtype=dtype, device=self.keys.device)
         queries = [torch.cat(q, dim=1) if q else empty for q in queries]
         if self.keep_prefill:
