@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .config import RetrievalConfig
-from .gpumem import release_if_tight
+from .gpumem import release_if_tight, to_device_async
 from .hostmem import huge_tensor
 from .index import KVIndex, make_index
 from .index.base import Residual, spare_rows
@@ -75,15 +75,6 @@ def host_copy(t: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         out.zero_()
     out[:, :n].copy_(t.detach())
     return out
-
-
-def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
-    """A small host tensor on ``device`` without waiting for the device's queued work: on CUDA through pinned memory
-    with a non-blocking copy (from pageable memory CUDA may synchronise the stream first); elsewhere ``t.to``."""
-    device = torch.device(device)
-    if t.device == device or t.device.type != "cpu" or device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _to_host_async(t: torch.Tensor) -> torch.Tensor:
@@ -857,7 +848,7 @@ class RetrievalLayer(DynamicLayer):
                 else:  # query rows are the padded positions T - L .. T - 1 (L = T unless a later chunk offloads)
                     rows = queries[b, :, int(pad_host[b]) :]
                     pick = train_positions(rows.shape[1], m)
-                    tq, where = rows[:, pick.to(rows.device)], (T - queries.shape[2]) + pick
+                    tq, where = rows[:, to_device_async(pick, rows.device)], (T - queries.shape[2]) + pick
                 tq = self._aligned(tq, where, n_real)
                 if landing:  # pinned, non-blocking on this stream: queued after the layer's work, no wait here
                     parts.append((store, *(_to_host_async(t) for t in (K[b, :, lo:hi], V[b, :, lo:hi], tq))))

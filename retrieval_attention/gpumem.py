@@ -57,3 +57,12 @@ def release_if_tight(dev: torch.device | int | None = None) -> bool:
     torch.cuda.current_stream(dev).synchronize()  # the job's kernels are done with its blocks
     torch.cuda.empty_cache()
     return True
+
+
+def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor on ``device`` without waiting for the device's queued work: on CUDA through pinned memory
+    with a non-blocking copy (from pageable memory CUDA may synchronise the stream first); elsewhere ``t.to``."""
+    device = torch.device(device)
+    if t.device == device or t.device.type != "cpu" or device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

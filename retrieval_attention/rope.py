@@ -74,7 +74,10 @@ def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torc
     D = x.shape[-1]
     if inv_freq.numel() * 2 != D:
         raise ValueError(f"RoPE frequencies for head_dim {2 * inv_freq.numel()}, vectors have {D}")
-    ang = delta.to(x.device, torch.float64).unsqueeze(-1) * inv_freq.to(x.device, torch.float64)  # [m, D/2]
+    from .gpumem import to_device_async  # a blocking copy to a GPU would wait for its queued work (the prefill's)
+
+    ang = (to_device_async(delta.to(torch.float64), x.device).unsqueeze(-1)
+           * to_device_async(inv_freq.to(torch.float64), x.device))  # [m, D/2]
     ang = torch.cat([ang, ang], dim=-1)
     xd = x.to(torch.float64)
     half = D // 2

@@ -84,3 +84,17 @@ def test_nothing_is_released_or_shrunk_without_cuda_in_use(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     assert not gpumem.release_if_tight()
     assert R.first_shrink() == R.SHRINK_STEPS[0]
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_to_device_async_copies_the_values(device):
+    """``to_device_async``: the same values on the target device (on CUDA through pinned memory, non-blocking),
+    a tensor already there unchanged, and the source left as it was."""
+    from retrieval_attention.gpumem import to_device_async
+
+    src = torch.arange(1000, dtype=torch.int64) * 3 - 7
+    out = to_device_async(src, device)
+    assert out.device.type == device and torch.equal(out.cpu(), src) and torch.equal(src[:2], torch.tensor([-7, -4]))
+    assert torch.equal(to_device_async(out, device), out)
+    f = torch.randn(5, 7, dtype=torch.float64)
+    assert torch.equal(to_device_async(f, device).cpu(), f)
