@@ -85,6 +85,16 @@ def _to_host_async(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", non_blocking=True)
 
 
+def _copies_done_event(device: torch.device):
+    """An event recorded now on ``device``'s current stream (CUDA): done once the copies queued before it are; None
+    elsewhere (copies to the host are synchronous there). Its ``synchronize()`` waits for it."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(device))
+    return ev
+
+
 def _is_pinned(t: torch.Tensor) -> bool:
     """``t.is_pinned()`` where CUDA is present (without it nothing is pinned, and torch may refuse the query)."""
     return torch.cuda.is_available() and t.is_pinned()
@@ -103,27 +113,29 @@ class HandOff:
     * A layer's :attr:`RetrievalLayer.stores` waits for its own landing (and raises its error) on first use.
     * :meth:`drain` waits for every landing (the prefill calls it through :meth:`RetrievalCache.start_builds`
       before it returns: the stores are complete when the prefill is).
-    * :meth:`raise_if_failed`: the prefill stops at its next layer when a landing has failed."""
+    * :meth:`raise_if_failed`: the prefill stops at its next layer when a landing has failed.
+    * :meth:`wait_for_room`: at most :data:`MAX_LANDINGS_IN_FLIGHT` layers queued and not landed."""
 
     def __init__(self):
         self._pending: list = []  # futures of the landings not yet drained, in layer order
         self._lock = threading.Lock()
 
-    def submit(self, land):
-        """Run ``land()`` on the hand-off thread after the landings queued before it; returns its Future.
-
-        Back-pressure: with :data:`MAX_LANDINGS_IN_FLIGHT` landings unfinished it first waits for the oldest (the
-        host would otherwise run ahead of the device by many layers, each holding a layer's worth of pinned
-        staging memory)."""
-        from .threads import TransientWorkers
-
-        global _HANDOFF_WORKER
+    def wait_for_room(self) -> None:
+        """Back-pressure, before a layer's copies are queued: while :data:`MAX_LANDINGS_IN_FLIGHT` landings are
+        unfinished, wait for the oldest (the host would otherwise run ahead of the device by many layers, each
+        holding a layer's CPU part in pinned memory)."""
         while True:
             with self._lock:
                 busy = [f for f in self._pending if not f.done()]
             if len(busy) < MAX_LANDINGS_IN_FLIGHT:
-                break
+                return
             busy[0].exception()  # waits; its error is raised by raise_if_failed / drain / the layer's stores
+
+    def submit(self, land):
+        """Run ``land()`` on the hand-off thread after the landings queued before it; returns its Future."""
+        from .threads import TransientWorkers
+
+        global _HANDOFF_WORKER
         if _HANDOFF_WORKER is None:
             _HANDOFF_WORKER = TransientWorkers(1, "ra-handoff")
         fut = _HANDOFF_WORKER.submit(land)
@@ -160,7 +172,7 @@ class HandOff:
             raise RuntimeError(f"a prefill hand-off to the host failed ({type(first).__name__}: {first})") from first
 
 
-#: asynchronous hand-offs queued and not landed yet at most (:meth:`HandOff.submit` waits for the oldest beyond it):
+#: asynchronous hand-offs queued and not landed yet at most (:meth:`HandOff.wait_for_room` waits for the oldest):
 #: the layer being landed plus the one just queued; each holds a layer's CPU part in pinned staging memory (576 MiB
 #: per 128K-token layer of the Llama-3-8B shape)
 MAX_LANDINGS_IN_FLIGHT = 2
@@ -829,6 +841,8 @@ class RetrievalLayer(DynamicLayer):
         t_handoff = time.perf_counter()
         on_cuda = torch.cuda.is_available() and dev.type == "cuda"
         landing = self.retrieve and self.handoff is not None and cfg.handoff == "async"
+        if landing:  # at most MAX_LANDINGS_IN_FLIGHT layers in pinned memory, this one included
+            self.handoff.wait_for_room()
         if self.handoff is not None:  # an earlier layer's landing failed: stop before this layer's
             self.handoff.raise_if_failed()
         if on_cuda and self.retrieve and not landing:  # timed apart: the device finishing the layer
@@ -860,9 +874,7 @@ class RetrievalLayer(DynamicLayer):
             stores.append(store)
         self.stores = stores
         if parts:
-            ready = torch.cuda.Event() if on_cuda else None
-            if ready is not None:
-                ready.record()
+            ready = _copies_done_event(dev)
             stats = self.stats
 
             def land():

@@ -1,5 +1,6 @@
 """Layer-by-layer prefill: chunk attention exact vs one SDPA; logits and cache equal the normal forward."""
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -525,8 +526,8 @@ def test_a_layers_stores_wait_for_its_landing_and_a_failed_landing_stops_the_pre
 
 
 def test_handoff_holds_at_most_max_landings_in_flight():
-    """``HandOff.submit`` waits for the oldest unfinished landing once ``MAX_LANDINGS_IN_FLIGHT`` are queued (the
-    prefill may not run ahead of the device by more, each landing holding a layer in pinned memory); ``drain``
+    """``HandOff.wait_for_room`` waits for the oldest unfinished landing while ``MAX_LANDINGS_IN_FLIGHT`` are queued
+    (the prefill may not run ahead of the device by more, each landing holding a layer in pinned memory); ``drain``
     waits for all and raises the first error after the others are done."""
     import threading
 
@@ -536,9 +537,11 @@ def test_handoff_holds_at_most_max_landings_in_flight():
     done = []
     h = HandOff()
     for i in range(MAX_LANDINGS_IN_FLIGHT):
+        h.wait_for_room()
         h.submit(lambda i=i: (gates[i].wait(10), done.append(i)))
     submitted = threading.Event()
-    extra = threading.Thread(target=lambda: (h.submit(lambda: done.append("last")), submitted.set()))
+    extra = threading.Thread(target=lambda: (h.wait_for_room(), h.submit(lambda: done.append("last")),
+                                             submitted.set()))
     extra.start()
     assert not submitted.wait(0.3) and h.pending == MAX_LANDINGS_IN_FLIGHT  # held back
     gates[0].set()
@@ -574,3 +577,60 @@ def test_async_handoff_on_cuda_equals_the_synchronous_one():
         sa, sb = a.stores[0], b.stores[0]
         assert not sb.values.is_pinned() and not sb.keys.is_pinned()
         assert torch.equal(sa.keys[:, : sa.n], sb.keys[:, : sb.n]) and torch.equal(sa.values[:, : sa.n], sb.values[:, : sb.n])
+
+
+def test_async_handoff_lands_only_after_the_copies_are_done(monkeypatch):
+    """The landing waits for the event recorded after the layer's copies (CUDA's; a stand-in here that the test
+    completes): until then no store has its keys and a layer's ``stores`` blocks; the prefill itself does not wait
+    beyond ``MAX_LANDINGS_IN_FLIGHT`` layers; once the events complete every store lands."""
+    import threading
+
+    from retrieval_attention import cache as C
+
+    class Event:  # the stand-in of a CUDA event: synchronize() blocks until the test sets it
+        def __init__(self):
+            self.done = threading.Event()
+
+        def synchronize(self):
+            assert self.done.wait(30)
+
+    events = []
+    monkeypatch.setattr(C, "_copies_done_event", lambda dev: events.append(Event()) or events[-1])
+    model = tiny_model("llama", seed=20)
+    cache = make_cache(model, RetrievalConfig(index="flat", n_sink=8, window=16, top_k=4096, dense_layers=(),
+                                              handoff="async"))
+    layers = cache.retrieval_layers
+    assert len(layers) > C.MAX_LANDINGS_IN_FLIGHT
+    with torch.no_grad(), enable(model):
+        layer0 = layers[0]
+        done = threading.Event()
+        errors = []
+
+        def prefill():
+            try:
+                layerwise_prefill(model, _ids(90, seed=4), cache, chunk=32)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+            done.set()
+
+        t = threading.Thread(target=prefill)
+        t.start()
+        deadline = time.monotonic() + 30
+        while len(events) < C.MAX_LANDINGS_IN_FLIGHT and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        # every queued layer waits for its copies: nothing landed, and the prefill is held at the in-flight bound
+        assert len(events) == C.MAX_LANDINGS_IN_FLIGHT and not done.is_set()
+        assert all(s.n == 0 and s.values is None for l in layers[: len(events)] for s in l._stores)
+        reader = threading.Thread(target=lambda: layer0.stores)
+        reader.start()
+        reader.join(0.2)
+        assert reader.is_alive()  # the layer's stores wait for its landing
+        while not done.is_set():  # complete the events as they come, as the device would
+            for e in list(events):
+                e.done.set()
+            time.sleep(0.01)
+        t.join(30)
+        reader.join(30)
+    assert not errors and len(events) == len(layers)
+    assert all(s.n == 90 - 8 - 16 and s.index.n_keys == s.n for l in layers for s in l.stores)
