@@ -98,7 +98,8 @@ class RetrievalConfig:
     handoff         how each prefilled layer's KV and training queries move to the host (CUDA; see
                     :data:`HANDOFFS`): ``"sync"`` (default) or ``"async"`` (pinned non-blocking copies, landed into
                     the stores by a host thread while the next layers run; the stores are ready when the prefill
-                    returns). Without CUDA both are the same synchronous copy
+                    returns). Without CUDA there is nothing to copy, but ``"async"`` still lands the stores on the
+                    hand-off thread, which then also runs their builds beside the next layers' prefill
     decode_compile  the lean decode loop (:class:`retrieval_attention.decode_loop.LeanDecoder`) runs its dense
                     per-layer ops (input norm, projections, RoPE; the merge of the attention parts; o_proj, MLP)
                     compiled by ``torch.compile``: fewer, fused kernels between the CPU round trips (8B shape at
