@@ -171,7 +171,10 @@ def test_layerwise_streaming_and_short_prompt():
         assert short.get_seq_length() == 15 and short.retrieval_layers[0].keys.shape[2] == 15
 
 
-def test_layerwise_left_padded_batch():
+@pytest.mark.parametrize("handoff", ["sync", "async"])
+def test_layerwise_left_padded_batch(handoff):
+    """A left-padded batch of two: the layer-by-layer prefill equals the single forward (both hand-off modes, in
+    both prefill paths), and so do the decode steps after it."""
     model = tiny_model("llama", seed=16)
     kw = cache_kwarg(model)
     g = torch.Generator().manual_seed(6)
@@ -182,7 +185,7 @@ def test_layerwise_left_padded_batch():
         ids[i, T - n:] = torch.randint(2, VOCAB - 1, (n,), generator=g)
         mask[i, T - n:] = 1
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    cfg = RetrievalConfig(index="flat", n_sink=8, window=16, top_k=4096, dense_layers=(0,))
+    cfg = RetrievalConfig(index="flat", n_sink=8, window=16, top_k=4096, dense_layers=(0,), handoff=handoff)
     with torch.no_grad(), enable(model):
         ref_cache = make_cache(model, cfg)
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{kw: ref_cache}).logits[:, -1]
@@ -197,6 +200,8 @@ def test_layerwise_left_padded_batch():
             b = model(input_ids=tok, attention_mask=mask, position_ids=p, **{kw: cache}).logits[:, -1]
             assert torch.allclose(a, b, atol=1e-4)
             tok = a.argmax(-1, keepdim=True)
+    for c in (ref_cache, cache):  # the asynchronous mode did land on its thread, in both prefill paths
+        assert all((l.stats.handoff_land_s > 0) == (handoff == "async") for l in c.retrieval_layers)
 
 
 def test_layerwise_errors():
