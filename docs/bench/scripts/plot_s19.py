@@ -23,22 +23,9 @@ PARTS = [("pruning", r"^(prune_kernel|aten::baddbmm|aten::bitwise_and|aten::any|
          ("sort", r"^aten::sort$"), ("gathers / indexing", r"^aten::(index|gather)$")]
 
 
-def device_ms(log: str) -> tuple[dict, float]:
-    """(milliseconds of self CUDA time per part, the table's total) from a layer_build_profile.py log."""
-    return profiler_table.device_ms(BENCH / log, PARTS)
-
-
 fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.3, 1.0]})
-colors = ["#c44e52", "#4c72b0", "#8172b3", "#55a868", "#dd8452", "#937860", "#da8bc3", "#bbbbbb"]
-for x, (label, log) in enumerate([("pruning in Triton\n(default)", "h100_layer_build_s19.log"),
-                                  ("pruning as torch ops", "h100_layer_build_s19_torch_prune.log")]):
-    parts, total = device_ms(log)
-    parts["other"] = total - sum(parts.values())
-    bottom = 0.0
-    for (part, ms), c in zip(parts.items(), colors):
-        ax.bar(x, ms, 0.5, bottom=bottom, color=c, label=part if x == 0 else None)
-        bottom += ms
-    ax.text(x, bottom + 8, f"{total:.0f} ms", ha="center")
+profiler_table.stack_build_parts(ax, [("pruning in Triton\n(default)", BENCH / "h100_layer_build_s19.log"),
+                                      ("pruning as torch ops", BENCH / "h100_layer_build_s19_torch_prune.log")], PARTS)
 ax.set_xticks([0, 1], ["pruning in Triton\n(default)", "pruning as torch ops"])
 ax.set_ylabel("GPU time of one layer's build, ms")
 ax.set_title("standalone 128K layer build (8 graphs), GPU time by part")

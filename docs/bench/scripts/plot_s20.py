@@ -22,28 +22,15 @@ PARTS = [("pruning (Triton)", r"^prune_kernel"), ("host->GPU copies", r"^Memcpy 
          ("gathers / indexing", r"^aten::(index|gather)$")]
 
 
-def device_ms(log: str) -> tuple[dict, float]:
-    """(milliseconds of self CUDA time per part, the table's total) from a layer_build_profile.py log."""
-    return profiler_table.device_ms(BENCH / log, PARTS)
-
-
 def record(name: str, method: str | None = None) -> dict:
     recs = json.loads((BENCH / name).read_text())
     return next(r for r in recs if method is None or (r["method"] == method and not r.get("oom")))
 
 
 fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(18, 5.2), gridspec_kw={"width_ratios": [1.1, 1.3, 1.3]})
-colors = ["#c44e52", "#4c72b0", "#8172b3", "#55a868", "#dd8452", "#937860", "#da8bc3", "#bbbbbb"]
 builds = [("keys resident\n(default)", "h100_layer_build_s20.log"),
           ("a copy per stage", "h100_layer_build_s20_copies.log")]
-for x, (label, log) in enumerate(builds):
-    parts, total = device_ms(log)
-    parts["other"] = total - sum(parts.values())
-    bottom = 0.0
-    for (part, ms), c in zip(parts.items(), colors):
-        ax.bar(x, ms, 0.5, bottom=bottom, color=c, label=part if x == 0 else None)
-        bottom += ms
-    ax.text(x, bottom + 8, f"{total:.0f} ms", ha="center")
+profiler_table.stack_build_parts(ax, [(label, BENCH / log) for label, log in builds], PARTS)
 ax.set_xticks(range(len(builds)), [b[0] for b in builds])
 ax.set_ylabel("GPU time of one layer's build, ms")
 ax.set_ylim(0, 1250)

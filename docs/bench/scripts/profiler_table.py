@@ -1,5 +1,5 @@
 """Shared by the plot scripts: GPU time per part of a build from the ``torch.profiler`` table that
-``layer_build_profile.py`` prints (its 20 operators with the most self CUDA time)."""
+``layer_build_profile.py`` prints (its 20 operators with the most self CUDA time), and its stacked bars."""
 import re
 from pathlib import Path
 
@@ -21,3 +21,21 @@ def device_ms(log: Path, parts: list[tuple[str, str]]) -> tuple[dict, float]:
                 out[part] += ms
                 break
     return out, total
+
+
+#: colours of a build's parts in :func:`stack_build_parts`, in the order of ``parts``, then "other"
+PART_COLORS = ["#c44e52", "#4c72b0", "#8172b3", "#55a868", "#dd8452", "#937860", "#da8bc3", "#bbbbbb"]
+
+
+def stack_build_parts(ax, builds: list[tuple[str, Path]], parts: list[tuple[str, str]]) -> None:
+    """One stacked bar per ``(label, log)`` of ``builds`` on the matplotlib axes ``ax`` (at x = 0, 1, ...): the
+    build's GPU time per part (:func:`device_ms`), "other" for the operators not matched or below the table's top
+    20, and the total above the bar. The legend labels come from the first bar."""
+    for x, (_, log) in enumerate(builds):
+        by_part, total = device_ms(log, parts)
+        by_part["other"] = total - sum(by_part.values())
+        bottom = 0.0
+        for (part, ms), c in zip(by_part.items(), PART_COLORS):
+            ax.bar(x, ms, 0.5, bottom=bottom, color=c, label=part if x == 0 else None)
+            bottom += ms
+        ax.text(x, bottom + 8, f"{total:.0f} ms", ha="center")
