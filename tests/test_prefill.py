@@ -72,6 +72,28 @@ def _ids(T, seed=0, B=1):
     return torch.randint(2, VOCAB - 1, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
+def _builds_in_background(monkeypatch) -> None:
+    """CUDA's path, forced on the CPU: every ``CPUStore.build`` runs on the background build workers."""
+    orig = CPUStore.build
+    monkeypatch.setattr(CPUStore, "build",
+                        lambda self, k, v, tq, background=False, group=None, hold=False:
+                        orig(self, k, v, tq, True, group, hold))
+
+
+def _failing_flat_builds(monkeypatch, message: str) -> list:
+    """Every ``FlatIndex.build`` raises ``ValueError(message)``; returns the list that gets an entry per call."""
+    from retrieval_attention.index.flat import FlatIndex
+
+    calls = []
+
+    def failing_build(self, keys, queries=None):
+        calls.append(1)
+        raise ValueError(message)
+
+    monkeypatch.setattr(FlatIndex, "build", failing_build)
+    return calls
+
+
 @pytest.mark.parametrize("arch", LLAMA_FAMILY)
 @pytest.mark.parametrize("chunk", [40, 512])  # 40 does not divide 150; 512 > T
 def test_layerwise_full_cache_equals_forward(arch, chunk):
@@ -256,10 +278,7 @@ def test_wait_for_builds_waits_for_background_builds(monkeypatch, schedule):
 
     from retrieval_attention import cache as C
 
-    orig = CPUStore.build
-    monkeypatch.setattr(CPUStore, "build",
-                        lambda self, k, v, tq, background=False, group=None, hold=False:
-                        orig(self, k, v, tq, True, group, hold))
+    _builds_in_background(monkeypatch)
     release = threading.Event()
     cfg = RetrievalConfig(index="flat", n_sink=8, window=16, dense_layers=(), build_schedule=schedule)
     ex = C._build_executor(cfg.resolved_build_workers(), cfg.build_priority)
@@ -293,10 +312,7 @@ def test_build_workers_run_builds_at_once(monkeypatch, workers):
 
     if workers > 1 and not parallel_kernels_concurrent():
         pytest.skip("numba's threading layer runs one parallel kernel at a time")
-    orig = CPUStore.build
-    monkeypatch.setattr(CPUStore, "build",
-                        lambda self, k, v, tq, background=False, group=None, hold=False:
-                        orig(self, k, v, tq, True, group, hold))
+    _builds_in_background(monkeypatch)
     barrier, lock = threading.Barrier(2, timeout=30), threading.Lock()
     running, seen = [0], []
     flat_build = FlatIndex.build
@@ -433,19 +449,8 @@ def test_a_failed_background_build_stops_the_prefill_at_its_next_layer(monkeypat
     """A background build that raises (session 20: every GPU build failed and the 512K prefill went on for minutes,
     until the host ran out of memory) stops the layer-by-layer prefill at the next layer's offload with an error
     that names it; the builds it had started are not left half-run."""
-    from retrieval_attention.index.flat import FlatIndex
-
-    orig = CPUStore.build
-    monkeypatch.setattr(CPUStore, "build",
-                        lambda self, k, v, tq, background=False, group=None, hold=False:
-                        orig(self, k, v, tq, True, group, hold))
-    calls = []
-
-    def failing_build(self, keys, queries=None):
-        calls.append(1)
-        raise ValueError("Expected a torch.device with a specified index")
-
-    monkeypatch.setattr(FlatIndex, "build", failing_build)
+    _builds_in_background(monkeypatch)
+    calls = _failing_flat_builds(monkeypatch, "Expected a torch.device with a specified index")
     model = tiny_model("llama", seed=17)
     cfg = RetrievalConfig(index="flat", n_sink=8, window=16, dense_layers=(), build_workers=1)
     cache = make_cache(model, cfg)
@@ -510,15 +515,7 @@ def test_a_layers_stores_wait_for_its_landing_and_a_failed_landing_stops_the_pre
     """A layer's ``stores`` blocks until its asynchronous hand-off has landed; a landing that raises stops the
     layer-by-layer prefill at the next layer's offload with an error that names it, and its layer's ``stores``
     raises it too."""
-    from retrieval_attention.index.flat import FlatIndex
-
-    calls = []
-
-    def failing_build(self, keys, queries=None):
-        calls.append(1)
-        raise ValueError("host memory is exhausted")
-
-    monkeypatch.setattr(FlatIndex, "build", failing_build)
+    calls = _failing_flat_builds(monkeypatch, "host memory is exhausted")
     model = tiny_model("llama", seed=19)
     cache = make_cache(model, RetrievalConfig(index="flat", n_sink=8, window=16, dense_layers=(), handoff="async"))
     layers = cache.retrieval_layers
