@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from .gpumem import to_device_async
+
 
 def _rotary_module(model):
     base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
@@ -74,8 +76,7 @@ def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torc
     D = x.shape[-1]
     if inv_freq.numel() * 2 != D:
         raise ValueError(f"RoPE frequencies for head_dim {2 * inv_freq.numel()}, vectors have {D}")
-    from .gpumem import to_device_async  # a blocking copy to a GPU would wait for its queued work (the prefill's)
-
+    # to_device_async: a blocking copy to a GPU would wait for its queued work (the prefill's)
     ang = (to_device_async(delta.to(torch.float64), x.device).unsqueeze(-1)
            * to_device_async(inv_freq.to(torch.float64), x.device))  # [m, D/2]
     ang = torch.cat([ang, ang], dim=-1)
