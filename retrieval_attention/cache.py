@@ -79,9 +79,7 @@ def host_copy(t: torch.Tensor, rows: int | None = None) -> torch.Tensor:
 
 def _to_host_async(t: torch.Tensor) -> torch.Tensor:
     """``t`` copied to pinned host memory without blocking (a device tensor: ready once an event recorded after
-    this call on the current stream has completed); a host tensor as it is."""
-    if t.device.type == "cpu":
-        return t.detach()
+    this call on the current stream has completed); a host tensor as it is (``to`` returns it unchanged)."""
     return t.detach().to("cpu", non_blocking=True)
 
 
