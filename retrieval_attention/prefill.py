@@ -189,7 +189,7 @@ def layerwise_prefill(model, input_ids: torch.Tensor, cache, *, chunk: int = DEF
     finally:
         try:
             start_builds = getattr(cache, "start_builds", None)
-            if start_builds is not None:  # hand-offs landed, builds held back until the prefill is done started
+            if start_builds is not None:  # waits for the asynchronous hand-offs, then starts the held builds
                 start_builds()
         finally:
             if offloading:
