@@ -99,7 +99,8 @@ def _is_pinned(t: torch.Tensor) -> bool:
 
 
 class HandOff:
-    """The asynchronous prefill hand-off of one :class:`RetrievalCache` (``RetrievalConfig.handoff="async"``).
+    """The asynchronous prefill hand-off of one :class:`RetrievalCache` (``RetrievalConfig.handoff="async"``, which
+    ``"auto"``, the default, resolves to on CUDA).
 
     :meth:`RetrievalLayer.offload_prefill` queues non-blocking device -> pinned-host copies of the layer's CPU part
     (keys, values, training queries) on the prefill's own stream (ordered after the layer's work, so the device
@@ -838,7 +839,7 @@ class RetrievalLayer(DynamicLayer):
         self.static_valid = torch.cat([sink_valid, win_valid], dim=1)
         t_handoff = time.perf_counter()
         on_cuda = torch.cuda.is_available() and dev.type == "cuda"
-        landing = self.retrieve and self.handoff is not None and cfg.handoff == "async"
+        landing = self.retrieve and self.handoff is not None and cfg.resolved_handoff(dev) == "async"
         if landing:  # at most MAX_LANDINGS_IN_FLIGHT layers in pinned memory, this one included
             self.handoff.wait_for_room()
         if self.handoff is not None:  # an earlier layer's landing failed: stop before this layer's
@@ -1045,6 +1046,24 @@ def _sum_build_stages(layers) -> dict:
     return tot
 
 
+def _sum_build_chunks(layers) -> dict:
+    """How the GPU stages of the stores' index builds chunked their work (the indexes that report it, ``roar``;
+    waits for background builds): ``builds``, ``shrunk_builds`` (builds whose stages started or retried with
+    smaller chunks than full size: a tight GPU budget) and ``oom_retries`` (out-of-memory errors retried)."""
+    tot = {"builds": 0, "shrunk_builds": 0, "oom_retries": 0}
+    for l in layers:
+        for s in l.stores:
+            if not isinstance(s, CPUStore) or s.index is None:
+                continue
+            st = getattr(s.index, "build_stats", None) or {}
+            if "max_shrink" not in st:
+                continue
+            tot["builds"] += 1
+            tot["shrunk_builds"] += int(st["max_shrink"] > 1)
+            tot["oom_retries"] += int(st["oom_retries"])
+    return tot
+
+
 def train_positions(n: int, m: int) -> torch.Tensor:
     """Which of ``n`` prompt queries train the index: all when ``n <= m``, else ``m`` evenly spaced (always the
     first and the last); CPU long ``[min(n, m)]``. The grid is computed in float64 (float32 rounds positions near
@@ -1176,6 +1195,7 @@ class RetrievalCache(DynamicCache):
             "handoff_wait_s": sum(l.stats.handoff_wait_s for l in rl),
             "handoff_land_s": sum(l.stats.handoff_land_s for l in rl),
             "index_build_stages_s": _sum_build_stages(rl),
+            "index_build_chunks": _sum_build_chunks(rl),
             "cpu_attention_s": sum(l.stats.cpu_attention_s for l in rl),
             # keys scanned by a layer call's most loaded worker over the average worker's (1 = balanced; the
             # call waits for the most loaded one); None when no fused call recorded it

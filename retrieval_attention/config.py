@@ -33,15 +33,18 @@ DEFAULT_BUILD_WORKERS = 1
 #: 62.7 s with one worker, 45.1 / 49.8 s with two; peak GPU memory 20.0 against 21.1 GiB; decode unchanged
 CUDA_BUILD_WORKERS = 2
 #: ``build_schedule`` values: builds beside the prefill (``overlap``) or after it (``after_prefill``). Llama-3-8B shape
-#: at 128K, 24 GB budget, H100 host (docs/BENCHMARKS.md, session 20): the prefill took 17.7 s without builds
-#: (streaming) and 37.3-43.2 s beside them; a layer's build took 4.2-4.4 s there with two at once (2.45 s with one
-#: worker) against 1.2-1.3 s standalone. ``after_prefill`` is not measured yet
+#: at 128K, 24 GB budget, H100 host (docs/BENCHMARKS.md, sessions 20, 22): the prefill took 17.7 s without builds
+#: (streaming) and 37.3-43.2 s beside them with the synchronous hand-off; with the asynchronous one, the first
+#: decode step came after 66.1 s overlapped (prefill 20.8 s) and 69.9 s after the prefill (18.6 s + 51.3 s of
+#: builds, two at a time: 1.6 s per layer against 1.03 s for one layer's build alone)
 BUILD_SCHEDULES = ("overlap", "after_prefill")
 #: ``handoff`` values: how a prefilled layer's KV reaches the host (CUDA). ``sync``: the prefill waits for the layer's
-#: device work, then copies into the stores' pageable memory (~300 ms per 128K layer of the Llama-3-8B shape on an
-#: H100 host, sessions 16-20, the device idle meanwhile). ``async``: non-blocking copies into pinned memory on the
-#: prefill's stream, the next layer queued at once, and a host thread moving the data into the stores
-HANDOFFS = ("sync", "async")
+#: device work, then copies into the stores' pageable memory while the device idles. ``async``: non-blocking copies
+#: into pinned memory on the prefill's stream, the next layer queued at once, and a host thread moving the data into
+#: the stores. ``auto``: ``async`` on a CUDA device, else ``sync``. Llama-3-8B shape at 128K, 24 GB budget, H100
+#: host (docs/BENCHMARKS.md, session 22): prefill 18.6 / 20.8 s with ``async`` against 25.1 / 34.0 s with ``sync``
+#: (builds after the prefill / beside it; 17.7 s without builds), the first decode step 5.7-6.8 s sooner
+HANDOFFS = ("auto", "sync", "async")
 
 
 @dataclass
@@ -95,11 +98,13 @@ class RetrievalConfig:
                     soon as the layer-by-layer prefill has offloaded it, beside the next layers' prefill) or
                     ``"after_prefill"`` (held until the prefill has run every layer, then ``build_workers`` at
                     once; see :data:`BUILD_SCHEDULES`)
-    handoff         how each prefilled layer's KV and training queries move to the host (CUDA; see
-                    :data:`HANDOFFS`): ``"sync"`` (default) or ``"async"`` (pinned non-blocking copies, landed into
-                    the stores by a host thread while the next layers run; the stores are ready when the prefill
-                    returns). Without CUDA there is nothing to copy, but ``"async"`` still lands the stores on the
-                    hand-off thread, which then also runs their builds beside the next layers' prefill
+    handoff         how each prefilled layer's KV and training queries move to the host (see :data:`HANDOFFS`):
+                    ``"async"`` (pinned non-blocking copies, landed into the stores by a host thread while the next
+                    layers run; the stores are ready when the prefill returns), ``"sync"`` (the prefill waits for
+                    the layer and copies), or ``"auto"`` (default: ``async`` on a CUDA device, else ``sync``; see
+                    :meth:`resolved_handoff`). Without CUDA there is nothing to copy, but ``"async"`` still lands
+                    the stores on the hand-off thread, which then also runs their builds beside the next layers'
+                    prefill
     decode_compile  the lean decode loop (:class:`retrieval_attention.decode_loop.LeanDecoder`) runs its dense
                     per-layer ops (input norm, projections, RoPE; the merge of the attention parts; o_proj, MLP)
                     compiled by ``torch.compile``: fewer, fused kernels between the CPU round trips (8B shape at
@@ -129,7 +134,7 @@ class RetrievalConfig:
     build_workers: int | None = None
     build_priority: str = "normal"
     build_schedule: str = "overlap"
-    handoff: str = "sync"
+    handoff: str = "auto"
     decode_compile: bool | None = None
 
     def __post_init__(self) -> None:
@@ -196,6 +201,13 @@ class RetrievalConfig:
         import torch
 
         return CUDA_BUILD_WORKERS if torch.cuda.is_available() else DEFAULT_BUILD_WORKERS
+
+    def resolved_handoff(self, device) -> str:
+        """How a prefilled layer on ``device`` (a ``torch.device`` or its name) reaches the host: ``handoff``, or
+        when that is ``"auto"`` ``"async"`` on a CUDA device and ``"sync"`` elsewhere."""
+        if self.handoff != "auto":
+            return self.handoff
+        return "async" if getattr(device, "type", str(device).split(":")[0]) == "cuda" else "sync"
 
     def resolved_decode_compile(self, device) -> bool:
         """Whether the lean decode loop on ``device`` (a ``torch.device`` or its name) compiles its dense ops:

@@ -493,7 +493,7 @@ def test_async_handoff_equals_the_synchronous_one(monkeypatch, schedule):
     model = tiny_model("llama", seed=18)
     ids = _ids(150, seed=5)
     base = dict(index="flat", n_sink=8, window=32, top_k=4096, dense_layers=(0,), build_schedule=schedule)
-    ref_cache, ref = _prefill_and_decode(model, RetrievalConfig(**base), ids)
+    ref_cache, ref = _prefill_and_decode(model, RetrievalConfig(**base, handoff="sync"), ids)
     assert threads and all(t == threading.current_thread().name for t in threads)
     threads.clear()
     cache, got = _prefill_and_decode(model, RetrievalConfig(**base, handoff="async"), ids)
@@ -507,8 +507,20 @@ def test_async_handoff_equals_the_synchronous_one(monkeypatch, schedule):
         assert sa.n == sb.n > 0
         assert torch.equal(sa.keys[:, : sa.n], sb.keys[:, : sb.n]) and torch.equal(sa.values[:, : sa.n], sb.values[:, : sb.n])
         assert torch.equal(a.static_k, b.static_k) and torch.equal(a.static_valid, b.static_valid)
-    with pytest.raises(ValueError, match="handoff must be one of sync, async"):
+    with pytest.raises(ValueError, match="handoff must be one of auto, sync, async"):
         RetrievalConfig(handoff="later")
+
+
+def test_handoff_auto_is_async_on_cuda_devices_only():
+    """``handoff="auto"`` (the default) resolves to ``async`` for a CUDA device (measured faster there, session 22)
+    and to ``sync`` elsewhere (nothing to copy); an explicit choice stays as given on every device."""
+    auto = RetrievalConfig()
+    assert auto.handoff == "auto"
+    assert auto.resolved_handoff(torch.device("cuda", 0)) == auto.resolved_handoff("cuda") == "async"
+    assert auto.resolved_handoff(torch.device("cpu")) == auto.resolved_handoff("meta") == "sync"
+    for mode in ("sync", "async"):
+        cfg = RetrievalConfig(handoff=mode)
+        assert cfg.resolved_handoff("cuda") == cfg.resolved_handoff("cpu") == mode
 
 
 def test_a_layers_stores_wait_for_its_landing_and_a_failed_landing_stops_the_prefill(monkeypatch):
@@ -571,8 +583,9 @@ def test_async_handoff_on_cuda_equals_the_synchronous_one():
     model = tiny_model("llama", seed=18).cuda()
     ids = _ids(150, seed=5).cuda()
     base = dict(index="flat", n_sink=8, window=32, top_k=4096, dense_layers=(0,))
-    ref_cache, ref = _prefill_and_decode(model, RetrievalConfig(**base), ids)
-    cache, got = _prefill_and_decode(model, RetrievalConfig(**base, handoff="async"), ids)
+    ref_cache, ref = _prefill_and_decode(model, RetrievalConfig(**base, handoff="sync"), ids)
+    cache, got = _prefill_and_decode(model, RetrievalConfig(**base), ids)  # "auto": async on CUDA
+    assert all(layer.stats.handoff_land_s > 0 for layer in cache.retrieval_layers)
     for a, b in zip(ref, got):
         assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
     for a, b in zip(ref_cache.retrieval_layers, cache.retrieval_layers):

@@ -20,7 +20,7 @@ from collections import Counter
 import torch
 
 from retrieval_attention.bench.decode import shape_config
-from retrieval_attention.config import HANDOFFS, RetrievalConfig
+from retrieval_attention.config import RetrievalConfig
 from retrieval_attention.integration import make_cache
 from retrieval_attention.prefill import layerwise_prefill
 
@@ -38,7 +38,7 @@ def main() -> None:
     torch.set_default_dtype(torch.float32)
     model.set_attn_implementation("sdpa")
     ids = torch.randint(0, cfg.vocab_size, (1, ctx), device="cuda")
-    for handoff in HANDOFFS * 2:  # the first round warms up (kernels loaded, allocator filled)
+    for handoff in ("sync", "async") * 2:  # the first round warms up (kernels loaded, allocator filled)
         # roar: also compiles numba's build kernels (cached on disk) for the runs after it; the builds wait until the
         # prefill is done, so they do not share the device with it
         cache = make_cache(model, RetrievalConfig(index="roar", dense_layers=(0,), handoff=handoff,
