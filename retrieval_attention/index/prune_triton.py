@@ -55,46 +55,8 @@ def _kernel(interpreting: bool):
     import triton.language as tl
 
     @triton.jit
-    def prune_kernel_early_exit(cand_ptr, dpc_ptr, keys_ptr, out_ptr, alpha2, C: tl.constexpr, d: tl.constexpr,
-                                DB: tl.constexpr, M: tl.constexpr, MB: tl.constexpr, ALPHA_ONE: tl.constexpr):
-        """The same greedy as ``prune_kernel`` in a ``while`` loop that stops at the first padding entry (-1:
-        ranked candidates are padded at the end) or once ``M`` are kept, instead of walking all ``C``."""
-        p = tl.program_id(0).to(tl.int64)
-        dofs = tl.arange(0, DB)
-        dmask = dofs < d
-        slots = tl.arange(0, MB)
-        kept = tl.zeros([MB, DB], dtype=tl.float32)
-        kept_sq = tl.zeros([MB], dtype=tl.float32)
-        kept_id = tl.full([MB], -1, dtype=tl.int64)
-        zero = tl.program_id(0) * 0  # int32 scalars carried by the loop
-        nk = zero
-        c = zero
-        cid = tl.load(cand_ptr + p * C)
-        while (c < C) & (nk < M) & (cid >= 0):
-            lim = tl.load(dpc_ptr + p * C + c)
-            x = tl.load(keys_ptr + cid * d + dofs, mask=dmask, other=0.0)
-            sq = tl.sum(x * x, axis=0)
-            dot = tl.sum(kept * x[None, :], axis=1)
-            dist = tl.maximum(sq + kept_sq - 2.0 * dot, 0.0)
-            if ALPHA_ONE:
-                hit = dist < lim
-            else:
-                hit = alpha2 * dist.to(tl.float64) < lim.to(tl.float64)
-            n_hit = tl.sum((hit & (slots < nk)).to(tl.int32), axis=0)
-            keep = n_hit == 0
-            sel = (slots == nk) & keep
-            kept = tl.where(sel[:, None], x[None, :], kept)
-            kept_sq = tl.where(sel, sq, kept_sq)
-            kept_id = tl.where(sel, cid, kept_id)
-            nk += keep.to(tl.int32)
-            c += 1
-            cid = tl.load(cand_ptr + p * C + c, mask=c < C, other=-1)
-        tl.store(out_ptr + p * M + slots, kept_id.to(tl.int32), mask=slots < M)
-
-    @triton.jit
     def prune_kernel(cand_ptr, dpc_ptr, keys_ptr, out_ptr, alpha2, C: tl.constexpr, d: tl.constexpr,
-                     DB: tl.constexpr, M: tl.constexpr, MB: tl.constexpr, ALPHA_ONE: tl.constexpr,
-                     PREFETCH: tl.constexpr):
+                     DB: tl.constexpr, M: tl.constexpr, MB: tl.constexpr, ALPHA_ONE: tl.constexpr):
         p = tl.program_id(0).to(tl.int64)
         dofs = tl.arange(0, DB)
         dmask = dofs < d
@@ -103,21 +65,10 @@ def _kernel(interpreting: bool):
         kept_sq = tl.zeros([MB], dtype=tl.float32)
         kept_id = tl.full([MB], -1, dtype=tl.int64)
         nk = tl.zeros([1], dtype=tl.int32)  # kept so far
-        if PREFETCH:  # the next candidate's id, limit and row are loaded while the current one is tested
-            nxt_id = tl.load(cand_ptr + p * C)
-            nxt_lim = tl.load(dpc_ptr + p * C)
-            nxt_x = tl.load(keys_ptr + tl.maximum(nxt_id, 0) * d + dofs, mask=dmask, other=0.0)
         for c in range(0, C):
-            if PREFETCH:
-                cid, lim, x = nxt_id, nxt_lim, nxt_x
-                more = c + 1 < C
-                nxt_id = tl.load(cand_ptr + p * C + c + 1, mask=more, other=-1)
-                nxt_lim = tl.load(dpc_ptr + p * C + c + 1, mask=more, other=0.0)
-                nxt_x = tl.load(keys_ptr + tl.maximum(nxt_id, 0) * d + dofs, mask=dmask, other=0.0)
-            else:
-                cid = tl.load(cand_ptr + p * C + c)
-                lim = tl.load(dpc_ptr + p * C + c)
-                x = tl.load(keys_ptr + tl.maximum(cid, 0) * d + dofs, mask=dmask, other=0.0)
+            cid = tl.load(cand_ptr + p * C + c)
+            lim = tl.load(dpc_ptr + p * C + c)
+            x = tl.load(keys_ptr + tl.maximum(cid, 0) * d + dofs, mask=dmask, other=0.0)
             sq = tl.sum(x * x, axis=0)
             dot = tl.sum(kept * x[None, :], axis=1)
             dist = tl.maximum(sq + kept_sq - 2.0 * dot, 0.0)
@@ -134,23 +85,40 @@ def _kernel(interpreting: bool):
             nk += keep.to(tl.int32)
         tl.store(out_ptr + p * M + slots, kept_id.to(tl.int32), mask=slots < M)
 
-    return prune_kernel, prune_kernel_early_exit
+    return prune_kernel
 
 
-#: warps per program of the kernel by default (Triton's own default; other counts are options of :func:`prune`,
-#: timed by ``docs/bench/scripts/prune_bench.py``)
-NUM_WARPS = 4
+#: floats of the kept rows (``MB x DB``) each thread of a program holds at most: :func:`warps_for` adds warps beyond
+#: one only when the rows would need more registers than this (a spill to local memory costs more than the
+#: cross-warp reductions)
+KEPT_FLOATS_PER_THREAD = 128
+#: threads per warp
+WARP = 32
+
+
+def warps_for(MB: int, DB: int) -> int:
+    """Warps per program for ``MB`` kept rows of ``DB`` floats: the fewest (a power of two, at most 8) that keep
+    :data:`KEPT_FLOATS_PER_THREAD` per thread. One program per pivot runs ``C`` sequential steps, each with two
+    reductions over the row (``|x|^2`` and the ``<= M`` dot products): within one warp they need no shared-memory
+    round trip and barrier per step, and four times as many programs fit an SM to hide the row loads' latency.
+    H100, the default ``M`` 24 (``MB`` 32) and ``d`` 128 (one warp), 32,768 pivots x 128 candidates over 131,072
+    keys (``docs/bench/scripts/prune_bench.py``, session 22): 4.03 ms with 1 warp, 9.80 ms with 2, 16.97 ms with 4
+    (Triton's default, used before), 24.96 ms with 8; torch ops 21.44 ms. Larger rows are not measured."""
+    w = 1
+    while w < 8 and MB * DB > KEPT_FLOATS_PER_THREAD * WARP * w:
+        w *= 2
+    return w
 
 
 def prune(cand: torch.Tensor, dpc: torch.Tensor, keys: torch.Tensor, M: int, alpha2: float,
-          prefetch: bool = False, early_exit: bool = False, num_warps: int = NUM_WARPS) -> torch.Tensor:
+          num_warps: int | None = None) -> torch.Tensor:
     """Occlusion pruning: ranked candidates ``cand [P, C]`` int64 (-1 = none), their float32 squared distances to
     the pivot ``dpc [P, C]``, keys ``[n, d]`` float32, all on one device -> ``[P, M]`` int32 kept ids in rank
-    order, -1 padded (the output of :func:`.projection_torch._prune_torch`). Variants with the same result, off by
-    default until a GPU times them (``docs/bench/scripts/prune_bench.py``): ``prefetch`` loads the next
-    candidate's row while testing the current one (session 20, H100: no gain); ``early_exit`` stops a pivot at
-    its first -1 (which must then pad the row's end, as ranked candidates do) or at ``M`` kept; ``num_warps``
-    per program."""
+    order, -1 padded (the output of :func:`.projection_torch._prune_torch`). ``num_warps`` per program: any count
+    gives the same result; ``None``: :func:`warps_for`. Two variants timed on an H100 gave no gain and were
+    removed: loading the next candidate's row while testing the current one (16.63 against 16.67 ms at 4 warps,
+    session 20) and stopping a pivot at its first padding entry or at ``M`` kept (4.15 against 4.03 ms at one warp,
+    session 22)."""
     P, C = cand.shape
     out = torch.empty((P, M), dtype=torch.int32, device=cand.device)
     if P == 0:
@@ -164,14 +132,9 @@ def prune(cand: torch.Tensor, dpc: torch.Tensor, keys: torch.Tensor, M: int, alp
     if pad:
         cand = torch.nn.functional.pad(cand, (0, pad), value=-1)
         dpc = torch.nn.functional.pad(dpc, (0, pad), value=float("inf"))
-    if prefetch and early_exit:
-        raise ValueError("prune: prefetch and early_exit are separate variants; choose one")
-    walk_all, stop_early = _kernel(_interpreting())
-    kw = dict(C=C + pad, d=keys.shape[1], DB=triton.next_power_of_2(keys.shape[1]), M=M,
-              MB=triton.next_power_of_2(M), ALPHA_ONE=float(alpha2) == 1.0, num_warps=int(num_warps))
-    args = (cand.contiguous(), dpc.contiguous(), keys, out, float(alpha2))
-    if early_exit:
-        stop_early[(P,)](*args, **kw)
-    else:
-        walk_all[(P,)](*args, PREFETCH=bool(prefetch), **kw)
+    DB, MB = triton.next_power_of_2(keys.shape[1]), triton.next_power_of_2(M)
+    kernel = _kernel(_interpreting())
+    kernel[(P,)](cand.contiguous(), dpc.contiguous(), keys, out, float(alpha2), C=C + pad, d=keys.shape[1], DB=DB,
+                 M=M, MB=MB, ALPHA_ONE=float(alpha2) == 1.0,
+                 num_warps=warps_for(MB, DB) if num_warps is None else int(num_warps))
     return out

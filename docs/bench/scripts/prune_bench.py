@@ -1,9 +1,8 @@
-"""Time the roar projection's occlusion pruning on one GPU: the Triton kernel (``index/prune_triton.py``) and its
-variants (``prefetch``: the next candidate's row loaded while the current one is tested; ``early_exit``: a pivot
-stops at its first padding entry or at M kept; 1, 2, 4 (default) or 8 warps per program) against the torch ops
-(``projection_torch._prune_torch``), on random keys of the Llama-3-8B shape's head size. Session 19's profile:
-10.7 ms per Triton call of ~50K pivots in a 128K-key layer build. Prints the median of ``--repeat`` timed calls
-each and whether the outputs agree; ``--json`` writes them.
+"""Time the roar projection's occlusion pruning on one GPU: the Triton kernel (``index/prune_triton.py``) at its
+default warps per program (``prune_triton.warps_for``: one at the default ``M`` and ``d``) and at 1, 2, 4 and 8
+warps, against the torch ops (``projection_torch._prune_torch``), on random keys of the Llama-3-8B shape's head
+size. Session 19's profile: 10.7 ms per Triton call (then at 4 warps) of ~50K pivots in a 128K-key layer build.
+Prints the median of ``--repeat`` timed calls each and whether the outputs agree; ``--json`` writes them.
 Usage: ``python docs/bench/scripts/prune_bench.py [--keys 131072] [--pivots 32768] [--cand 128] [--M 24]``."""
 import argparse
 import json
@@ -54,10 +53,9 @@ def timed(fn):
 res = {"args": vars(a), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreted)"}
 ref_ms, ref = timed(lambda: _prune_torch(cand, dpc, keys, a.M, 1.0))
 res["torch_ms"] = ref_ms
-variants = {"triton": {}, "triton_prefetch": {"prefetch": True}, "triton_early_exit": {"early_exit": True}}
-for w in (1, 2, 8):
+variants = {"triton": {}}
+for w in (1, 2, 4, 8):
     variants[f"triton_{w}_warps"] = {"num_warps": w}
-    variants[f"triton_early_exit_{w}_warps"] = {"early_exit": True, "num_warps": w}
 for name, kw in variants.items():
     ms, out = timed(lambda: PT.prune(cand, dpc, keys, a.M, 1.0, **kw))
     res[f"{name}_ms"] = ms
