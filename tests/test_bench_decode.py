@@ -56,6 +56,9 @@ def test_bench_decode_residual_and_ef_options(tmp_path):
         assert abs(sc["python"] - (sc["wall"] - sc["kernel"])) < 1e-9
     assert narrow["build_priority"] == "normal"
     assert narrow["prefill_handoff_wait_s"] == 0.0 <= narrow["prefill_handoff_s"]  # no device to wait for here
+    assert narrow["handoff"] == "sync"  # "auto" off a GPU
+    chunks = narrow["index_build_chunks"]  # one roar build per retrieval layer; no GPU stages to shrink here
+    assert chunks["builds"] > 0 and chunks["shrunk_builds"] == chunks["oom_retries"] == 0
     assert main(args + ["--ef", "64", "--no-align", "--build-workers", "2", "--build-priority", "high",
                         "--build-schedule", "after_prefill"]) == 0
     assert json.loads(js.read_text())[0]["align_train_queries"] is False

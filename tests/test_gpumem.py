@@ -72,6 +72,32 @@ def test_with_smaller_chunks_starts_at_the_first_fitting_step(fake_cuda):
     assert seen == [4, 16]  # never the full size, then the retry with smaller chunks
 
 
+def test_chunk_record_counts_stages_shrinks_and_retries(fake_cuda):
+    """``chunk_record`` says what ``with_smaller_chunks`` did on its thread: the stages run, the largest divisor
+    used and the out-of-memory errors retried; a nested record's counts go to the outer one as well, and nothing
+    is recorded outside a record or on another thread."""
+    import threading
+
+    def stage(fail_below=1, shrink=1):
+        if shrink < fail_below:
+            raise torch.OutOfMemoryError("simulated")
+        return shrink
+
+    with R.chunk_record() as outer:
+        assert R.with_smaller_chunks(stage) == 1
+        assert outer == {"calls": 1, "max_shrink": 1, "oom_retries": 0}
+        with R.chunk_record() as inner:
+            fake_cuda["reserved"] = fake_cuda["allocated"] = 21 * G  # starts at 4
+            assert R.with_smaller_chunks(stage, 16) == 16
+        t = threading.Thread(target=R.with_smaller_chunks, args=(stage, 16))
+        t.start()
+        t.join()
+    assert inner == {"calls": 1, "max_shrink": 16, "oom_retries": 1}
+    assert outer == {"calls": 2, "max_shrink": 16, "oom_retries": 1}
+    assert R.with_smaller_chunks(stage) == 4  # no record open: nothing to count, no error
+    assert getattr(R._CHUNKS, "record", None) is None
+
+
 def test_cached_blocks_are_released_only_when_the_budget_is_tight(fake_cuda):
     assert not gpumem.release_if_tight(0)  # 7 GiB left to reserve
     assert fake_cuda["emptied"] == 0

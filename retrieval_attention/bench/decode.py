@@ -61,6 +61,15 @@ VARIANT_KEYS = ("residual_on", "ef", "residual_samples", "residual_refresh", "to
 _BOOL_VALUES = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
 
 
+def _chunks_note(chunks: dict | None) -> str:
+    """The log's note on the builds' GPU chunks, e.g. ``"; smaller chunks in 3/32 builds, 2 out-of-memory
+    retries"``; empty when no build reported its chunks or none shrank or retried."""
+    if not chunks or not chunks.get("builds") or not (chunks.get("shrunk_builds") or chunks.get("oom_retries")):
+        return ""
+    return (f"; smaller chunks in {chunks['shrunk_builds']}/{chunks['builds']} builds, "
+            f"{chunks['oom_retries']} out-of-memory retries")
+
+
 def parse_variant(spec: str) -> dict:
     """``"ef=96,residual_on=cpu"`` -> ``{"ef": 96, "residual_on": "cpu"}``; raises ValueError naming the bad part."""
     out = {}
@@ -157,8 +166,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="background index builds beside the layer-by-layer prefill (overlap) or after it "
                         "(after_prefill) (RetrievalConfig.build_schedule; default: RetrievalConfig's)")
     p.add_argument("--handoff", choices=HANDOFFS, default=None,
-                   help="each prefilled layer's move to the host: synchronous, or asynchronous (pinned non-blocking "
-                        "copies landed by a host thread) (RetrievalConfig.handoff; default: RetrievalConfig's)")
+                   help="each prefilled layer's move to the host: synchronous, asynchronous (pinned non-blocking "
+                        "copies landed by a host thread), or auto (async on CUDA) (RetrievalConfig.handoff; default: "
+                        "RetrievalConfig's)")
     p.add_argument("--steps", type=int, default=64, help="timed decode steps (median reported)")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--device", default=None)
@@ -328,7 +338,7 @@ def run_one(model, method, index, ctx, args, device):
             rec["build_workers"] = cfg.resolved_build_workers()
             rec["build_priority"] = cfg.build_priority
             rec["build_schedule"] = cfg.build_schedule
-            rec["handoff"] = cfg.handoff
+            rec["handoff"] = cfg.resolved_handoff(device)
             rec["decode_compile"] = cfg.resolved_decode_compile(device)
         cache, ctxm = make_cache(model, cfg), enable(model)
     kw = {cache_kwarg(model): cache}
@@ -375,6 +385,7 @@ def run_one(model, method, index, ctx, args, device):
                 rec["prefill_handoff_wait_s"] = st0.get("handoff_wait_s", 0.0)  # of it: the device finishing layers
                 rec["prefill_handoff_land_s"] = st0.get("handoff_land_s", 0.0)  # async: the host thread's, beside
                 rec["index_build_stages_s"] = st0.get("index_build_stages_s", {})
+                rec["index_build_chunks"] = st0.get("index_build_chunks", {})  # smaller chunks under the budget
             tok = logits.argmax(-1, keepdim=True)
             decode_mode = "hf"
             if method in ("retrieval", "streaming") and getattr(args, "decode", None) != "hf":
@@ -644,6 +655,7 @@ def run(args) -> int:
                                            + " ms)" if rec.get("search_call_ms") else "")
                                         + (f", index build {rec['index_build_s']:.1f} s (waited {rec['index_wait_s']:.1f} s; "
                                            + ", ".join(f"{k} {v:.1f}" for k, v in rec.get("index_build_stages_s", {}).items())
+                                           + _chunks_note(rec.get("index_build_chunks"))
                                            + f"), hand-off {rec['prefill_handoff_s']:.1f} s (of it waiting for the device "
                                            f"{rec.get('prefill_handoff_wait_s', 0.0):.1f} s)" if rec.get("prefill_handoff_s") is not None
                                            and rec.get("index_build_s") else ""))

@@ -193,18 +193,49 @@ def first_shrink() -> int:
     return SHRINK_STEPS[-1]
 
 
+#: per thread: the chunk record of the build running on it (:func:`chunk_record`), or None
+_CHUNKS = threading.local()
+
+
+class chunk_record:
+    """Context manager: what :func:`with_smaller_chunks` did on this thread meanwhile, as a dict: ``calls``
+    (GPU stages run), ``max_shrink`` (the largest chunk divisor a stage started or finished with, 1 = full-size
+    chunks) and ``oom_retries`` (out-of-memory errors retried with smaller chunks; each releases the allocator's
+    cached blocks, which waits for the whole device). Under a tight GPU budget these say whether a build ran with
+    smaller chunks than when it runs alone."""
+
+    def __enter__(self) -> dict:
+        self._outer = getattr(_CHUNKS, "record", None)
+        _CHUNKS.record = self.record = {"calls": 0, "max_shrink": 0, "oom_retries": 0}
+        return self.record
+
+    def __exit__(self, *exc) -> None:
+        _CHUNKS.record = self._outer
+        if self._outer is not None:  # a nested record's counts belong to the outer one too
+            self._outer["calls"] += self.record["calls"]
+            self._outer["oom_retries"] += self.record["oom_retries"]
+            self._outer["max_shrink"] = max(self._outer["max_shrink"], self.record["max_shrink"])
+
+
 def with_smaller_chunks(fn, *args, **kwargs):
     """``fn(*args, shrink=s, **kwargs)`` for ``s`` in :data:`SHRINK_STEPS` from :func:`first_shrink` on (``fn``
     divides its chunk sizes by ``s``) until one call runs without a CUDA out-of-memory error; the cached blocks
     are released between tries. The last try's error propagates. ``fn`` must leave its outputs unchanged or
-    wholly rewritten on a retry."""
+    wholly rewritten on a retry. Counted in the thread's :class:`chunk_record`, if any."""
     steps = SHRINK_STEPS[SHRINK_STEPS.index(first_shrink()):]
+    record = getattr(_CHUNKS, "record", None)
+    if record is not None:
+        record["calls"] += 1
     for i, s in enumerate(steps):
+        if record is not None:
+            record["max_shrink"] = max(record["max_shrink"], s)
         try:
             return fn(*args, shrink=s, **kwargs)
         except torch.OutOfMemoryError:
             if i == len(steps) - 1:
                 raise
+            if record is not None:
+                record["oom_retries"] += 1
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
@@ -592,6 +623,13 @@ class RoarIndex(KVIndex):
 
     # ---- build ------------------------------------------------------------------------------------
     def _build(self, keys, train_queries):
+        with chunk_record() as chunks:
+            self._build_graphs(keys, train_queries)
+        self.build_stats.update({"gpu_stage_calls": float(chunks["calls"]),
+                                 "max_shrink": float(chunks["max_shrink"]),
+                                 "oom_retries": float(chunks["oom_retries"])})
+
+    def _build_graphs(self, keys, train_queries):
         t0 = time.perf_counter()
         Hkv, n, d = keys.shape
         if train_queries is None:  # no prefill queries: degrade to a key->key graph trained on the keys
