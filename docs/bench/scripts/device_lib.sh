@@ -12,7 +12,9 @@ device_start() {
   [ -d $RUN ] && return 0
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/f/*.whl
   mkdir -p $RUN/out && cp -r . $RUN/src
-  (cat; echo "echo done > $RUN/out/DONE") > $RUN/go.sh
+  # each command's start time goes to times.txt (with the command's last 70 characters)
+  (while IFS= read -r l; do printf 'echo "$(date +%%T) %s" >> %s/out/times.txt\n%s\n' "${l:$(( ${#l} > 70 ? ${#l} - 70 : 0 ))}" "$RUN" "$l"; done
+   echo "echo done > $RUN/out/DONE; date +%T >> $RUN/out/times.txt") > $RUN/go.sh
   (
     cd $RUN/src || exit 1
     export PYTHONPATH=/tmp/site:$RUN/src PYTHONUNBUFFERED=1
@@ -34,6 +36,7 @@ device_poll() {
   tar czf "$OUT/out.tgz" -C $RUN out
   cat $RUN/out/machine.txt
   tail -n 5 $RUN/out/tests.log 2>/dev/null
+  cat $RUN/out/times.txt 2>/dev/null
   for f in "$@"; do
     echo "== $f"
     tail -c 3000 $RUN/out/$f.log 2>/dev/null | tr '\r' '\n' | grep -v "it/s\|layer/s\|store/s" | tail -n 25
