@@ -59,6 +59,7 @@ def test_bench_decode_residual_and_ef_options(tmp_path):
     assert narrow["handoff"] == "sync"  # "auto" off a GPU
     chunks = narrow["index_build_chunks"]  # one roar build per retrieval layer; no GPU stages to shrink here
     assert chunks["builds"] > 0 and chunks["shrunk_builds"] == chunks["oom_retries"] == 0
+    assert narrow["cuda_alloc_retries"] == narrow["cuda_alloc_retries_to_first_step"] == 0  # no CUDA allocator
     assert main(args + ["--ef", "64", "--no-align", "--build-workers", "2", "--build-priority", "high",
                         "--build-schedule", "after_prefill"]) == 0
     assert json.loads(js.read_text())[0]["align_train_queries"] is False
@@ -254,3 +255,19 @@ def test_bench_decode_rejects_bad_variants(bad, msg, capsys):
         args = args[:-2]
     assert main(args + bad) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_allocator_retries_are_read_from_torchs_memory_stats(monkeypatch):
+    """``cuda_alloc_retries*`` come from the caching allocator's ``num_alloc_retries`` (0 when it has none yet, and
+    without CUDA torch is not asked)."""
+    import torch
+
+    from retrieval_attention.bench import decode as D
+
+    stats = {"num_alloc_retries": 7}
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda *a, **k: stats)
+    assert D._alloc_retries(True) == 7
+    stats.clear()
+    assert D._alloc_retries(True) == 0
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda *a, **k: pytest.fail("asked without CUDA"))
+    assert D._alloc_retries(False) == 0

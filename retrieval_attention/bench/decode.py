@@ -61,6 +61,16 @@ VARIANT_KEYS = ("residual_on", "ef", "residual_samples", "residual_refresh", "to
 _BOOL_VALUES = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
 
 
+def _alloc_retries(cuda: bool) -> int:
+    """The CUDA caching allocator's count of allocations it retried after freeing its cached blocks (a full
+    device synchronisation each; torch's ``num_alloc_retries``) so far in this process; 0 without CUDA."""
+    if not cuda:
+        return 0
+    import torch
+
+    return int(torch.cuda.memory_stats().get("num_alloc_retries", 0))
+
+
 def _chunks_note(chunks: dict | None) -> str:
     """The log's note on the builds' GPU chunks, e.g. ``"; smaller chunks in 3/32 builds, 2 out-of-memory
     retries"``; empty when no build reported its chunks or none shrank or retried."""
@@ -299,6 +309,7 @@ def run_one(model, method, index, ctx, args, device):
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    retries0 = _alloc_retries(cuda)
     gen = torch.Generator().manual_seed(ctx)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, ctx), generator=gen).to(device)
@@ -380,6 +391,9 @@ def run_one(model, method, index, ctx, args, device):
             st0 = cache.stats() if hasattr(cache, "stats") else {}  # waits for background index builds
             rec["index_build_s"] = st0.get("index_build_s", 0.0)
             rec["index_wait_s"] = time.perf_counter() - t0
+            # the caching allocator's out-of-memory retries (each frees every cached block and waits for the whole
+            # device) from the run's start to the first decode step: prefill and index builds under the budget
+            rec["cuda_alloc_retries_to_first_step"] = _alloc_retries(cuda) - retries0
             if "handoff_s" in st0:
                 rec["prefill_handoff_s"] = st0["handoff_s"]
                 rec["prefill_handoff_wait_s"] = st0.get("handoff_wait_s", 0.0)  # of it: the device finishing layers
@@ -433,6 +447,7 @@ def run_one(model, method, index, ctx, args, device):
         # what the budget (the memory fraction) caps: allocations plus the allocator's cached blocks, which it
         # keeps per CUDA stream (the background builds have streams of their own)
         r["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved() if cuda else 0
+        r["cuda_alloc_retries"] = _alloc_retries(cuda) - retries0  # the whole run (all variants)
         r["host_bytes"] = host_rss()
     del cache
     gc.collect()
@@ -656,6 +671,8 @@ def run(args) -> int:
                                         + (f", index build {rec['index_build_s']:.1f} s (waited {rec['index_wait_s']:.1f} s; "
                                            + ", ".join(f"{k} {v:.1f}" for k, v in rec.get("index_build_stages_s", {}).items())
                                            + _chunks_note(rec.get("index_build_chunks"))
+                                           + (f"; {rec['cuda_alloc_retries_to_first_step']} allocator retries"
+                                              if rec.get("cuda_alloc_retries_to_first_step") else "")
                                            + f"), hand-off {rec['prefill_handoff_s']:.1f} s (of it waiting for the device "
                                            f"{rec.get('prefill_handoff_wait_s', 0.0):.1f} s)" if rec.get("prefill_handoff_s") is not None
                                            and rec.get("index_build_s") else ""))

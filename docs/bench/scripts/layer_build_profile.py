@@ -13,8 +13,9 @@ prefill took 1.6 s per layer against 1.03 s for one build alone): after one warm
 layer run ``--workers`` at a time on the background build threads the cache uses (each on a CUDA stream of its
 own, the allocator's cache released after each when the budget is tight, as the cache's build job does), under
 ``--budget-gib`` (the process's CUDA memory fraction, as ``--gpu-memory-budget``) with ``--fill-gib`` held by a
-stand-in of the model (the 8B shape's weights and decode state: ~17 GiB). Prints each build's stages, the
-chunk divisor its GPU stages used and its out-of-memory retries, then the wall time per layer."""
+stand-in of the model (the 8B shape's weights and decode state: ~16 GiB). Prints each build's stages, the
+chunk divisor its GPU stages used and its out-of-memory retries, then the wall time per layer and the caching
+allocator's retries (``num_alloc_retries``: each frees the cached blocks and waits for the whole device)."""
 import argparse
 import cProfile
 import pstats
@@ -79,12 +80,16 @@ def throughput():
         release_if_tight()
         return w
 
+    def alloc_retries():  # the caching allocator's retries after freeing its cached blocks (a device-wide wait)
+        return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
+
     pool = TransientWorkers(a.workers, "ra-build")
-    t = time.perf_counter()
+    r0, t = alloc_retries(), time.perf_counter()
     walls = [f.result() for f in [pool.submit(job, i) for i in range(a.layers)]]
     wall = time.perf_counter() - t
     print(f"{a.layers} builds, {a.workers} at a time: {wall:.2f} s = {wall / a.layers:.2f} s per layer "
-          f"(each build {sorted(walls)[len(walls) // 2]:.2f} s median)", flush=True)
+          f"(each build {sorted(walls)[len(walls) // 2]:.2f} s median; {alloc_retries() - r0} allocator retries)",
+          flush=True)
     del filler
 
 
