@@ -5,7 +5,8 @@
 # 1.03 s for one build alone (session 22): the same layer built 8 times two at a time and one at a time under the
 # 24 GB budget with a 16 GiB stand-in of the model, then two at a time with no budget (layer_build_profile.py
 # --layers), and the standalone profile with the one-warp pruning; (2) 128K at the new defaults (asynchronous
-# hand-off), then with the builds after the prefill one at a time; (3) the pruning kernel's warps (prune_bench.py);
+# hand-off), then with the builds after the prefill one at a time; (3) the pruning kernel's warps (prune_bench.py)
+# and the fused search call's host time outside its kernel on this host (search_call_overhead.py);
 # (4) 512K at the defaults (the asynchronous hand-off there); (5) offload/full for the ratios. It outlives one
 # call: poll again with `bash .carry/run/device_s22_next.sh 300` within 30 s of each return. Carry .carry/f (the
 # faiss wheel) and .carry/run (this script and device_lib.sh); the results come back as out.tgz.
@@ -19,7 +20,8 @@ python3 docs/bench/scripts/layer_build_profile.py 131072 2048 > $RUN/out/layer_b
 $B --steps 64 --warmup 4 --methods retrieval --index roar --json $RUN/out/d128k.json > $RUN/out/d128k.log 2>&1
 $B --steps 64 --warmup 4 --methods retrieval --index roar --build-schedule after_prefill --build-workers 1 --json $RUN/out/d128k_after_w1.json > $RUN/out/d128k_after_w1.log 2>&1
 python3 docs/bench/scripts/prune_bench.py --json $RUN/out/prune_bench.json > $RUN/out/prune_bench.log 2>&1
+python3 docs/bench/scripts/search_call_overhead.py 131072 > $RUN/out/search_overhead.log 2>&1
 ${B%128K}512K --steps 32 --warmup 2 --methods retrieval --index roar --json $RUN/out/d512k.json > $RUN/out/d512k.log 2>&1
 $B --steps 32 --warmup 2 --methods offload,full --unbudgeted-reference --json $RUN/out/ref.json > $RUN/out/ref.log 2>&1
 EOS
-device_poll "${1:-540}" lb_w2_budget lb_w1_budget lb_w2 layer_build d128k d128k_after_w1 prune_bench d512k ref
+device_poll "${1:-540}" lb_w2_budget lb_w1_budget lb_w2 layer_build d128k d128k_after_w1 prune_bench search_overhead d512k ref
