@@ -882,6 +882,22 @@ def test_roar_shared_passes_find_more_with_fewer_rows():
         make_index("roar", share="group")
 
 
+def test_roar_partners_are_cached_per_maps_and_recomputed_when_they_change():
+    """The shared-pass partners of a layer call are cached: the same maps (the same array, or equal values) give the
+    cached partners; other maps or a beam narrower than k give freshly computed ones."""
+    keys, tq, _ = R.make_ood_data(n_kv_heads=2, group=4, n_keys=500, n_train=200, n_test=4, d=16, seed=1)
+    idx = make_index("roar", share="pairs").build(keys, tq)
+    goh, _ = idx._graph_maps(8)
+    p, any_pair = idx._partners(goh, 10, 16)
+    np.testing.assert_array_equal(p, [1, 0, 3, 2, 5, 4, 7, 6])
+    assert any_pair and idx._partners(goh, 10, 16)[0] is p and idx._partners(goh.copy(), 10, 16)[0] is p
+    other = np.array([0, 0, 0, 1, 1, 1, 1, 1], np.int64)  # odd group sizes: heads 2 and 7 have no partner
+    np.testing.assert_array_equal(idx._partners(other, 10, 16)[0], [1, 0, -1, 4, 3, 6, 5, -1])
+    narrow, any_pair = idx._partners(goh, 10, 8)  # ef < k: no shared passes
+    assert not any_pair and (narrow == -1).all()
+    np.testing.assert_array_equal(idx._partners(goh, 10, 16)[0], p)
+
+
 def test_roar_share_auto_pairs_heads_only_when_their_top_keys_overlap(tmp_path):
     """``share="auto"``: the build measures how much paired heads' exact top keys overlap. Heads that are
     near copies of each other (as a trained model's group heads partly are) share passes; independent heads (random

@@ -577,7 +577,7 @@ class RoarIndex(KVIndex):
             raise IndexError_("roar: share='pairs' needs graph_per='kv_head' (the paired heads search one graph)")
         self.share = share
         self._pairs_on = share == "pairs"  # "auto": decided by the build (:meth:`_pair_overlap`)
-        self._partner_cache = None  # ((shared?, graph_of_head), partner [Hq], any pair) of the last call
+        self._partner_cache = None  # (shared?, graph_of_head, partner [Hq], any pair) of the last call
         self._plan_cache: dict = {}  # nq -> the fused call's task plan for those partners (:meth:`_plan`)
         self._maps_cache: dict = {}  # (Hq, graphs, KV heads) -> :meth:`_graph_maps`
         self.max_train_queries = None if max_train_queries is None else _pos_int("max_train_queries", max_train_queries)
@@ -865,12 +865,16 @@ class RoarIndex(KVIndex):
     def _partners(self, graph_of_head: np.ndarray, k: int, L: int) -> tuple[np.ndarray, bool]:
         """``(partner [Hq], any pair)`` for the compiled calls: pairs of heads sharing a pass (``share="pairs"``,
         ``L >= k``), else all -1."""
-        key = (self._pairs_on and L >= k, tuple(graph_of_head))
-        if self._partner_cache is None or self._partner_cache[0] != key:  # per layer call: keep it cheap
-            p = DK.pair_partners(graph_of_head) if key[0] else np.full(len(graph_of_head), -1, np.int64)
-            self._partner_cache = (key, p, bool((p >= 0).any()))
+        shared = self._pairs_on and L >= k
+        cache = self._partner_cache
+        # per layer call: keep it cheap. The maps come from _graph_maps's cache, so the same heads are the same
+        # array object; any other array is compared by value (a tuple of numpy ints costs ~10 us in place)
+        if cache is None or cache[0] != shared or (cache[1] is not graph_of_head
+                                                   and not np.array_equal(cache[1], graph_of_head)):
+            p = DK.pair_partners(graph_of_head) if shared else np.full(len(graph_of_head), -1, np.int64)
+            cache = self._partner_cache = (shared, graph_of_head, p, bool((p >= 0).any()))
             self._plan_cache = {}
-        return self._partner_cache[1:]
+        return cache[2:]
 
     def _plan(self, partner: np.ndarray, nq: int) -> tuple:
         """``(tasks [n], mates [n], filled_by_other [Hq * nq])`` of the fused call for the current partners
