@@ -1,8 +1,11 @@
 """Where the fused roar call's host time outside the compiled kernel goes (session 22's open lead): a roar layer of
 8 KV heads x 4 query heads over N keys (``make_ood_data``, bfloat16 storage, the residual estimate on), one query
 per head as in decode. Prints the median over 2,000 calls of the whole ``RoarIndex.search_attend`` and of the
-numba call inside it (both by ``time.perf_counter``), the call's own ``python_s``, and the wrapper's parts timed
-alone in a loop (``timeit``). On the 2-core dev VM: 108 us outside the kernel per call, ~11 us for the parts.
+numba call inside it (both by ``time.perf_counter``), the call's own ``python_s``, the wrapper's parts timed
+alone in a loop (``timeit``), and a few calls timed right after a fused call ("in place": the first call after the
+kernel pays for what the kernel evicted; a second one does not). On the 2-core dev VM: ~100 us outside the kernel
+per call, ~11 us for the parts alone; in place, one numba dispatch 8.6 us and a second right after it 1.3 us more,
+``np.argsort`` of 32 numbers 14.6 us.
 Usage: ``python docs/bench/scripts/search_call_overhead.py [N_KEYS=4096] [THREADS=all cores]``."""
 import statistics
 import sys
@@ -71,3 +74,22 @@ for name, stmt in parts.items():
     total += us
     print(f"  {name}: {us:.2f} us")
 print(f"  parts alone: {total:.1f} us")
+
+
+def in_place(fn):
+    """Median microseconds of ``fn()`` run right after a fused call."""
+    ts = []
+    for _ in range(500):
+        idx.search_attend(q, 100, vals, 0.088, residual=res)
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1e6 * med(ts)
+
+
+print("in place, right after a fused call:")
+for name, fn in {"nothing": lambda: None, "task order (one numba dispatch)": lambda: DK.order_tasks(tasks, mates, last),
+                 "task order twice": lambda: (DK.order_tasks(tasks, mates, last), DK.order_tasks(tasks, mates, last)),
+                 "np.argsort of the last counts": lambda: np.argsort(last),
+                 "numba.get_num_threads()": numba.get_num_threads}.items():
+    print(f"  {name}: {in_place(fn):.2f} us")
