@@ -594,6 +594,34 @@ def test_async_handoff_on_cuda_equals_the_synchronous_one():
         assert torch.equal(sa.keys[:, : sa.n], sb.keys[:, : sb.n]) and torch.equal(sa.values[:, : sa.n], sb.values[:, : sb.n])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned memory, events)")
+def test_default_handoff_in_the_single_forward_on_cuda_equals_the_synchronous_one():
+    """On CUDA the default (``auto`` = async) also runs in the single-forward prefill (what ``generate()`` does):
+    every layer lands on the hand-off thread, and the logits of the prefill and of the decode steps, and the
+    stores, equal the synchronous hand-off's."""
+    model = tiny_model("llama", seed=21).cuda()
+    ids = _ids(150, seed=6).cuda()
+    base = dict(index="flat", n_sink=8, window=32, top_k=4096, dense_layers=(0,))
+    kw = cache_kwarg(model)
+
+    def run(cfg):
+        with torch.no_grad(), enable(model):
+            cache = make_cache(model, cfg)
+            out = [model(input_ids=ids, **{kw: cache}).logits[:, -1]]
+            for _ in range(4):
+                out.append(model(input_ids=out[-1].argmax(-1, keepdim=True), **{kw: cache}).logits[:, -1])
+        return cache, out
+
+    ref_cache, ref = run(RetrievalConfig(**base, handoff="sync"))
+    cache, got = run(RetrievalConfig(**base))
+    for a, b in zip(ref, got):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    for a, b in zip(ref_cache.retrieval_layers, cache.retrieval_layers):
+        assert b.stats.handoff_land_s > 0 == a.stats.handoff_land_s
+        sa, sb = a.stores[0], b.stores[0]
+        assert torch.equal(sa.keys[:, : sa.n], sb.keys[:, : sb.n]) and torch.equal(sa.values[:, : sa.n], sb.values[:, : sb.n])
+
+
 def test_async_handoff_lands_only_after_the_copies_are_done(monkeypatch):
     """The landing waits for the event recorded after the layer's copies (CUDA's; a stand-in here that the test
     completes): until then no store has its keys and a layer's ``stores`` blocks; the prefill itself does not wait
