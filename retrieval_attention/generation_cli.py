@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from .config import DEFAULT_EXACT_BELOW, DEFAULT_RESIDUAL_REFRESH, DEFAULT_RESIDUAL_SAMPLES, RESIDUAL_ON
+from .config import (BUILD_SCHEDULES, DEFAULT_EXACT_BELOW, DEFAULT_RESIDUAL_REFRESH, DEFAULT_RESIDUAL_SAMPLES, HANDOFFS,
+                     RESIDUAL_ON)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +41,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="layers with fewer CPU keys than this are searched exactly instead of indexed "
                         "(default %(default)s; 0 = always build --index)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
+    p.add_argument("--build-workers", type=int, default=None,
+                   help="index builds at once in the background (default: 2 with CUDA, else 1)")
+    p.add_argument("--build-schedule", default="overlap", choices=BUILD_SCHEDULES,
+                   help="GPU: index builds beside the layer-by-layer prefill (overlap, default) or after it")
+    p.add_argument("--handoff", default="auto", choices=HANDOFFS,
+                   help="how each prefilled layer's KV reaches host memory: async (pinned non-blocking copies "
+                        "landed by a host thread), sync, or auto (default: async on CUDA, else sync)")
 
 
 def config_from_args(args):
@@ -69,6 +77,9 @@ def config_from_args(args):
         search_params=search,
         prefill_chunk=args.prefill_chunk,
         exact_below=args.exact_below,
+        build_workers=getattr(args, "build_workers", None),
+        build_schedule=getattr(args, "build_schedule", "overlap"),
+        handoff=getattr(args, "handoff", "auto"),
         **kw,
     )
 

@@ -76,6 +76,16 @@ def test_cli_parses_generate_options_and_rejects_bad_ones():
 
     cfg = config_from_args(args)
     assert cfg.method == "streaming" and cfg.top_k == 50
+    assert (cfg.build_workers, cfg.build_schedule, cfg.handoff) == (None, "overlap", "auto")  # the config's defaults
+    argv = ["generate", "hi", "--build-workers", "1", "--build-schedule", "after_prefill", "--handoff", "sync"]
+    cfg = config_from_args(build_parser(argv).parse_args(argv))
+    assert (cfg.build_workers, cfg.build_schedule, cfg.handoff) == (1, "after_prefill", "sync")
+    for bad in (["--handoff", "later"], ["--build-schedule", "never"]):
+        with pytest.raises(SystemExit):
+            build_parser(["generate", "hi", *bad]).parse_args(["generate", "hi", *bad])
+    argv = ["generate", "hi", "--build-workers", "0"]
+    with pytest.raises(ValueError, match="build_workers"):
+        config_from_args(build_parser(argv).parse_args(argv))
     with pytest.raises(SystemExit):
         build_parser(["generate", "--attention", "bogus"]).parse_args(["generate", "--attention", "bogus"])
 
