@@ -54,25 +54,11 @@ bx.set_ylim(0, 110)
 bx.set_title("128K, 24 GB budget: time to the first decode step")
 bx.legend(fontsize=8, loc="upper right")
 
-parts = [("cpu_search", "CPU search + attention", "#c44e52"), ("host_wait_device", "host waits for the GPU", "#8172b3"),
-         ("host_other", "other host work", "#937860"), ("device_and_launch", "device work and launches", "#55a868")]
 dec = runs[:4] + [("streaming", "h100_decode_llama3-8b_128k_s20_streaming.json")]
-for x, (label, name) in enumerate(dec):
-    r = record(name)
-    bd, bottom = r.get("breakdown_ms") or {}, 0.0
-    for key, lab, c in parts:
-        v = bd.get(key, 0.0) or 0.0
-        cx.bar(x, v, 0.55, bottom=bottom, color=c, label=lab if x == 0 else None)
-        bottom += v
-    cx.bar(x, r["decode_ms_per_token"] - bottom, 0.55, bottom=bottom, color="#bbbbbb",
-           label="rest of the step" if x == 0 else None)
-    cx.text(x, r["decode_ms_per_token"] + 0.8, f"{r['decode_ms_per_token']:.1f}", ha="center", fontsize=8)
 full = next(r for r in json.loads((BENCH / "h100_decode_llama3-8b_128k_s20_ref.json").read_text())
             if r["method"] == "full" and not r.get("oom"))
 off = record("h100_decode_llama3-8b_128k_s20_ref.json", "offload")
-x = len(dec)
-cx.bar(x, full["decode_ms_per_token"], 0.55, color="#4c72b0", label="full attention, no budget (hf decode)")
-cx.text(x, full["decode_ms_per_token"] + 0.8, f"{full['decode_ms_per_token']:.1f}", ha="center", fontsize=8)
+profiler_table.stack_decode_breakdown(cx, [record(name) for _, name in dec], full)
 cx.axhline(40, color="k", ls=":", lw=1)
 cx.text(len(dec) + 0.4, 40.8, "target 40", ha="right", fontsize=8)
 cx.set_xticks(range(len(dec) + 1), [d[0] for d in dec] + ["full\n(no budget)"], fontsize=8)

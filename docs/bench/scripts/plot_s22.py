@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import profiler_table  # noqa: E402  (docs/bench/scripts/)
 
 BENCH = Path(__file__).resolve().parents[1]
 
@@ -45,23 +46,9 @@ ax.set_ylim(0, 95)
 ax.set_title("128K, 24 GB budget: time to the first decode step")
 ax.legend(fontsize=8, loc="upper left")
 
-parts = [("cpu_search", "CPU search + attention", "#c44e52"), ("host_wait_device", "host waits for the GPU", "#8172b3"),
-         ("host_other", "other host work", "#937860"), ("device_and_launch", "device work and launches", "#55a868")]
 dec = [(label.replace("\n", " ").replace(", ", ",\n"), name) for label, name in runs] + [
     ("512K: sync,\nafter prefill", "h100_decode_llama3-8b_512k_s22_after.json")]
-for x, (label, name) in enumerate(dec):
-    r = record(name)
-    bd, bottom = r.get("breakdown_ms") or {}, 0.0
-    for key, lab, c in parts:
-        v = bd.get(key, 0.0) or 0.0
-        bx.bar(x, v, 0.55, bottom=bottom, color=c, label=lab if x == 0 else None)
-        bottom += v
-    bx.bar(x, r["decode_ms_per_token"] - bottom, 0.55, bottom=bottom, color="#bbbbbb",
-           label="rest of the step" if x == 0 else None)
-    bx.text(x, r["decode_ms_per_token"] + 0.8, f"{r['decode_ms_per_token']:.1f}", ha="center", fontsize=8)
-x = len(dec)
-bx.bar(x, full["decode_ms_per_token"], 0.55, color="#4c72b0", label="full attention, no budget (hf decode)")
-bx.text(x, full["decode_ms_per_token"] + 0.8, f"{full['decode_ms_per_token']:.1f}", ha="center", fontsize=8)
+profiler_table.stack_decode_breakdown(bx, [record(name) for _, name in dec], full)
 bx.plot([-0.4, len(dec) - 1.6], [40, 40], color="k", ls=":", lw=1)
 bx.text(-0.4, 41, "128K target 40", fontsize=8)
 bx.plot([len(dec) - 1.4, len(dec) - 0.6], [60, 60], color="k", ls="--", lw=1)
