@@ -1032,17 +1032,22 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den > 0 else None
 
 
+def _built_stores(layers):
+    """Every :class:`CPUStore` of ``layers`` (forked stores left out), each after its background build is done."""
+    for l in layers:
+        for s in l.stores:
+            if isinstance(s, CPUStore):
+                s.wait()
+                yield s
+
+
 def _sum_build_stages(layers) -> dict:
     """Build seconds per stage (host copy / conversion, kNN, graph, repair) summed over every store whose index
     reports them (``build_stats``); waits for background builds."""
     tot: dict[str, float] = {}
-    for l in layers:
-        for s in l.stores:
-            if not isinstance(s, CPUStore):
-                continue
-            s.wait()
-            for k, v in s.build_stages.items():
-                tot[k] = tot.get(k, 0.0) + v
+    for s in _built_stores(layers):
+        for k, v in s.build_stages.items():
+            tot[k] = tot.get(k, 0.0) + v
     return tot
 
 
@@ -1051,16 +1056,13 @@ def _sum_build_chunks(layers) -> dict:
     waits for background builds): ``builds``, ``shrunk_builds`` (builds whose stages started or retried with
     smaller chunks than full size: a tight GPU budget) and ``oom_retries`` (out-of-memory errors retried)."""
     tot = {"builds": 0, "shrunk_builds": 0, "oom_retries": 0}
-    for l in layers:
-        for s in l.stores:
-            if not isinstance(s, CPUStore) or s.index is None:
-                continue
-            st = getattr(s.index, "build_stats", None) or {}
-            if "max_shrink" not in st:
-                continue
-            tot["builds"] += 1
-            tot["shrunk_builds"] += int(st["max_shrink"] > 1)
-            tot["oom_retries"] += int(st["oom_retries"])
+    for s in _built_stores(layers):
+        st = getattr(s.index, "build_stats", None) or {}
+        if "max_shrink" not in st:
+            continue
+        tot["builds"] += 1
+        tot["shrunk_builds"] += int(st["max_shrink"] > 1)
+        tot["oom_retries"] += int(st["oom_retries"])
     return tot
 
 
@@ -1187,7 +1189,7 @@ class RetrievalCache(DynamicCache):
         return {
             "retrieval_layers": len(rl),
             "offloaded_layers": sum(l.offloaded for l in rl),
-            "index_build_s": sum(s.wait() for l in rl for s in l.stores if isinstance(s, CPUStore)),
+            "index_build_s": sum(s.build_s for s in _built_stores(rl)),
             "search_s": sum(l.stats.search_s for l in rl),
             "wait_s": sum(l.stats.wait_s for l in rl),
             "host_s": sum(l.stats.host_s for l in rl),

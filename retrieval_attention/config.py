@@ -207,19 +207,24 @@ class RetrievalConfig:
         when that is ``"auto"`` ``"async"`` on a CUDA device and ``"sync"`` elsewhere."""
         if self.handoff != "auto":
             return self.handoff
-        return "async" if getattr(device, "type", str(device).split(":")[0]) == "cuda" else "sync"
+        return "async" if _is_cuda(device) else "sync"
 
     def resolved_decode_compile(self, device) -> bool:
         """Whether the lean decode loop on ``device`` (a ``torch.device`` or its name) compiles its dense ops:
         ``decode_compile``, or when that is ``None`` whether the device is CUDA."""
         if self.decode_compile is not None:
             return self.decode_compile
-        return getattr(device, "type", str(device).split(":")[0]) == "cuda"
+        return _is_cuda(device)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["dense_layers"] = list(self.dense_layers)
         return d
+
+
+def _is_cuda(device) -> bool:
+    """Whether ``device`` (a ``torch.device`` or its name, e.g. ``"cuda:1"``) is a CUDA device."""
+    return getattr(device, "type", str(device).split(":")[0]) == "cuda"
 
 
 def split_residual_option(spec: str) -> tuple[str, int | None]:
