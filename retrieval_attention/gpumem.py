@@ -66,3 +66,12 @@ def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
     if t.device == device or t.device.type != "cpu" or device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def cuda_alloc_retries(cuda: bool = True) -> int:
+    """The CUDA caching allocator's count of allocations it retried after freeing its cached blocks (a full
+    device synchronisation each; torch's ``num_alloc_retries``) so far in this process; 0 when ``cuda`` is False
+    (torch is then not asked)."""
+    if not cuda:
+        return 0
+    return int(torch.cuda.memory_stats().get("num_alloc_retries", 0))

@@ -256,18 +256,3 @@ def test_bench_decode_rejects_bad_variants(bad, msg, capsys):
     assert main(args + bad) == 2
     assert msg in capsys.readouterr().err
 
-
-def test_allocator_retries_are_read_from_torchs_memory_stats(monkeypatch):
-    """``cuda_alloc_retries*`` come from the caching allocator's ``num_alloc_retries`` (0 when it has none yet, and
-    without CUDA torch is not asked)."""
-    import torch
-
-    from retrieval_attention.bench import decode as D
-
-    stats = {"num_alloc_retries": 7}
-    monkeypatch.setattr(torch.cuda, "memory_stats", lambda *a, **k: stats)
-    assert D._alloc_retries(True) == 7
-    stats.clear()
-    assert D._alloc_retries(True) == 0
-    monkeypatch.setattr(torch.cuda, "memory_stats", lambda *a, **k: pytest.fail("asked without CUDA"))
-    assert D._alloc_retries(False) == 0

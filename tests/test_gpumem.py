@@ -124,3 +124,15 @@ def test_to_device_async_copies_the_values(device):
     assert torch.equal(to_device_async(out, device), out)
     f = torch.randn(5, 7, dtype=torch.float64)
     assert torch.equal(to_device_async(f, device).cpu(), f)
+
+
+def test_allocator_retries_are_read_from_torchs_memory_stats(monkeypatch):
+    """``cuda_alloc_retries*`` come from the caching allocator's ``num_alloc_retries`` (0 when it has none yet, and
+    without CUDA torch is not asked)."""
+    stats = {"num_alloc_retries": 7}
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda *a, **k: stats)
+    assert gpumem.cuda_alloc_retries(True) == 7
+    stats.clear()
+    assert gpumem.cuda_alloc_retries(True) == 0
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda *a, **k: pytest.fail("asked without CUDA"))
+    assert gpumem.cuda_alloc_retries(False) == 0

@@ -61,16 +61,6 @@ VARIANT_KEYS = ("residual_on", "ef", "residual_samples", "residual_refresh", "to
 _BOOL_VALUES = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
 
 
-def _alloc_retries(cuda: bool) -> int:
-    """The CUDA caching allocator's count of allocations it retried after freeing its cached blocks (a full
-    device synchronisation each; torch's ``num_alloc_retries``) so far in this process; 0 without CUDA."""
-    if not cuda:
-        return 0
-    import torch
-
-    return int(torch.cuda.memory_stats().get("num_alloc_retries", 0))
-
-
 def _chunks_note(chunks: dict | None) -> str:
     """The log's note on the builds' GPU chunks, e.g. ``"; smaller chunks in 3/32 builds, 2 out-of-memory
     retries"``; empty when no build reported its chunks or none shrank or retried."""
@@ -297,6 +287,7 @@ def run_one(model, method, index, ctx, args, device):
 
     from ..config import RetrievalConfig
     from ..generation import cache_kwarg
+    from ..gpumem import cuda_alloc_retries
     from ..decode_loop import LeanDecoder
     from ..decode_loop import unsupported_reason as lean_unsupported_reason
     from ..integration import enable, make_cache
@@ -309,7 +300,7 @@ def run_one(model, method, index, ctx, args, device):
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    retries0 = _alloc_retries(cuda)
+    retries0 = cuda_alloc_retries(cuda)
     gen = torch.Generator().manual_seed(ctx)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, ctx), generator=gen).to(device)
@@ -393,7 +384,7 @@ def run_one(model, method, index, ctx, args, device):
             rec["index_wait_s"] = time.perf_counter() - t0
             # the caching allocator's out-of-memory retries (each frees every cached block and waits for the whole
             # device) from the run's start to the first decode step: prefill and index builds under the budget
-            rec["cuda_alloc_retries_to_first_step"] = _alloc_retries(cuda) - retries0
+            rec["cuda_alloc_retries_to_first_step"] = cuda_alloc_retries(cuda) - retries0
             if "handoff_s" in st0:
                 rec["prefill_handoff_s"] = st0["handoff_s"]
                 rec["prefill_handoff_wait_s"] = st0.get("handoff_wait_s", 0.0)  # of it: the device finishing layers
@@ -447,7 +438,7 @@ def run_one(model, method, index, ctx, args, device):
         # what the budget (the memory fraction) caps: allocations plus the allocator's cached blocks, which it
         # keeps per CUDA stream (the background builds have streams of their own)
         r["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved() if cuda else 0
-        r["cuda_alloc_retries"] = _alloc_retries(cuda) - retries0  # the whole run (all variants)
+        r["cuda_alloc_retries"] = cuda_alloc_retries(cuda) - retries0  # the whole run (all variants)
         r["host_bytes"] = host_rss()
     del cache
     gc.collect()

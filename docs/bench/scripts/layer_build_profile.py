@@ -60,7 +60,7 @@ def build(label="build"):
 
 def throughput():
     """``a.layers`` builds, ``a.workers`` at a time, as the cache runs them (see the module docstring)."""
-    from retrieval_attention.gpumem import cuda_headroom, release_if_tight
+    from retrieval_attention.gpumem import cuda_alloc_retries, cuda_headroom, release_if_tight
     from retrieval_attention.threads import TransientWorkers
 
     build("warm-up")
@@ -80,15 +80,12 @@ def throughput():
         release_if_tight()
         return w
 
-    def alloc_retries():  # the caching allocator's retries after freeing its cached blocks (a device-wide wait)
-        return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
-
     pool = TransientWorkers(a.workers, "ra-build")
-    r0, t = alloc_retries(), time.perf_counter()
+    r0, t = cuda_alloc_retries(torch.cuda.is_available()), time.perf_counter()
     walls = [f.result() for f in [pool.submit(job, i) for i in range(a.layers)]]
     wall = time.perf_counter() - t
     print(f"{a.layers} builds, {a.workers} at a time: {wall:.2f} s = {wall / a.layers:.2f} s per layer "
-          f"(each build {sorted(walls)[len(walls) // 2]:.2f} s median; {alloc_retries() - r0} allocator retries)",
+          f"(each build {sorted(walls)[len(walls) // 2]:.2f} s median; {cuda_alloc_retries(torch.cuda.is_available()) - r0} allocator retries)",
           flush=True)
     del filler
 
