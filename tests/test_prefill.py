@@ -463,13 +463,16 @@ def test_a_failed_background_build_stops_the_prefill_at_its_next_layer(monkeypat
     assert offloaded == [0] and len(calls) == 1 < len(cache.retrieval_layers)
 
 
-def _prefill_and_decode(model, cfg, ids, steps=6):
-    """Layer-by-layer prefill of ``ids`` into a fresh cache of ``cfg``, then greedy decode steps: (cache, logits of
-    the prefill and of each step)."""
+def _prefill_and_decode(model, cfg, ids, steps=6, layerwise=True):
+    """Prefill of ``ids`` into a fresh cache of ``cfg`` (layer by layer, or ``layerwise=False``: the model's single
+    forward, as ``generate()`` runs it), then greedy decode steps: (cache, logits of the prefill and of each step)."""
     kw = cache_kwarg(model)
     with torch.no_grad(), enable(model):
         cache = make_cache(model, cfg)
-        out = [layerwise_prefill(model, ids, cache, chunk=29)]
+        if layerwise:
+            out = [layerwise_prefill(model, ids, cache, chunk=29)]
+        else:
+            out = [model(input_ids=ids, **{kw: cache}).logits[:, -1]]
         for _ in range(steps):
             out.append(model(input_ids=out[-1].argmax(-1, keepdim=True), **{kw: cache}).logits[:, -1])
     return cache, out
@@ -602,18 +605,8 @@ def test_default_handoff_in_the_single_forward_on_cuda_equals_the_synchronous_on
     model = tiny_model("llama", seed=21).cuda()
     ids = _ids(150, seed=6).cuda()
     base = dict(index="flat", n_sink=8, window=32, top_k=4096, dense_layers=(0,))
-    kw = cache_kwarg(model)
-
-    def run(cfg):
-        with torch.no_grad(), enable(model):
-            cache = make_cache(model, cfg)
-            out = [model(input_ids=ids, **{kw: cache}).logits[:, -1]]
-            for _ in range(4):
-                out.append(model(input_ids=out[-1].argmax(-1, keepdim=True), **{kw: cache}).logits[:, -1])
-        return cache, out
-
-    ref_cache, ref = run(RetrievalConfig(**base, handoff="sync"))
-    cache, got = run(RetrievalConfig(**base))
+    ref_cache, ref = _prefill_and_decode(model, RetrievalConfig(**base, handoff="sync"), ids, 4, layerwise=False)
+    cache, got = _prefill_and_decode(model, RetrievalConfig(**base), ids, 4, layerwise=False)
     for a, b in zip(ref, got):
         assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
     for a, b in zip(ref_cache.retrieval_layers, cache.retrieval_layers):
